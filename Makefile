@@ -1,0 +1,27 @@
+# capsrun: `make train` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: install train test tensorboard clean
+
+$(BIN)/capsrun: pyproject.toml constraints/local.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints/local.txt -e ".[dev]"
+	touch $@
+
+install: $(BIN)/capsrun  ## create .venv and install capsrun with its dev tools
+
+train: install  ## train the paper's CapsNet on MNIST (extra overrides: make train ARGS="trainer.epochs=5")
+	$(BIN)/capsrun train model=capsnet $(ARGS)
+
+test: install  ## the test suite (CPU, no network)
+	$(BIN)/python -m pytest $(ARGS)
+
+tensorboard: install  ## browse every run under outputs/
+	$(BIN)/tensorboard --logdir outputs
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+from capsrun.cli import main
+
+main()

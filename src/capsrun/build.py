@@ -1,0 +1,123 @@
+"""The one place where a config becomes objects. Nothing below this module sees a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from capsrun import data
+from capsrun.errors import ConfigError
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1, example: str = "3") -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}; e.g. {key}={example}")
+    return value
+
+
+def _optional_limit(cfg: DictConfig, key: str) -> int | None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be null (all) or a positive integer, got {value!r}; e.g. {key}=1000")
+    return value
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Check the values a user types most, with a one-line fix for each."""
+    _positive_int(cfg, "routing.iterations")
+    _positive_int(cfg, "trainer.epochs", example="10")
+    _positive_int(cfg, "trainer.batch_size", example="128")
+    _positive_int(cfg, "trainer.eval_batch_size", example="512")
+    _positive_int(cfg, "trainer.log_every", example="50")
+    _optional_limit(cfg, "data.train_limit")
+    _optional_limit(cfg, "data.test_limit")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}; e.g. seed=0")
+    shift = cfg.dataset.augment.max_shift
+    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
+        raise ConfigError(f"dataset.augment.max_shift must be an integer >= 0, got {shift!r}")
+    if cfg.dataset.name not in data.DATASETS:
+        raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(data.DATASETS)}")
+
+
+def device(spec: str) -> torch.device:
+    """``auto`` picks CUDA when there is one; ``cuda`` without one is an error, not a fallback."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {spec!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return dev
+
+
+def data_root(cfg: DictConfig) -> Path:
+    """``data.root`` made absolute against the directory the command was started in."""
+    from hydra.utils import to_absolute_path
+
+    try:
+        return Path(to_absolute_path(str(cfg.data.root)))
+    except ValueError:  # outside a Hydra run (tests, notebooks)
+        return Path(str(cfg.data.root)).expanduser().resolve()
+
+
+@dataclass
+class Loaders:
+    train: data.BatchLoader | None
+    test: data.BatchLoader
+    classes: int
+
+
+def loaders(cfg: DictConfig, dev: torch.device, train: bool = True, eval_batch_size: int | None = None) -> Loaders:
+    """The test loader and, when ``train``, the training loader with the dataset's augmentation."""
+    ds, root = cfg.dataset, data_root(cfg)
+    test_x, test_y = data.subset(*data.load_split(ds.name, root, False, cfg.data.download), cfg.data.test_limit)
+    test = data.BatchLoader(test_x, test_y, eval_batch_size or cfg.trainer.eval_batch_size, device=dev)
+    train_loader = None
+    if train:
+        x, y = data.subset(*data.load_split(ds.name, root, True, cfg.data.download), cfg.data.train_limit)
+        train_loader = data.BatchLoader(
+            x, y, cfg.trainer.batch_size, shuffle=True, max_shift=ds.augment.max_shift, seed=cfg.seed, device=dev
+        )
+    return Loaders(train_loader, test, ds.num_classes)
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"cannot build the {what} from its config: {cause}".replace("\n", " ")) from None
+
+
+def model(cfg: DictConfig) -> torch.nn.Module:
+    """The network of ``cfg.model.net``, sized by ``cfg.dataset``."""
+    ds = cfg.dataset
+    return _instantiate(
+        cfg.model.net, "model", in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes
+    )
+
+
+def objective(cfg: DictConfig) -> torch.nn.Module:
+    return _instantiate(cfg.model.loss, "loss")
+
+
+def optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    return _instantiate(cfg.optimizer, "optimizer")(params)
+
+
+def scheduler(cfg: DictConfig, opt: torch.optim.Optimizer):
+    return _instantiate(cfg.scheduler, "lr schedule")(opt)

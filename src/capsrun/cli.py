@@ -1,0 +1,121 @@
+"""``capsrun <command> [hydra overrides]``: dispatch to a Hydra app per command.
+
+Every mistake a user can fix ends as one line on stderr and exit code 2; set
+``HYDRA_FULL_ERROR=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+USAGE = """\
+usage: capsrun <command> [overrides...] [hydra flags]
+
+commands:
+  train    build, train, evaluate and log one run; -m sweeps (one run dir per job)
+  eval     recompute the test metrics of a checkpoint: capsrun eval checkpoint=PATH
+
+examples:
+  capsrun train model=capsnet routing.iterations=1 trainer.epochs=5
+  capsrun train -m routing.iterations=1,2,3 seed=0,1
+  capsrun train experiment=sabour_mnist
+  capsrun eval checkpoint=outputs/2026-11-23/10-00-00/checkpoints/best.pt
+  capsrun train --help       config groups and the composed config (Hydra's help)
+  capsrun train --cfg job    print the composed config and exit
+
+runs go to outputs/<date>/<time>/ (sweeps: outputs/multirun/...); see them with
+  tensorboard --logdir outputs
+"""
+
+GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "experiment")
+EXIT_USAGE = 2
+
+
+def conf_dir() -> Path:
+    """``conf/`` of the checkout (editable install) or the copy packed into the wheel."""
+    packed = Path(__file__).parent / "conf"
+    return packed if packed.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
+def _commands() -> dict[str, Callable]:
+    from capsrun import commands
+
+    return {"train": commands.train, "eval": commands.evaluate_checkpoint}
+
+
+def fail(message: str) -> None:
+    print(f"capsrun: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _check_overrides(command: str, args: list[str]) -> None:
+    """Catch unknown group options and bad override syntax before Hydra does, in one line;
+    for a single run, also compose the config once so a typo in a key is reported the same way."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    kv = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(kv)
+    except HydraException as e:
+        fail(f"cannot parse the overrides: {str(e).splitlines()[0]}")
+    root = conf_dir()
+    for o in overrides:
+        group = o.key_or_group
+        if command != "train" or group not in GROUPS or o.is_delete():
+            continue
+        options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for value in values:
+            if value not in options and not (group == "experiment" and value == "null"):
+                fail(f"unknown {group} {value!r}; choose one of: {', '.join(options)} (e.g. {group}={options[0]})")
+    if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
+        return  # sweeps are checked per job; flags like --help/--cfg are Hydra's to handle
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name=command):
+            compose(config_name=command, overrides=kv)
+    except (HydraException, OmegaConfBaseException) as e:
+        text = str(e)
+        first = text.strip().splitlines()[0].rstrip(".")
+        if first.startswith("Could not override") and "not in struct" in text:
+            key = first.split("'")[1]
+            fail(f"{first}: there is no key {key!r}; check its spelling against `capsrun {command} --cfg job`, "
+                 f"or add a new key with +{key}=...")
+        fail("; ".join(line.strip() for line in text.splitlines()[:3] if line.strip()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else EXIT_USAGE)
+    command, rest = argv[0], argv[1:]
+    if command not in ("train", "eval"):
+        fail(f"unknown command {command!r}; commands: train, eval (capsrun --help)")
+    _check_overrides(command, rest)
+
+    import hydra
+
+    from capsrun.errors import CapsrunError
+
+    task = _commands()[command]
+
+    def run(cfg) -> None:
+        try:
+            task(cfg)
+        except CapsrunError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            fail(str(e))
+
+    sys.argv = [f"capsrun {command}", *rest]
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command)(run)()
+
+
+if __name__ == "__main__":
+    main()

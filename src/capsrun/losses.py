@@ -1,0 +1,66 @@
+"""Losses of arXiv:1710.09829 (Sabour, Frosst, Hinton 2017) and the objective that combines them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def margin_loss(
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    m_plus: float = 0.9,
+    m_minus: float = 0.1,
+    down_weight: float = 0.5,
+) -> torch.Tensor:
+    """Eq. 4: ``L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2``.
+
+    ``lengths``: capsule lengths ``[batch, classes]``; ``targets``: T_k, ``[batch, classes]`` in
+    {0, 1} (several ones for MultiMNIST) or class indices ``[batch]``. Summed over classes,
+    mean over the batch. (The authors' code halves it and averages over classes instead.)
+    """
+    if targets.dim() == 1:
+        targets = F.one_hot(targets, lengths.shape[-1])
+    t = targets.to(lengths.dtype)
+    present = t * F.relu(m_plus - lengths).pow(2)
+    absent = down_weight * (1.0 - t) * F.relu(lengths - m_minus).pow(2)
+    return (present + absent).sum(dim=-1).mean()
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Sum of squared pixel errors per image, mean over the batch (Sec. 4.1; unweighted here).
+
+    ``reconstruction``, ``images``: ``[batch, ...]`` of equal size, pixels in [0, 1].
+    """
+    diff = reconstruction.flatten(1) - images.flatten(1)
+    return diff.pow(2).sum(dim=1).mean()
+
+
+class CapsNetLoss(nn.Module):
+    """Margin loss plus ``reconstruction_weight`` x reconstruction loss (0.0005 in the paper).
+
+    Returns a dict of scalar tensors: ``margin``, ``reconstruction`` (when the model decodes)
+    and ``total``, the names used for the TensorBoard tags ``train/loss/<name>``.
+    """
+
+    def __init__(
+        self,
+        m_plus: float = 0.9,
+        m_minus: float = 0.1,
+        down_weight: float = 0.5,
+        reconstruction_weight: float = 0.0005,
+    ):
+        super().__init__()
+        self.m_plus, self.m_minus, self.down_weight = m_plus, m_minus, down_weight
+        self.reconstruction_weight = reconstruction_weight
+
+    def forward(self, output, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = {"margin": margin_loss(output.lengths, labels, self.m_plus, self.m_minus, self.down_weight)}
+        total = losses["margin"]
+        if output.reconstruction is not None:
+            losses["reconstruction"] = reconstruction_loss(output.reconstruction, images)
+            if self.reconstruction_weight:
+                total = total + self.reconstruction_weight * losses["reconstruction"]
+        losses["total"] = total
+        return losses

@@ -1,0 +1,128 @@
+"""CapsNet with dynamic routing.
+
+Sabour, Frosst, Hinton, "Dynamic Routing Between Capsules", NIPS 2017, arXiv:1710.09829, Sec. 4
+(architecture, Fig. 1), Sec. 4.1 (reconstruction as a regulariser, Fig. 2).
+
+MNIST shapes: input [B, 1, 28, 28] -> conv1 (256, 9x9, ReLU) [B, 256, 20, 20]
+-> primary_caps (32 types x 8D, 9x9, stride 2) [B, 1152, 8] -> digit_caps (10 x 16D, routing)
+[B, 10, 16] -> lengths [B, 10] -> decoder (masked 160 -> 512 -> 1024 -> 784, sigmoid).
+8,215,568 parameters without capsule biases; 8,215,728 with the digit-capsule bias.
+
+Deliberate deviations, all configurable:
+- ``capsule_bias`` (default on): a learned b_j added to s_j before the squash, as in the
+  authors' code; the paper's text has none.
+- ``padding`` (default 0): the CIFAR10 model of the paper uses SAME padding.
+- ``routing_leaky``/``routing_detach_inner``: see :func:`capsrun.layers.dynamic_routing`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsrun.layers import PrimaryCaps, RoutedCaps
+
+
+class CapsNetOutput(NamedTuple):
+    """``lengths`` [B, classes] (class scores); ``digit_caps`` [B, classes, dim];
+    ``coupling`` [B, primary caps, classes]; ``reconstruction`` [B, C, H, W] or None."""
+
+    lengths: torch.Tensor
+    digit_caps: torch.Tensor
+    coupling: torch.Tensor
+    reconstruction: torch.Tensor | None
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class Decoder(nn.Module):
+    """Three FC layers from the masked digit capsules to the image (Fig. 2).
+
+    Input ``[B, classes, dim]`` and the mask ``[B, classes]``; output ``[B, C, H, W]`` in (0, 1).
+    """
+
+    def __init__(self, num_classes: int, dim: int, hidden: tuple[int, ...], image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.image_shape = image_shape
+        sizes = [num_classes * dim, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-1], image_shape[0] * image_shape[1] * image_shape[2]))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, digit_caps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        masked = (digit_caps * mask.unsqueeze(-1).to(digit_caps.dtype)).flatten(1)
+        return torch.sigmoid(self.net(masked)).view(-1, *self.image_shape)
+
+
+class CapsNet(nn.Module):
+    """The paper's three-layer CapsNet; see the module docstring for shapes and deviations."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        conv1_channels: int = 256,
+        conv1_kernel: int = 9,
+        primary_types: int = 32,
+        primary_dim: int = 8,
+        primary_kernel: int = 9,
+        primary_stride: int = 2,
+        padding: int = 0,
+        digit_dim: int = 16,
+        routing_iterations: int = 3,
+        routing_leaky: bool = False,
+        routing_detach_inner: bool = False,
+        capsule_bias: bool = True,
+        weight_std: float = 0.1,
+        decoder_hidden: tuple[int, ...] | list[int] | None = (512, 1024),
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_channels, conv1_channels, conv1_kernel, padding=padding)
+        self.primary_caps = PrimaryCaps(
+            conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride, padding=padding
+        )
+        side = _conv_out(_conv_out(image_size, conv1_kernel, 1, padding), primary_kernel, primary_stride, padding)
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for the conv1/primary kernels")
+        self.num_primary_caps = primary_types * side * side
+        self.digit_caps = RoutedCaps(
+            self.num_primary_caps,
+            primary_dim,
+            num_classes,
+            digit_dim,
+            iterations=routing_iterations,
+            bias=capsule_bias,
+            leaky=routing_leaky,
+            detach_inner=routing_detach_inner,
+            weight_std=weight_std,
+        )
+        self.decoder = (
+            Decoder(num_classes, digit_dim, tuple(decoder_hidden), (in_channels, image_size, image_size))
+            if decoder_hidden is not None
+            else None
+        )
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        """``x``: ``[B, C, H, W]`` in [0, 1]. The decoder reconstructs the capsule of ``labels``
+        (``[B]`` class indices, or a ``[B, classes]`` 0/1 mask) when given, else the longest."""
+        h = F.relu(self.conv1(x), inplace=True)
+        u = self.primary_caps(h)
+        routed = self.digit_caps(u)
+        v = routed.v
+        lengths = torch.sqrt(v.pow(2).sum(-1) + 1e-8)
+        reconstruction = None
+        if self.decoder is not None:
+            if labels is None:
+                labels = lengths.argmax(dim=-1)
+            mask = F.one_hot(labels, self.num_classes) if labels.dim() == 1 else labels
+            reconstruction = self.decoder(v, mask)
+        return CapsNetOutput(lengths, v, routed.coupling, reconstruction)

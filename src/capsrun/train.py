@@ -1,0 +1,303 @@
+"""The training loop as plain functions: ``train_one_epoch``, ``evaluate`` and ``fit``.
+
+Metrics are summed on the device and read once per log interval or epoch, so the loop never
+forces a host-device sync per step. ``fit`` writes TensorBoard through one :class:`TBLogger`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from capsrun import checkpoint
+from capsrun.data import BatchLoader
+from capsrun.errors import CheckpointError
+from capsrun.tblog import TBLogger
+
+log = logging.getLogger("capsrun")
+
+
+class ExponentialDecay:
+    """``lr = lr0 * decay_rate ** (step / decay_steps)``, floored at ``min_lr`` (the authors' code
+    for arXiv:1710.09829: 0.96 every 2000 steps, smooth). A class, not a lambda, so it pickles."""
+
+    def __init__(self, decay_rate: float, decay_steps: int, floor: float):
+        self.decay_rate, self.decay_steps, self.floor = decay_rate, decay_steps, floor
+
+    def __call__(self, step: int) -> float:
+        return max(self.decay_rate ** (step / self.decay_steps), self.floor)
+
+
+def exponential_decay(
+    optimizer: torch.optim.Optimizer, decay_rate: float = 0.96, decay_steps: int = 2000, min_lr: float = 1e-6
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler for :class:`ExponentialDecay`; call ``step()`` after every batch."""
+    lr0 = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, ExponentialDecay(decay_rate, decay_steps, min_lr / lr0))
+
+
+class Meter:
+    """Sums of per-batch losses (weighted by batch size) and correct predictions, on the device."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, losses: dict[str, torch.Tensor], correct: torch.Tensor, n: int) -> None:
+        for k, v in losses.items():
+            v = v.detach().float() * n
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        c = correct.detach().float()
+        self.sums["_correct"] = self.sums["_correct"] + c if "_correct" in self.sums else c
+        self.count += n
+
+    def compute(self, prefix: str) -> dict[str, float]:
+        """``{prefix/loss/<name>: mean, prefix/accuracy: %}``; one device-to-host copy."""
+        if not self.count:
+            return {}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist()
+        out = {}
+        for k, v in zip(keys, values):
+            if k == "_correct":
+                out[f"{prefix}/accuracy"] = 100.0 * v / self.count
+            else:
+                out[f"{prefix}/loss/{k}"] = v / self.count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count = state["count"]
+
+
+def predictions(lengths: torch.Tensor) -> torch.Tensor:
+    """The class of the longest capsule (arXiv:1710.09829 Sec. 3: length = probability)."""
+    return lengths.argmax(dim=-1)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current epoch (non-zero only after an interrupt)
+    step: int = 0  # optimizer steps so far
+    best_accuracy: float = -1.0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT/SIGTERM) after saving ``last.pt``."""
+
+
+def train_one_epoch(
+    model: nn.Module,
+    objective: nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: TrainState,
+    meters: list[Meter],
+    on_step: Callable[[], bool],
+    bar: tqdm | None = None,
+) -> bool:
+    """Train from ``state.batch`` to the end of epoch ``state.epoch``; ``on_step`` runs after
+    every step and returns True to stop early. Returns whether the epoch was completed."""
+    model.train()
+    for x, y in loader.epoch(state.epoch, start=state.batch):
+        out = model(x, y)
+        losses = objective(out, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        scheduler.step()
+        correct = (predictions(out.lengths) == y).sum()
+        for meter in meters:
+            meter.update(losses, correct, len(y))
+        state.batch += 1
+        state.step += 1
+        if bar is not None:
+            bar.update(1)
+        if on_step():
+            return False
+    return True
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    images: torch.Tensor  # first test inputs [n, C, H, W]
+    reconstructions: torch.Tensor | None
+    lengths: torch.Tensor  # [N, classes]
+    coupling: torch.Tensor  # couplings of the first batch's first examples [n, in_caps, classes]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: nn.Module, loader: BatchLoader, num_images: int = 8) -> EvalResult:
+    """Test metrics with the decoder masked to the predicted class, as at test time in the paper."""
+    model.eval()
+    meter, lengths, first = Meter(), [], None
+    for x, y in loader.epoch(0):
+        out = model(x)
+        meter.update(objective(out, x, y), (predictions(out.lengths) == y).sum(), len(y))
+        lengths.append(out.lengths)
+        if first is None:
+            first = (x[:num_images], None if out.reconstruction is None else out.reconstruction[:num_images],
+                     out.coupling[:32])
+    metrics = meter.compute("test")
+    metrics["test/error"] = 100.0 - metrics["test/accuracy"]
+    return EvalResult(metrics, first[0].cpu(), None if first[1] is None else first[1].cpu(),
+                      torch.cat(lengths).float().cpu(), first[2].float().cpu())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore(path: Path, model, optimizer, scheduler, meters: list[Meter], device) -> TrainState:
+    """Load a checkpoint into the objects and return the state to continue from."""
+    ckpt = checkpoint.load(path, map_location=device)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path} does not fit the configured model ({first[:200]}); resume with the config it was "
+            "trained with, or start over with trainer.resume=never"
+        ) from None
+    for meter, s in zip(meters, ckpt["meters"]):
+        meter.load_state_dict(s, device)
+    _set_rng_state(ckpt["rng"])
+    return TrainState(**ckpt["state"])
+
+
+def fit(
+    model: nn.Module,
+    objective: nn.Module,
+    train_loader: BatchLoader,
+    test_loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    epochs: int,
+    run_dir: Path,
+    config: dict[str, Any],
+    hparams: dict[str, Any],
+    resume_from: Path | None = None,
+    log_every: int = 50,
+    num_images: int = 8,
+    progress: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, float]:
+    """Train for ``epochs``, evaluate after each, checkpoint, log; return the final metrics.
+
+    Writes ``checkpoints/last.pt`` every epoch (and on interrupt), ``checkpoints/best.pt`` when
+    the test accuracy improves, and ``metrics.json`` keyed by TensorBoard tags. Raises
+    :class:`Interrupted` when ``should_stop`` turns true, after saving ``last.pt``.
+    """
+    device = next(model.parameters()).device
+    ckpt_dir = run_dir / "checkpoints"
+    epoch_meter, interval_meter = Meter(), Meter()
+    state = TrainState()
+    if resume_from is not None:
+        state = restore(resume_from, model, optimizer, scheduler, [epoch_meter, interval_meter], device)
+        log.info("resumed from %s at epoch %d, batch %d (step %d)", resume_from, state.epoch, state.batch, state.step)
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "meters": [epoch_meter.state_dict(), interval_meter.state_dict()],
+            "rng": _rng_state(),
+            "state": asdict(state),
+            "epoch": state.epoch,
+            "config": config,
+        }
+
+    tb = TBLogger(run_dir, purge_step=state.step if resume_from is not None else None)
+    if resume_from is None:
+        tb.config(config)
+
+    def on_step() -> bool:
+        if state.step % log_every == 0:  # the only per-interval host-device sync
+            metrics = {**interval_meter.compute("train"), "lr": scheduler.get_last_lr()[0]}
+            interval_meter.reset()
+            tb.scalars(metrics, state.step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train/loss/total']:.4f}", acc=f"{metrics['train/accuracy']:.2f}")
+        return should_stop()
+
+    metrics: dict[str, float] = dict(state.last_metrics)
+    bar = None
+    try:
+        while state.epoch < epochs:
+            t0 = time.perf_counter()
+            bar = tqdm(total=len(train_loader), initial=state.batch, desc=f"epoch {state.epoch + 1}/{epochs}",
+                       disable=None if progress else True, leave=False, dynamic_ncols=True)
+            done = train_one_epoch(model, objective, train_loader, optimizer, scheduler, state,
+                                   [epoch_meter, interval_meter], on_step, bar)
+            bar.close()
+            if not done:
+                checkpoint.save(ckpt_dir / "last.pt", snapshot())
+                raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {state.batch}; "
+                                  f"saved {ckpt_dir / 'last.pt'}")
+            train_seconds = time.perf_counter() - t0
+            train_metrics = epoch_meter.compute("train")
+            result = evaluate(model, objective, test_loader, num_images)
+            metrics = {**train_metrics, **result.metrics, "time/epoch_seconds": train_seconds,
+                       "time/train_images_per_second": train_loader.num_examples / train_seconds}
+            state.epoch += 1
+            state.batch = 0
+            epoch_meter.reset()
+            improved = metrics["test/accuracy"] > state.best_accuracy
+            state.best_accuracy = max(state.best_accuracy, metrics["test/accuracy"])
+            metrics["best/test/accuracy"] = state.best_accuracy
+            metrics["epoch"] = state.epoch
+            state.last_metrics = metrics
+            tb.scalars({k: v for k, v in metrics.items() if k.startswith(("test/", "best/", "time/"))}, state.step)
+            tb.scalars({"epoch": state.epoch}, state.step)
+            tb.evaluation(result, state.step)
+            checkpoint.save(ckpt_dir / "last.pt", snapshot())
+            if improved:
+                checkpoint.save(ckpt_dir / "best.pt", snapshot())
+            checkpoint.save_json(run_dir / "metrics.json", metrics)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %.2f%%)  %.1f s",
+                state.epoch, epochs, metrics.get("train/loss/total", math.nan), metrics.get("train/accuracy", math.nan),
+                metrics["test/loss/total"], metrics["test/accuracy"], state.best_accuracy, train_seconds,
+            )
+        tb.hparams(hparams, {k: v for k, v in metrics.items() if k.startswith(("test/", "best/"))})
+    finally:
+        if bar is not None:
+            bar.close()
+        tb.close()
+    return metrics

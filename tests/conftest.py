@@ -1,0 +1,78 @@
+"""Shared fixtures: MNIST-format data written in the real IDX format, and a CLI runner."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# A model small enough to train in seconds on 2 CPU cores; every CLI test uses it.
+TINY = [
+    "model.net.conv1_channels=16",
+    "model.net.primary_types=4",
+    "model.net.digit_dim=8",
+    "model.net.decoder_hidden=[32,64]",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=100",
+    "trainer.log_every=5",
+    "trainer.progress=false",
+]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format: 0, 0, type 0x08 (uint8), ndim, big-endian uint32 dims, data."""
+    assert array.dtype == np.uint8
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.tobytes()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def learnable_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """28x28 uint8 images whose class sets where a bright 6x6 block sits (a 3x3 grid of places,
+    class 9 a horizontal bar), jittered by up to 2 px and noisy: easy to learn, not trivial."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        dy, dx = rng.integers(-2, 3, 2)
+        if k == 9:
+            images[i, 13 + dy : 16 + dy, 4 + dx : 24 + dx] = 255
+        else:
+            r, c = 3 + 8 * (k // 3) + dy, 3 + 8 * (k % 3) + dx
+            images[i, r : r + 6, c : c + 6] = 255
+    return images, labels
+
+
+def write_mnist(root: Path, n_train: int = 320, n_test: int = 200, folder: str = "MNIST") -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = learnable_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A data root with MNIST-format files: 320 train and 200 test learnable images."""
+    return write_mnist(tmp_path_factory.mktemp("data"))
+
+
+def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: float = 300, **env_extra):
+    """Run the real ``capsrun`` console entry point in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(PYTHONUNBUFFERED="1", **env_extra)
+    if data_root is not None:
+        env["CAPSRUN_DATA"] = str(data_root)
+    return subprocess.run(
+        [sys.executable, "-m", "capsrun", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
