@@ -74,5 +74,11 @@ def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: f
     if data_root is not None:
         env["CAPSRUN_DATA"] = str(data_root)
     return subprocess.run(
-        [sys.executable, "-m", "capsrun", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "capsrun", *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -61,8 +61,16 @@ def test_tensorboard_has_scalars_images_histograms_hparams(trained_run):
     ea = _events(trained_run)
     tags = ea.Tags()
     expected = {
-        "train/loss/margin", "train/loss/reconstruction", "train/loss/total", "train/accuracy", "lr",
-        "test/loss/margin", "test/loss/reconstruction", "test/loss/total", "test/accuracy", "test/error",
+        "train/loss/margin",
+        "train/loss/reconstruction",
+        "train/loss/total",
+        "train/accuracy",
+        "lr",
+        "test/loss/margin",
+        "test/loss/reconstruction",
+        "test/loss/total",
+        "test/accuracy",
+        "test/error",
     }
     assert expected <= set(tags["scalars"])
     assert "test/reconstructions" in tags["images"]
@@ -86,8 +94,15 @@ def test_tensorboard_has_scalars_images_histograms_hparams(trained_run):
 
 def test_eval_recomputes_checkpoint_metrics(trained_run, mnist_root, tmp_path):
     out = tmp_path / "eval"
-    _ok(run_capsrun("eval", f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}", f"hydra.run.dir={out}",
-                    cwd=tmp_path, data_root=mnist_root))
+    _ok(
+        run_capsrun(
+            "eval",
+            f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+            data_root=mnist_root,
+        )
+    )
     evaluated = json.loads((out / "metrics.json").read_text())
     trained = json.loads((trained_run / "metrics.json").read_text())
     assert evaluated["test/accuracy"] == pytest.approx(trained["best/test/accuracy"])
@@ -110,17 +125,26 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def reference_run(mnist_root, tmp_path_factory) -> Path:
     """Two uninterrupted epochs: the result every resumed run must reproduce."""
     work = tmp_path_factory.mktemp("ref")
-    _ok(run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={work / 'run'}", cwd=work,
-                    data_root=mnist_root))
+    _ok(
+        run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={work / 'run'}", cwd=work, data_root=mnist_root)
+    )
     return work / "run"
 
 
 def test_resume_after_an_epoch_equals_uninterrupted(reference_run, mnist_root, tmp_path):
     run_dir = tmp_path / "run"
-    _ok(run_capsrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                    data_root=mnist_root))
-    resumed = _ok(run_capsrun("train", *TINY, "trainer.epochs=2", "trainer.resume=auto", f"hydra.run.dir={run_dir}",
-                              cwd=tmp_path, data_root=mnist_root))
+    _ok(run_capsrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
+    resumed = _ok(
+        run_capsrun(
+            "train",
+            *TINY,
+            "trainer.epochs=2",
+            "trainer.resume=auto",
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+            data_root=mnist_root,
+        )
+    )
     assert "resumed from" in resumed.stdout
     _assert_same_run(reference_run, run_dir)
 
@@ -144,19 +168,30 @@ def test_sigint_saves_last_and_resume_mid_epoch_equals_uninterrupted(reference_r
     assert "stopped at epoch 1, batch" in output
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert state["epoch"] == 0 and state["batch"] >= 1  # stopped inside the first epoch
-    _ok(run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                    data_root=mnist_root))  # trainer.resume=auto is the default
+    _ok(
+        run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root)
+    )  # trainer.resume=auto is the default
     _assert_same_run(reference_run, run_dir)
 
 
 def test_multirun_makes_one_dir_per_job(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
-    _ok(run_capsrun("train", "-m", *TINY, "trainer.epochs=1", "routing.iterations=1,2", f"hydra.sweep.dir={sweep}",
-                    cwd=tmp_path, data_root=mnist_root))
+    _ok(
+        run_capsrun(
+            "train",
+            "-m",
+            *TINY,
+            "trainer.epochs=1",
+            "routing.iterations=1,2",
+            f"hydra.sweep.dir={sweep}",
+            cwd=tmp_path,
+            data_root=mnist_root,
+        )
+    )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0", "1"]
     for job, iterations in zip(jobs, (1, 2)):
-        assert "routing.iterations=%d" % iterations in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"routing.iterations={iterations}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert "test/accuracy" in json.loads((job / "metrics.json").read_text())
         ckpt = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
         assert ckpt["config"]["model"]["net"]["routing_iterations"] == iterations

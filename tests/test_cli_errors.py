@@ -39,27 +39,42 @@ def _assert_clean_error(result, *needles: str) -> None:
     ],
 )
 def test_bad_config_values(override, needle, mnist_root, tmp_path):
-    result = run_capsrun("train", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                         data_root=mnist_root)
+    result = run_capsrun(
+        "train", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, data_root=mnist_root
+    )
     _assert_clean_error(result, needle)
 
 
 def test_bad_value_in_a_sweep(mnist_root, tmp_path):
-    result = run_capsrun("train", "-m", *TINY, "model=capsnet,nope", f"hydra.sweep.dir={tmp_path / 's'}",
-                         cwd=tmp_path, data_root=mnist_root)
+    result = run_capsrun(
+        "train",
+        "-m",
+        *TINY,
+        "model=capsnet,nope",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        cwd=tmp_path,
+        data_root=mnist_root,
+    )
     _assert_clean_error(result, "unknown model 'nope'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(mnist_root, tmp_path):
-    result = run_capsrun("train", *TINY, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-                         data_root=mnist_root)
+    result = run_capsrun(
+        "train", *TINY, "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, data_root=mnist_root
+    )
     _assert_clean_error(result, "no CUDA device", "trainer.device=cpu")
 
 
 def test_missing_dataset_without_download_says_where_to_put_files(tmp_path):
-    result = run_capsrun("train", *TINY, "data.download=false", f"data.root={tmp_path / 'empty'}",
-                         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = run_capsrun(
+        "train",
+        *TINY,
+        "data.download=false",
+        f"data.root={tmp_path / 'empty'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     _assert_clean_error(result, str(tmp_path / "empty" / "MNIST" / "raw"), "data.download=true")
 
 
@@ -92,8 +107,9 @@ def test_eval_rejects_what_is_not_a_checkpoint(kind, mnist_root, tmp_path):
 
         checkpoint.save(path, {"model": {"w": torch.zeros(1000)}, "config": {}, "epoch": 1})
         path.write_bytes(path.read_bytes()[:300])
-    result = run_capsrun("eval", f"checkpoint={path}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path,
-                         data_root=mnist_root)
+    result = run_capsrun(
+        "eval", f"checkpoint={path}", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, data_root=mnist_root
+    )
     _assert_clean_error(result, str(path))
 
 
@@ -106,8 +122,15 @@ def test_resume_from_a_checkpoint_of_another_model(mnist_root, tmp_path):
     first = tmp_path / "first"
     ok = run_capsrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={first}", cwd=tmp_path, data_root=mnist_root)
     assert ok.returncode == 0, ok.stderr
-    result = run_capsrun("train", *TINY, "model.net.primary_types=2", f"trainer.resume={first}/checkpoints/last.pt",
-                         f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path, data_root=mnist_root)
+    result = run_capsrun(
+        "train",
+        *TINY,
+        "model.net.primary_types=2",
+        f"trainer.resume={first}/checkpoints/last.pt",
+        f"hydra.run.dir={tmp_path / 'second'}",
+        cwd=tmp_path,
+        data_root=mnist_root,
+    )
     _assert_clean_error(result, "does not fit the configured model", "trainer.resume=never")
 
 

@@ -55,7 +55,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     """Load a capsrun checkpoint; anything else raises :class:`CheckpointError` with the fix."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass checkpoint=<run dir>/checkpoints/best.pt")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}; pass checkpoint=<run dir>/checkpoints/best.pt")
     hint = "point to a checkpoints/last.pt or best.pt written by capsrun train"
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{path} is not a capsrun checkpoint (not a torch zip archive, or truncated); {hint}")

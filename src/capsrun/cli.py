@@ -80,12 +80,14 @@ def _check_overrides(command: str, args: list[str]) -> None:
         with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name=command):
             compose(config_name=command, overrides=kv)
     except (HydraException, OmegaConfBaseException) as e:
-        text = str(e)
+        text = f"{e}\n{e.__cause__ or ''}"
         first = text.strip().splitlines()[0].rstrip(".")
         if first.startswith("Could not override") and "not in struct" in text:
             key = first.split("'")[1]
-            fail(f"{first}: there is no key {key!r}; check its spelling against `capsrun {command} --cfg job`, "
-                 f"or add a new key with +{key}=...")
+            fail(
+                f"{first}: there is no key {key!r}; check its spelling against `capsrun {command} --cfg job`, "
+                f"or add a new key with +{key}=..."
+            )
         fail("; ".join(line.strip() for line in text.splitlines()[:3] if line.strip()))
 
 

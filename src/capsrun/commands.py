@@ -103,12 +103,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with StopOnSignal() as stop:
         log.info(
             "%s on %s (%d train / %d test images), %s parameters, device %s, run dir %s",
-            cfg.model.name, cfg.dataset.name, loaders.train.num_examples, loaders.test.num_examples,
-            f"{n_params:,}", dev, run_dir,
+            cfg.model.name,
+            cfg.dataset.name,
+            loaders.train.num_examples,
+            loaders.test.num_examples,
+            f"{n_params:,}",
+            dev,
+            run_dir,
         )
         try:
             metrics = fit(
-                model, objective, loaders.train, loaders.test, opt, sched,
+                model,
+                objective,
+                loaders.train,
+                loaders.test,
+                opt,
+                sched,
                 epochs=cfg.trainer.epochs,
                 run_dir=run_dir,
                 config=OmegaConf.to_container(cfg, resolve=True),
@@ -120,11 +130,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 should_stop=stop,
             )
         except Interrupted as e:
-            log.warning("%s; continue with: capsrun train hydra.run.dir=%s trainer.resume=auto (and the same "
-                        "overrides)", e, run_dir)
+            log.warning(
+                "%s; continue with: capsrun train hydra.run.dir=%s trainer.resume=auto (and the same overrides)",
+                e,
+                run_dir,
+            )
             sys.exit(128 + (stop.signum or signal.SIGINT))
-    log.info("test accuracy %.2f%% (error %.2f%%), best %.2f%%; metrics in %s",
-             metrics["test/accuracy"], metrics["test/error"], metrics["best/test/accuracy"], run_dir / "metrics.json")
+    log.info(
+        "test accuracy %.2f%% (error %.2f%%), best %.2f%%; metrics in %s",
+        metrics["test/accuracy"],
+        metrics["test/error"],
+        metrics["best/test/accuracy"],
+        run_dir / "metrics.json",
+    )
     return metrics
 
 
@@ -146,6 +164,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     result = evaluate(model, build.objective(run_cfg), loaders.test)
     metrics = {**result.metrics, "epoch": ckpt["epoch"]}
     checkpoint.save_json(_run_dir() / "metrics.json", metrics)
-    log.info("%s (epoch %d): test accuracy %.2f%% (error %.2f%%) on %d images", path, ckpt["epoch"],
-             metrics["test/accuracy"], metrics["test/error"], loaders.test.num_examples)
+    log.info(
+        "%s (epoch %d): test accuracy %.2f%% (error %.2f%%) on %d images",
+        path,
+        ckpt["epoch"],
+        metrics["test/accuracy"],
+        metrics["test/error"],
+        loaders.test.num_examples,
+    )
     return metrics

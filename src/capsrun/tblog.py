@@ -31,8 +31,12 @@ class TBLogger:
         """Inputs beside their reconstructions, capsule lengths and routing couplings."""
         if result.reconstructions is not None:
             n = result.images.shape[0]
-            grid = make_grid(torch.cat([result.images, result.reconstructions.to(result.images.dtype)]),
-                             nrow=n, padding=2, pad_value=0.5)
+            grid = make_grid(
+                torch.cat([result.images, result.reconstructions.to(result.images.dtype)]),
+                nrow=n,
+                padding=2,
+                pad_value=0.5,
+            )
             self.writer.add_image("test/reconstructions", grid, step)
         self.writer.add_histogram("test/digit_caps/length", result.lengths, step)
         self.writer.add_histogram("routing/digit_caps/coupling", result.coupling, step)

@@ -149,21 +149,32 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective: nn.Module, loader: BatchLoader, num_images: int = 8) -> EvalResult:
+def evaluate(
+    model: nn.Module, objective: nn.Module, loader: BatchLoader, num_images: int = 8, progress: bool = True
+) -> EvalResult:
     """Test metrics with the decoder masked to the predicted class, as at test time in the paper."""
     model.eval()
     meter, lengths, first = Meter(), [], None
-    for x, y in loader.epoch(0):
+    batches = tqdm(loader.epoch(0), total=len(loader), desc="test", disable=None if progress else True, leave=False)
+    for x, y in batches:
         out = model(x)
         meter.update(objective(out, x, y), (predictions(out.lengths) == y).sum(), len(y))
         lengths.append(out.lengths)
         if first is None:
-            first = (x[:num_images], None if out.reconstruction is None else out.reconstruction[:num_images],
-                     out.coupling[:32])
+            first = (
+                x[:num_images],
+                None if out.reconstruction is None else out.reconstruction[:num_images],
+                out.coupling[:32],
+            )
     metrics = meter.compute("test")
     metrics["test/error"] = 100.0 - metrics["test/accuracy"]
-    return EvalResult(metrics, first[0].cpu(), None if first[1] is None else first[1].cpu(),
-                      torch.cat(lengths).float().cpu(), first[2].float().cpu())
+    return EvalResult(
+        metrics,
+        first[0].cpu(),
+        None if first[1] is None else first[1].cpu(),
+        torch.cat(lengths).float().cpu(),
+        first[2].float().cpu(),
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -261,20 +272,32 @@ def fit(
     try:
         while state.epoch < epochs:
             t0 = time.perf_counter()
-            bar = tqdm(total=len(train_loader), initial=state.batch, desc=f"epoch {state.epoch + 1}/{epochs}",
-                       disable=None if progress else True, leave=False, dynamic_ncols=True)
-            done = train_one_epoch(model, objective, train_loader, optimizer, scheduler, state,
-                                   [epoch_meter, interval_meter], on_step, bar)
+            bar = tqdm(
+                total=len(train_loader),
+                initial=state.batch,
+                desc=f"epoch {state.epoch + 1}/{epochs}",
+                disable=None if progress else True,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            done = train_one_epoch(
+                model, objective, train_loader, optimizer, scheduler, state, [epoch_meter, interval_meter], on_step, bar
+            )
             bar.close()
             if not done:
                 checkpoint.save(ckpt_dir / "last.pt", snapshot())
-                raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {state.batch}; "
-                                  f"saved {ckpt_dir / 'last.pt'}")
+                raise Interrupted(
+                    f"stopped at epoch {state.epoch + 1}, batch {state.batch}; saved {ckpt_dir / 'last.pt'}"
+                )
             train_seconds = time.perf_counter() - t0
             train_metrics = epoch_meter.compute("train")
-            result = evaluate(model, objective, test_loader, num_images)
-            metrics = {**train_metrics, **result.metrics, "time/epoch_seconds": train_seconds,
-                       "time/train_images_per_second": train_loader.num_examples / train_seconds}
+            result = evaluate(model, objective, test_loader, num_images, progress)
+            metrics = {
+                **train_metrics,
+                **result.metrics,
+                "time/epoch_seconds": train_seconds,
+                "time/train_images_per_second": train_loader.num_examples / train_seconds,
+            }
             state.epoch += 1
             state.batch = 0
             epoch_meter.reset()
@@ -292,8 +315,14 @@ def fit(
             checkpoint.save_json(run_dir / "metrics.json", metrics)
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %.2f%%)  %.1f s",
-                state.epoch, epochs, metrics.get("train/loss/total", math.nan), metrics.get("train/accuracy", math.nan),
-                metrics["test/loss/total"], metrics["test/accuracy"], state.best_accuracy, train_seconds,
+                state.epoch,
+                epochs,
+                metrics.get("train/loss/total", math.nan),
+                metrics.get("train/accuracy", math.nan),
+                metrics["test/loss/total"],
+                metrics["test/accuracy"],
+                state.best_accuracy,
+                train_seconds,
             )
         tb.hparams(hparams, {k: v for k, v in metrics.items() if k.startswith(("test/", "best/"))})
     finally:

@@ -17,6 +17,7 @@ Deliberate deviations, all configurable:
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -51,7 +52,7 @@ class Decoder(nn.Module):
         self.image_shape = image_shape
         sizes = [num_classes * dim, *hidden]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         layers.append(nn.Linear(sizes[-1], image_shape[0] * image_shape[1] * image_shape[2]))
         self.net = nn.Sequential(*layers)

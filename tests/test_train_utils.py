@@ -1,0 +1,215 @@
+"""Learning-rate decay, the metric meter and checkpoint files."""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+
+import pytest
+import torch
+
+from capsrun import checkpoint
+from capsrun.errors import CheckpointError
+from capsrun.train import ExponentialDecay, Meter, exponential_decay
+
+# --- ExponentialDecay -------------------------------------------------------------------------
+
+
+def test_exponential_decay_factor():
+    decay = ExponentialDecay(0.96, 2000, floor=1e-3)
+    assert decay(0) == 1.0
+    assert decay(2000) == pytest.approx(0.96)
+    assert decay(4000) == pytest.approx(0.96**2)
+    assert decay(1000) == pytest.approx(0.96**0.5)  # smooth, not staircase
+    assert decay(1) < 1.0
+    assert decay(10**7) == 1e-3  # 0.96**5000 is far below the floor
+    assert decay(10**9) == 1e-3
+
+
+def test_exponential_decay_pickles():
+    decay = pickle.loads(pickle.dumps(ExponentialDecay(0.5, 10, 0.01)))
+    assert decay(10) == pytest.approx(0.5)
+
+
+def _adam(lr=1e-3):
+    return torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+
+def test_exponential_decay_scheduler():
+    opt = _adam()
+    sched = exponential_decay(opt)  # 0.96 every 2000 steps, min_lr 1e-6
+    opt.step()  # no gradients, so a no-op; keeps the scheduler from warning about the call order
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    for _ in range(1000):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.96**0.5, rel=1e-9)
+    for _ in range(1000):
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(9.6e-4, rel=1e-9)
+
+
+def test_exponential_decay_scheduler_floor():
+    opt = _adam()
+    sched = exponential_decay(opt, decay_rate=0.5, decay_steps=1, min_lr=1e-5)
+    opt.step()
+    lrs = []
+    for _ in range(40):
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(5e-4)
+    assert min(lrs) >= 1e-5 * (1 - 1e-9)
+    assert lrs[-1] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+# --- Meter ------------------------------------------------------------------------------------
+
+
+def _filled_meter() -> Meter:
+    meter = Meter()
+    # batch of 2: mean losses total 1.0, margin 0.5, 1 correct; batch of 6: total 4.0, margin 1.5, 5 correct
+    meter.update({"total": torch.tensor(1.0), "margin": torch.tensor(0.5)}, torch.tensor(1), 2)
+    meter.update({"total": torch.tensor(4.0), "margin": torch.tensor(1.5)}, torch.tensor(5), 6)
+    return meter
+
+
+def test_meter_weighted_means():
+    metrics = _filled_meter().compute("train")
+    # total: (2*1 + 6*4) / 8 = 3.25; margin: (2*0.5 + 6*1.5) / 8 = 1.25; accuracy: 6/8 = 75%
+    assert metrics == pytest.approx({"train/loss/total": 3.25, "train/loss/margin": 1.25, "train/accuracy": 75.0})
+
+
+def test_meter_empty_and_reset():
+    meter = Meter()
+    assert meter.compute("test") == {}
+    meter = _filled_meter()
+    meter.reset()
+    assert meter.count == 0 and meter.compute("test") == {}
+
+
+def test_meter_detaches():
+    w = torch.tensor(2.0, requires_grad=True)
+    meter = Meter()
+    meter.update({"total": w * 3}, torch.tensor(1), 4)
+    assert not meter.sums["total"].requires_grad
+    assert meter.compute("x")["x/loss/total"] == pytest.approx(6.0)
+
+
+def test_meter_state_dict_round_trip():
+    meter = _filled_meter()
+    state = meter.state_dict()
+    restored = Meter()
+    restored.load_state_dict(state, torch.device("cpu"))
+    assert restored.count == 8
+    assert restored.compute("p") == meter.compute("p")
+    # it keeps accumulating from where it was
+    restored.update({"total": torch.tensor(0.0), "margin": torch.tensor(0.0)}, torch.tensor(2), 2)
+    assert restored.compute("p") == pytest.approx({"p/loss/total": 2.6, "p/loss/margin": 1.0, "p/accuracy": 80.0})
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+
+
+def _state() -> dict:
+    return {
+        "model": {"w": torch.arange(6.0).view(2, 3), "b": torch.tensor([0.5])},
+        "config": {"model": {"net": {"primary_types": 32, "decoder_hidden": [512, 1024]}}, "name": "mnist"},
+        "epoch": 3,
+        "meters": [_filled_meter().state_dict()],
+    }
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"  # the folder is created
+    checkpoint.save(path, _state())
+    state = checkpoint.load(path)
+    assert state["format"] == checkpoint.FORMAT
+    assert torch.equal(state["model"]["w"], torch.arange(6.0).view(2, 3))
+    assert torch.equal(state["model"]["b"], torch.tensor([0.5]))
+    assert state["config"] == {"model": {"net": {"primary_types": 32, "decoder_hidden": [512, 1024]}}, "name": "mnist"}
+    assert state["epoch"] == 3
+    meter = Meter()
+    meter.load_state_dict(state["meters"][0], torch.device("cpu"))
+    assert meter.compute("p") == _filled_meter().compute("p")
+
+
+def test_checkpoint_save_is_atomic_and_replaces(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, _state())
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    checkpoint.save(path, {**_state(), "epoch": 4})
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert checkpoint.load(path)["epoch"] == 4
+
+
+def test_checkpoint_failed_save_keeps_old_file(tmp_path):
+    """A save that fails half-way leaves the previous checkpoint intact and no temporary file."""
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, _state())
+
+    def broken(f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint.atomic_write(path, broken)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert checkpoint.load(path)["epoch"] == 3
+
+
+def _one_line_error(path) -> str:
+    """The error a user sees: a CheckpointError, one line, naming the file and where to point instead."""
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    assert "checkpoints/" in msg  # the fix: which file to pass
+    return msg
+
+
+def test_checkpoint_load_missing(tmp_path):
+    assert "does not exist" in _one_line_error(tmp_path / "nope.pt")
+    assert "is a directory" in _one_line_error(tmp_path)  # a folder is not a checkpoint file
+
+
+def test_checkpoint_load_text_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("epoch: 3\nthis is not a checkpoint\n")
+    assert "not a" in _one_line_error(path)
+
+
+def test_checkpoint_load_truncated(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, _state())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _one_line_error(path)
+    path.write_bytes(data[:-1])  # even one byte short
+    _one_line_error(path)
+
+
+def test_checkpoint_load_empty_file(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    _one_line_error(path)
+
+
+def test_checkpoint_load_foreign_torch_file(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"a": 1}, path)
+    assert "not a capsrun checkpoint" in _one_line_error(path)
+    torch.save([torch.zeros(2)], path)
+    assert "not a capsrun checkpoint" in _one_line_error(path)
+    # the right format tag but required keys missing
+    torch.save({"format": checkpoint.FORMAT, "model": {}}, path)
+    assert "not a capsrun checkpoint" in _one_line_error(path)
+
+
+def test_checkpoint_load_refuses_pickled_objects(tmp_path):
+    """weights_only loading: a file that needs arbitrary unpickling is refused, in one line."""
+    path = tmp_path / "evil.pt"
+    torch.save(
+        {"format": checkpoint.FORMAT, "model": {}, "config": {}, "epoch": 0, "x": ExponentialDecay(1, 1, 1)}, path
+    )
+    _one_line_error(path)
