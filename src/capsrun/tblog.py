@@ -38,8 +38,9 @@ class TBLogger:
                 pad_value=0.5,
             )
             self.writer.add_image("test/reconstructions", grid, step)
-        self.writer.add_histogram("test/digit_caps/length", result.lengths, step)
-        self.writer.add_histogram("routing/digit_caps/coupling", result.coupling, step)
+        if result.coupling is not None:  # a capsule model: scores are capsule lengths
+            self.writer.add_histogram("test/digit_caps/length", result.scores, step)
+            self.writer.add_histogram("routing/digit_caps/coupling", result.coupling, step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """One HParams entry for the run, in the run's own event file (not a sub-run), so a

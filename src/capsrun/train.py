@@ -86,9 +86,10 @@ class Meter:
         self.count = state["count"]
 
 
-def predictions(lengths: torch.Tensor) -> torch.Tensor:
-    """The class of the longest capsule (arXiv:1710.09829 Sec. 3: length = probability)."""
-    return lengths.argmax(dim=-1)
+def predictions(scores: torch.Tensor) -> torch.Tensor:
+    """The class of the highest score: for capsule models the longest capsule
+    (arXiv:1710.09829 Sec. 3: a capsule's length is the probability that its entity exists)."""
+    return scores.argmax(dim=-1)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def train_one_epoch(
         losses["total"].backward()
         optimizer.step()
         scheduler.step()
-        correct = (predictions(out.lengths) == y).sum()
+        correct = (predictions(out.scores) == y).sum()
         for meter in meters:
             meter.update(losses, correct, len(y))
         state.batch += 1
@@ -144,8 +145,8 @@ class EvalResult:
     metrics: dict[str, float]
     images: torch.Tensor  # first test inputs [n, C, H, W]
     reconstructions: torch.Tensor | None
-    lengths: torch.Tensor  # [N, classes]
-    coupling: torch.Tensor  # couplings of the first batch's first examples [n, in_caps, classes]
+    scores: torch.Tensor  # [N, classes]: capsule lengths for capsule models
+    coupling: torch.Tensor | None  # couplings of the first batch's first examples [n, in_caps, classes]
 
 
 @torch.no_grad()
@@ -154,26 +155,29 @@ def evaluate(
 ) -> EvalResult:
     """Test metrics with the decoder masked to the predicted class, as at test time in the paper."""
     model.eval()
-    meter, lengths, first = Meter(), [], None
+    meter, scores, first = Meter(), [], None
     batches = tqdm(loader.epoch(0), total=len(loader), desc="test", disable=None if progress else True, leave=False)
     for x, y in batches:
         out = model(x)
-        meter.update(objective(out, x, y), (predictions(out.lengths) == y).sum(), len(y))
-        lengths.append(out.lengths)
+        meter.update(objective(out, x, y), (predictions(out.scores) == y).sum(), len(y))
+        scores.append(out.scores)
         if first is None:
+            reconstruction = getattr(out, "reconstruction", None)
+            coupling = getattr(out, "coupling", None)
             first = (
                 x[:num_images],
-                None if out.reconstruction is None else out.reconstruction[:num_images],
-                out.coupling[:32],
+                None if reconstruction is None else reconstruction[:num_images],
+                None if coupling is None else coupling[:32].float().cpu(),
             )
     metrics = meter.compute("test")
     metrics["test/error"] = 100.0 - metrics["test/accuracy"]
+    images, reconstructions, coupling = first
     return EvalResult(
         metrics,
-        first[0].cpu(),
-        None if first[1] is None else first[1].cpu(),
-        torch.cat(lengths).float().cpu(),
-        first[2].float().cpu(),
+        images.cpu(),
+        None if reconstructions is None else reconstructions.cpu(),
+        torch.cat(scores).float().cpu(),
+        coupling,
     )
 
 

@@ -36,6 +36,11 @@ class CapsNetOutput(NamedTuple):
     coupling: torch.Tensor
     reconstruction: torch.Tensor | None
 
+    @property
+    def scores(self) -> torch.Tensor:
+        """Class scores for the engine: the capsule lengths (Sec. 3: length = probability)."""
+        return self.lengths
+
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
