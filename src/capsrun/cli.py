@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(e))
 
     sys.argv = [f"capsrun {command}", *rest]
-    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command)(run)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command)(run)()
+    except BrokenPipeError:  # `capsrun train --cfg job | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":
