@@ -132,13 +132,15 @@ def test_reconstruction_with_labels_uses_label_capsule(tiny):
     torch.testing.assert_close(ref.reconstruction, tiny.decoder(ref.digit_caps, F.one_hot(labels, 10)))
 
 
-def test_label_mask_forms_agree(tiny):
+def test_two_labels_give_two_reconstructions(tiny):
+    """MultiMNIST (Sec. 6): labels [B, 2] decode once per label, each masked to its own capsule."""
     x = _images(2, seed=2)
-    labels = torch.tensor([0, 5])
-    by_index = tiny(x, labels).reconstruction
-    by_mask = tiny(x, F.one_hot(labels, 10)).reconstruction
-    torch.testing.assert_close(by_index, by_mask)
-    assert not torch.allclose(by_index, tiny(x, torch.tensor([1, 6])).reconstruction)
+    labels = torch.tensor([[0, 5], [3, 1]])
+    out = tiny(x, labels)
+    assert out.reconstruction.shape == (2, 2, 1, 28, 28)
+    torch.testing.assert_close(out.reconstruction[:, 0], tiny(x, labels[:, 0]).reconstruction)
+    torch.testing.assert_close(out.reconstruction[:, 1], tiny(x, labels[:, 1]).reconstruction)
+    assert not torch.allclose(out.reconstruction[:, 0], out.reconstruction[:, 1])
 
 
 def test_without_labels_masks_longest_capsule(tiny):

@@ -32,7 +32,7 @@ def _assert_clean_error(result, *needles: str) -> None:
         ("routing.iterations=abc", "routing.iterations must be an integer >= 1, got 'abc'"),
         ("trainer.batch_size=0", "trainer.batch_size"),
         ("data.train_limit=-5", "data.train_limit"),
-        ("model=nope", "unknown model 'nope'; choose one of: capsnet"),
+        ("model=nope", "unknown model 'nope'; choose one of: baseline_cnn, baseline_cnn_multi, capsnet"),
         ("dataset=nope", "unknown dataset 'nope'"),
         ("experiment=nope", "unknown experiment 'nope'"),
         ("trainer.epoch=3", "trainer.epoch"),
@@ -66,16 +66,39 @@ def test_cuda_requested_without_cuda(mnist_root, tmp_path):
     _assert_clean_error(result, "no CUDA device", "trainer.device=cpu")
 
 
-def test_missing_dataset_without_download_says_where_to_put_files(tmp_path):
+@pytest.mark.parametrize(
+    "dataset, folder",
+    [
+        ("mnist", "MNIST/raw"),
+        ("fashion_mnist", "FashionMNIST/raw"),
+        ("cifar10", "cifar-10-batches-py"),
+        ("multimnist", "MNIST/raw"),
+    ],
+)
+def test_missing_dataset_without_download_says_where_to_put_files(dataset, folder, tmp_path):
     result = run_capsrun(
         "train",
         *TINY,
+        f"dataset={dataset}",
         "data.download=false",
-        f"data.root={tmp_path / 'empty'}",
+        f"data.root={tmp_path / 'e'}",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )
-    _assert_clean_error(result, str(tmp_path / "empty" / "MNIST" / "raw"), "data.download=true")
+    _assert_clean_error(result, str(tmp_path / "e" / folder), "data.download=true")
+
+
+def test_missing_affnist_test_set(mnist_root, tmp_path):
+    result = run_capsrun(
+        "train",
+        *TINY,
+        "dataset=affnist",
+        "data.download=false",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+        data_root=mnist_root,
+    )
+    _assert_clean_error(result, str(mnist_root / "affNIST"), "test.mat", "data.download=true")
 
 
 def test_truncated_idx_file(tmp_path):
@@ -152,6 +175,6 @@ def test_hydra_flags_still_work(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "iterations: 2" in result.stdout and "routing_iterations: ${routing.iterations}" in result.stdout
     helped = run_capsrun("train", "--help", cwd=tmp_path)
-    assert helped.returncode == 0 and "model: capsnet" in helped.stdout
+    assert helped.returncode == 0 and "model: baseline_cnn, baseline_cnn_multi, capsnet" in helped.stdout
     assert not (Path(tmp_path) / "outputs").exists()  # --cfg / --help start no run
     shutil.rmtree(tmp_path, ignore_errors=True)

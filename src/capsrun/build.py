@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,10 @@ def validate_train(cfg: DictConfig) -> None:
     _optional_limit(cfg, "data.test_limit")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}; e.g. seed=0")
-    shift = cfg.dataset.augment.max_shift
-    if not isinstance(shift, int) or isinstance(shift, bool) or shift < 0:
-        raise ConfigError(f"dataset.augment.max_shift must be an integer >= 0, got {shift!r}")
+    for key in ("max_shift", "crop", "canvas", "test_size", "epoch_size", "affnist_limit", "test_seed"):
+        value = cfg.dataset.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"dataset.{key} must be an integer >= 0, got {value!r}; e.g. dataset.{key}=4")
     if cfg.dataset.name not in data.DATASETS:
         raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(data.DATASETS)}")
 
@@ -74,25 +74,27 @@ def data_root(cfg: DictConfig) -> Path:
         return Path(str(cfg.data.root)).expanduser().resolve()
 
 
-@dataclass
-class Loaders:
-    train: data.BatchLoader | None
-    test: data.BatchLoader
-    classes: int
+_SHAPE_KEYS = ("name", "channels", "image_size", "num_classes")
 
 
-def loaders(cfg: DictConfig, dev: torch.device, train: bool = True, eval_batch_size: int | None = None) -> Loaders:
-    """The test loader and, when ``train``, the training loader with the dataset's augmentation."""
-    ds, root = cfg.dataset, data_root(cfg)
-    test_x, test_y = data.subset(*data.load_split(ds.name, root, False, cfg.data.download), cfg.data.test_limit)
-    test = data.BatchLoader(test_x, test_y, eval_batch_size or cfg.trainer.eval_batch_size, device=dev)
-    train_loader = None
-    if train:
-        x, y = data.subset(*data.load_split(ds.name, root, True, cfg.data.download), cfg.data.train_limit)
-        train_loader = data.BatchLoader(
-            x, y, cfg.trainer.batch_size, shuffle=True, max_shift=ds.augment.max_shift, seed=cfg.seed, device=dev
-        )
-    return Loaders(train_loader, test, ds.num_classes)
+def loaders(cfg: DictConfig, dev: torch.device, train: bool = True, eval_batch_size: int | None = None) -> data.Loaders:
+    """The dataset's test loaders and, when ``train``, its training loader, per its protocol.
+    The dataset config's keys beyond its shape are the protocol's options (``max_shift``, ...)."""
+    ds = cfg.dataset
+    options = {k: v for k, v in OmegaConf.to_container(ds, resolve=True).items() if k not in _SHAPE_KEYS}
+    return data.make_loaders(
+        ds.name,
+        data_root(cfg),
+        download=cfg.data.download,
+        batch_size=cfg.trainer.batch_size,
+        eval_batch_size=eval_batch_size or cfg.trainer.eval_batch_size,
+        seed=cfg.seed,
+        device=dev,
+        train=train,
+        train_limit=cfg.data.train_limit,
+        test_limit=cfg.data.test_limit,
+        **options,
+    )
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:

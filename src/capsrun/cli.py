@@ -99,6 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in ("train", "eval"):
         fail(f"unknown command {command!r}; commands: train, eval (capsrun --help)")
+    if command == "eval" and not any(a in ("-m", "--multirun") for a in rest):
+        # checkpoint=a.pt,b.pt means an ensemble here, not a sweep: pass it to Hydra as a list
+        rest = [
+            f"checkpoint=[{a.split('=', 1)[1]}]"
+            if a.startswith("checkpoint=") and "," in a and not a.startswith("checkpoint=[")
+            else a
+            for a in rest
+        ]
     _check_overrides(command, rest)
 
     import hydra

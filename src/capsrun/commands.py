@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from capsrun import build, checkpoint
-from capsrun.errors import ConfigError
-from capsrun.train import Interrupted, evaluate, fit
+from capsrun.errors import CheckpointError, ConfigError
+from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
 log = logging.getLogger("capsrun")
 
@@ -106,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.model.name,
             cfg.dataset.name,
             loaders.train.num_examples,
-            loaders.test.num_examples,
+            loaders.tests["test"].num_examples,
             f"{n_params:,}",
             dev,
             run_dir,
@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 model,
                 objective,
                 loaders.train,
-                loaders.test,
+                loaders.tests,
                 opt,
                 sched,
                 epochs=cfg.trainer.epochs,
@@ -146,30 +146,81 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _eval_dataset(cfg: DictConfig, trained: DictConfig) -> DictConfig:
+    """The dataset config to evaluate on: the checkpoint's, or ``dataset=NAME`` of the same shape."""
+    if cfg.get("dataset") in (None, trained.name):
+        return trained
+    from capsrun.cli import conf_dir
+
+    path = conf_dir() / "dataset" / f"{cfg.dataset}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of: {names}")
+    other = OmegaConf.load(path)
+    if (other.channels, other.image_size, other.num_classes) != (
+        trained.channels,
+        trained.image_size,
+        trained.num_classes,
+    ):
+        raise ConfigError(
+            f"dataset={cfg.dataset} has {other.channels}x{other.image_size}x{other.image_size} inputs and "
+            f"{other.num_classes} classes; the checkpoint was trained on {trained.name} "
+            f"({trained.channels}x{trained.image_size}x{trained.image_size}, {trained.num_classes} classes)"
+        )
+    return other
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
-    """``capsrun eval checkpoint=PATH``: the test metrics of a checkpoint, from its own config."""
+    """``capsrun eval checkpoint=PATH``: the test metrics of a checkpoint, from its own config.
+    ``checkpoint=[A,B,C]`` (or ``checkpoint=A,B,C``) evaluates an ensemble that sums the
+    members' capsule lengths (arXiv:1710.09829 Sec. 7), and each member alone."""
     from hydra.utils import to_absolute_path
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("no checkpoint given; use capsrun eval checkpoint=<run dir>/checkpoints/best.pt")
-    path = Path(to_absolute_path(str(cfg.checkpoint)))
+    specs = list(cfg.checkpoint) if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint]
+    paths = [Path(to_absolute_path(str(p))) for p in specs]
     dev = build.device(cfg.trainer.device)
-    ckpt = checkpoint.load(path, map_location=dev)
-    run_cfg = OmegaConf.create(ckpt["config"])
+    ckpts = [checkpoint.load(p, map_location=dev) for p in paths]
+    configs = [OmegaConf.create(c["config"]) for c in ckpts]
+    dataset = _eval_dataset(cfg, configs[0].dataset)
+    for path, c in zip(paths[1:], configs[1:]):
+        if c.dataset.name != configs[0].dataset.name:
+            raise ConfigError(f"{path} was trained on {c.dataset.name}, {paths[0]} on {configs[0].dataset.name}")
+    run_cfg = configs[0]
+    run_cfg.dataset = dataset
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
     build.validate_train(run_cfg)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
-    model = build.model(run_cfg).to(dev)
-    model.load_state_dict(ckpt["model"])
-    result = evaluate(model, build.objective(run_cfg), loaders.test)
-    metrics = {**result.metrics, "epoch": ckpt["epoch"]}
-    checkpoint.save_json(_run_dir() / "metrics.json", metrics)
-    log.info(
-        "%s (epoch %d): test accuracy %.2f%% (error %.2f%%) on %d images",
-        path,
-        ckpt["epoch"],
-        metrics["test/accuracy"],
-        metrics["test/error"],
-        loaders.test.num_examples,
-    )
+    models, metrics = [], {}
+    for i, (path, ckpt, c) in enumerate(zip(paths, ckpts, configs)):
+        c.dataset = dataset
+        model = build.model(c).to(dev)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+        models.append(model)
+        member = "" if len(paths) == 1 else f"member/{i}/"
+        for name, loader in loaders.tests.items():
+            result = evaluate(model, build.objective(c), loader, progress=cfg.trainer.progress, prefix=name)
+            metrics.update({member + k: v for k, v in result.metrics.items()})
+            log.info(
+                "%s (epoch %d): %s accuracy %.2f%% on %d images",
+                path,
+                ckpt["epoch"],
+                name,
+                result.metrics[f"{name}/accuracy"],
+                loader.num_examples,
+            )
+    if len(models) > 1:
+        for name, loader in loaders.tests.items():
+            metrics.update(evaluate_ensemble(models, loader, prefix=name))
+            log.info(
+                "ensemble of %d (summed capsule lengths): %s accuracy %.2f%%",
+                len(models),
+                name,
+                metrics[f"{name}/accuracy"],
+            )
+    checkpoint.save_json(_run_dir() / "metrics.json", {**metrics, "checkpoints": [str(p) for p in paths]})
     return metrics

@@ -17,7 +17,7 @@ def margin_loss(
     """Eq. 4: ``L_k = T_k max(0, m+ - |v_k|)^2 + lambda (1 - T_k) max(0, |v_k| - m-)^2``.
 
     ``lengths``: capsule lengths ``[batch, classes]``; ``targets``: T_k, ``[batch, classes]`` in
-    {0, 1} (several ones for MultiMNIST) or class indices ``[batch]``. Summed over classes,
+    {0, 1} (two ones for MultiMNIST) or class indices ``[batch]``. Summed over classes,
     mean over the batch. (The authors' code halves it and averages over classes instead.)
     """
     if targets.dim() == 1:
@@ -28,10 +28,17 @@ def margin_loss(
     return (present + absent).sum(dim=-1).mean()
 
 
+def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class indices ``[batch, k]`` -> 0/1 targets ``[batch, classes]`` with k ones (MultiMNIST)."""
+    return F.one_hot(labels, num_classes).amax(dim=1)
+
+
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Sum of squared pixel errors per image, mean over the batch (Sec. 4.1; unweighted here).
 
-    ``reconstruction``, ``images``: ``[batch, ...]`` of equal size, pixels in [0, 1].
+    ``reconstruction``, ``images``: ``[batch, ...]`` of equal size, pixels in [0, 1]. For k
+    reconstructions per image (``[batch, k, C, H, W]``, MultiMNIST) the k sums are added, which
+    weights each by the same factor as in Sec. 6.
     """
     diff = reconstruction.flatten(1) - images.flatten(1)
     return diff.pow(2).sum(dim=1).mean()
@@ -41,7 +48,9 @@ class CapsNetLoss(nn.Module):
     """Margin loss plus ``reconstruction_weight`` x reconstruction loss (0.0005 in the paper).
 
     Returns a dict of scalar tensors: ``margin``, ``reconstruction`` (when the model decodes)
-    and ``total``, the names used for the TensorBoard tags ``train/loss/<name>``.
+    and ``total``, the names used for the TensorBoard tags ``train/loss/<name>``. ``labels``:
+    ``[B]`` class indices, or ``[B, k]`` for k objects per image (both positive in the margin
+    loss); ``images``: the reconstruction target, ``[B, k, C, H, W]`` for k labels.
     """
 
     def __init__(
@@ -56,7 +65,8 @@ class CapsNetLoss(nn.Module):
         self.reconstruction_weight = reconstruction_weight
 
     def forward(self, output, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = {"margin": margin_loss(output.lengths, labels, self.m_plus, self.m_minus, self.down_weight)}
+        targets = labels if labels.dim() == 1 else multi_hot(labels, output.lengths.shape[-1])
+        losses = {"margin": margin_loss(output.lengths, targets, self.m_plus, self.m_minus, self.down_weight)}
         total = losses["margin"]
         if output.reconstruction is not None:
             losses["reconstruction"] = reconstruction_loss(output.reconstruction, images)

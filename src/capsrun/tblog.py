@@ -13,6 +13,15 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchvision.utils import make_grid
 
 
+def two_colour_overlay(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """The input in dim grey with reconstruction 1 in red and reconstruction 2 in green over it, as
+    in Fig. 5 of arXiv:1710.09829. ``images`` ``[n, 1, H, W]``, ``reconstructions``
+    ``[n, 2, 1, H, W]`` -> RGB ``[n, 3, H, W]`` in [0, 1]."""
+    grey = 0.35 * images
+    red, green = reconstructions[:, 0], reconstructions[:, 1]
+    return torch.cat([grey + red, grey + green, grey], dim=1).clamp(0, 1)
+
+
 class TBLogger:
     def __init__(self, log_dir: Path, purge_step: int | None = None):
         # purge_step drops events a killed run wrote after its last checkpoint
@@ -28,15 +37,13 @@ class TBLogger:
         self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
 
     def evaluation(self, result, step: int) -> None:
-        """Inputs beside their reconstructions, capsule lengths and routing couplings."""
+        """Inputs above their reconstructions, capsule lengths and routing couplings."""
         if result.reconstructions is not None:
-            n = result.images.shape[0]
-            grid = make_grid(
-                torch.cat([result.images, result.reconstructions.to(result.images.dtype)]),
-                nrow=n,
-                padding=2,
-                pad_value=0.5,
-            )
+            images, recon = result.images, result.reconstructions.to(result.images.dtype)
+            if recon.dim() == 5:  # two objects per image (MultiMNIST): Fig. 5's colours
+                recon = two_colour_overlay(images, recon)
+                images = images.expand(-1, 3, -1, -1)
+            grid = make_grid(torch.cat([images, recon]), nrow=images.shape[0], padding=2, pad_value=0.5)
             self.writer.add_image("test/reconstructions", grid, step)
         if result.coupling is not None:  # a capsule model: scores are capsule lengths
             self.writer.add_histogram("test/digit_caps/length", result.scores, step)

@@ -86,10 +86,41 @@ class Meter:
         self.count = state["count"]
 
 
-def predictions(scores: torch.Tensor) -> torch.Tensor:
-    """The class of the highest score: for capsule models the longest capsule
-    (arXiv:1710.09829 Sec. 3: a capsule's length is the probability that its entity exists)."""
-    return scores.argmax(dim=-1)
+def predictions(scores: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """The class of the highest score ``[B]``, or the k highest ``[B, k]``: for capsule models the
+    longest capsules (arXiv:1710.09829 Sec. 3: a capsule's length is the probability that its
+    entity exists)."""
+    return scores.argmax(dim=-1) if k == 1 else scores.topk(k, dim=-1).indices
+
+
+def correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many predictions are right. ``labels`` ``[B]``: the top class; ``[B, k]``: the k top
+    classes must be exactly the k labels, in any order (MultiMNIST, Sec. 6)."""
+    if labels.dim() == 1:
+        return (predictions(scores) == labels).sum()
+    top = predictions(scores, labels.shape[1]).sort(dim=-1).values
+    return (top == labels.sort(dim=-1).values).all(dim=-1).sum()
+
+
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, y, reconstruction target)`` of a batch: the target is ``x`` itself, or for
+    MultiMNIST batches ``(x, y [B, 2], base_alone, partner_alone)`` the two digits alone
+    ``[B, 2, C, H, W]``."""
+    if len(batch) == 2:
+        x, y = batch
+        return x, y, x
+    x, y, *alone = batch
+    return x, y, torch.stack(alone, dim=1)
+
+
+def aligned_top(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The k longest capsules ``[B, k]``, ordered like ``labels`` where they match, so that at test
+    time reconstruction i (of a predicted class) is compared with digit i alone."""
+    top = predictions(scores, labels.shape[1])
+    if labels.shape[1] == 2:
+        swap = (top[:, 0] == labels[:, 1]) | (top[:, 1] == labels[:, 0])
+        top = torch.where(swap[:, None], top.flip(-1), top)
+    return top
 
 
 @dataclass
@@ -121,16 +152,17 @@ def train_one_epoch(
     """Train from ``state.batch`` to the end of epoch ``state.epoch``; ``on_step`` runs after
     every step and returns True to stop early. Returns whether the epoch was completed."""
     model.train()
-    for x, y in loader.epoch(state.epoch, start=state.batch):
+    for batch in loader.epoch(state.epoch, start=state.batch):
+        x, y, target = unpack(batch)
         out = model(x, y)
-        losses = objective(out, x, y)
+        losses = objective(out, target, y)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
         scheduler.step()
-        correct = (predictions(out.scores) == y).sum()
+        right = correct(out.scores, y)
         for meter in meters:
-            meter.update(losses, correct, len(y))
+            meter.update(losses, right, len(y))
         state.batch += 1
         state.step += 1
         if bar is not None:
@@ -151,15 +183,24 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, objective: nn.Module, loader: BatchLoader, num_images: int = 8, progress: bool = True
+    model: nn.Module,
+    objective: nn.Module,
+    loader,
+    num_images: int = 8,
+    progress: bool = True,
+    prefix: str = "test",
 ) -> EvalResult:
-    """Test metrics with the decoder masked to the predicted class, as at test time in the paper."""
+    """Metrics ``<prefix>/...`` with the decoder masked to the predicted classes, as at test time
+    in the paper."""
     model.eval()
     meter, scores, first = Meter(), [], None
-    batches = tqdm(loader.epoch(0), total=len(loader), desc="test", disable=None if progress else True, leave=False)
-    for x, y in batches:
+    batches = tqdm(loader.epoch(0), total=len(loader), desc=prefix, disable=None if progress else True, leave=False)
+    for batch in batches:
+        x, y, target = unpack(batch)
         out = model(x)
-        meter.update(objective(out, x, y), (predictions(out.scores) == y).sum(), len(y))
+        if y.dim() == 2 and getattr(out, "reconstruction", None) is not None:
+            out = out._replace(reconstruction=model.reconstruct(out.digit_caps, aligned_top(out.scores, y)))
+        meter.update(objective(out, target, y), correct(out.scores, y), len(y))
         scores.append(out.scores)
         if first is None:
             reconstruction = getattr(out, "reconstruction", None)
@@ -169,8 +210,8 @@ def evaluate(
                 None if reconstruction is None else reconstruction[:num_images],
                 None if coupling is None else coupling[:32].float().cpu(),
             )
-    metrics = meter.compute("test")
-    metrics["test/error"] = 100.0 - metrics["test/accuracy"]
+    metrics = meter.compute(prefix)
+    metrics[f"{prefix}/error"] = 100.0 - metrics[f"{prefix}/accuracy"]
     images, reconstructions, coupling = first
     return EvalResult(
         metrics,
@@ -179,6 +220,22 @@ def evaluate(
         torch.cat(scores).float().cpu(),
         coupling,
     )
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: list[nn.Module], loader, prefix: str = "test") -> dict[str, float]:
+    """Accuracy of an ensemble that sums the members' class scores (for CapsNets the capsule
+    lengths) and takes the largest, as for the 7-model CIFAR10 result of arXiv:1710.09829 Sec. 7."""
+    for model in models:
+        model.eval()
+    right, n = 0, 0
+    for batch in loader.epoch(0):
+        x, y, _ = unpack(batch)
+        scores = sum(model(x).scores.float() for model in models)
+        right += int(correct(scores, y))
+        n += len(y)
+    accuracy = 100.0 * right / n
+    return {f"{prefix}/accuracy": accuracy, f"{prefix}/error": 100.0 - accuracy}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -217,8 +274,8 @@ def restore(path: Path, model, optimizer, scheduler, meters: list[Meter], device
 def fit(
     model: nn.Module,
     objective: nn.Module,
-    train_loader: BatchLoader,
-    test_loader: BatchLoader,
+    train_loader,
+    test_loaders: dict,
     optimizer: torch.optim.Optimizer,
     scheduler,
     *,
@@ -295,10 +352,14 @@ def fit(
                 )
             train_seconds = time.perf_counter() - t0
             train_metrics = epoch_meter.compute("train")
-            result = evaluate(model, objective, test_loader, num_images, progress)
+            results = {
+                name: evaluate(model, objective, loader, num_images, progress, prefix=name)
+                for name, loader in test_loaders.items()
+            }
+            result = results["test"]
             metrics = {
                 **train_metrics,
-                **result.metrics,
+                **{k: v for r in results.values() for k, v in r.metrics.items()},
                 "time/epoch_seconds": train_seconds,
                 "time/train_images_per_second": train_loader.num_examples / train_seconds,
             }
@@ -310,15 +371,16 @@ def fit(
             metrics["best/test/accuracy"] = state.best_accuracy
             metrics["epoch"] = state.epoch
             state.last_metrics = metrics
-            tb.scalars({k: v for k, v in metrics.items() if k.startswith(("test/", "best/", "time/"))}, state.step)
+            tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, state.step)
             tb.scalars({"epoch": state.epoch}, state.step)
             tb.evaluation(result, state.step)
             checkpoint.save(ckpt_dir / "last.pt", snapshot())
             if improved:
                 checkpoint.save(ckpt_dir / "best.pt", snapshot())
             checkpoint.save_json(run_dir / "metrics.json", metrics)
+            extra = "".join(f"  {n} acc {r.metrics[f'{n}/accuracy']:.2f}%" for n, r in results.items() if n != "test")
             log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %.2f%%)  %.1f s",
+                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %.2f%%)%s  %.1f s",
                 state.epoch,
                 epochs,
                 metrics.get("train/loss/total", math.nan),
@@ -326,9 +388,10 @@ def fit(
                 metrics["test/loss/total"],
                 metrics["test/accuracy"],
                 state.best_accuracy,
+                extra,
                 train_seconds,
             )
-        tb.hparams(hparams, {k: v for k, v in metrics.items() if k.startswith(("test/", "best/"))})
+        tb.hparams(hparams, {k: v for k, v in metrics.items() if not k.startswith(("train/", "time/", "epoch"))})
     finally:
         if bar is not None:
             bar.close()

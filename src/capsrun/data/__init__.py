@@ -1,22 +1,31 @@
-"""Datasets, one file each, and the in-memory batch loader."""
+"""Datasets, one file each, and the loaders of each paper protocol.
+
+:func:`make_loaders` is the one entry point: a dataset name and plain arguments in, a training
+loader and named test loaders out. Every loader yields ``(x, y)`` or, for MultiMNIST,
+``(x, y [B, 2], base_alone, partner_alone)``, and replays an epoch from ``(seed, epoch)``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from capsrun.data import affnist, cifar10
 from capsrun.data.loader import BatchLoader, random_shift
 from capsrun.data.mnist import FASHION_MNIST, MNIST, load_idx_split
+from capsrun.data.multimnist import MultiMNISTLoader
 
 _IDX = {"mnist": MNIST, "fashion_mnist": FASHION_MNIST}
-DATASETS = tuple(_IDX)
+DATASETS = ("mnist", "fashion_mnist", "affnist", "multimnist", "cifar10")
 
 
 def load_split(name: str, root: str | Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, C, H, W], labels int64 [N])`` of a named dataset's split."""
+    """``(images uint8 [N, C, H, W], labels int64 [N])`` of an IDX dataset's split."""
     if name not in _IDX:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r} (not an IDX dataset); known: {', '.join(_IDX)}")
     return load_idx_split(_IDX[name], root, train, download)
 
 
@@ -28,4 +37,130 @@ def subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None, seed: 
     return images[idx], labels[idx]
 
 
-__all__ = ["DATASETS", "BatchLoader", "load_split", "random_shift", "subset"]
+@dataclass
+class Loaders:
+    """``train`` (None for evaluation only) and the test sets by name; ``"test"`` comes first
+    and is the one that picks ``best.pt``."""
+
+    train: BatchLoader | MultiMNISTLoader | None
+    tests: dict[str, BatchLoader | MultiMNISTLoader]
+
+
+def make_loaders(
+    name: str,
+    root: str | Path,
+    *,
+    download: bool,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    train: bool = True,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    **options,
+) -> Loaders:
+    """Loaders of one protocol; ``options`` are the dataset config's own keys (see ``conf/dataset``)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    split = partial(_split, name, root, download)
+    common = dict(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, device=device)
+    return _BUILDERS[name](split, root, download, train, train_limit, test_limit, common, **options)
+
+
+def _split(name: str, root, download: bool, train: bool, limit: int | None):
+    if name == "cifar10":
+        return subset(*cifar10.load_cifar10_split(root, train, download), limit)
+    source = "mnist" if name in ("affnist", "multimnist") else name
+    return subset(*load_split(source, root, train, download), limit)
+
+
+def _idx(split, root, download, train, train_limit, test_limit, common, max_shift: int = 2) -> Loaders:
+    """MNIST / Fashion-MNIST (arXiv:1710.09829 Sec. 5): shifts of up to ``max_shift`` px."""
+    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    test = BatchLoader(*split(False, test_limit), ebs, device=dev)
+    tr = BatchLoader(*split(True, train_limit), bs, shuffle=True, max_shift=max_shift, seed=seed, device=dev)
+    return Loaders(tr if train else None, {"test": test})
+
+
+def _affnist(
+    split, root, download, train, train_limit, test_limit, common, max_shift=6, canvas=40, affnist_limit=None
+) -> Loaders:
+    """Sec. 5.2: train on MNIST at a random shift of up to 6 px on a 40x40 canvas; test on the
+    padded MNIST test set (``test``) and on affNIST (``affnist``)."""
+    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    x, y = split(False, test_limit)
+    tests = {
+        "test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, device=dev),
+        "affnist": BatchLoader(*affnist.load_affnist_test(root, download, affnist_limit), ebs, device=dev),
+    }
+    tr = None
+    if train:
+        x, y = split(True, train_limit)
+        tr = BatchLoader(
+            affnist.pad_to_canvas(x, canvas), y, bs, shuffle=True, max_shift=max_shift, seed=seed, device=dev
+        )
+    return Loaders(tr, tests)
+
+
+def _multimnist(
+    split,
+    root,
+    download,
+    train,
+    train_limit,
+    test_limit,
+    common,
+    max_shift=4,
+    canvas=36,
+    test_size=10000,
+    test_seed=0,
+    epoch_size=None,
+) -> Loaders:
+    """Sec. 6: pairs of digits drawn on the fly; the test set is a fixed draw of ``test_size``
+    images from the MNIST test digits, seeded by ``test_seed`` (not the run's seed, so every run
+    meets the same test set)."""
+    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    test = MultiMNISTLoader(
+        *split(False, test_limit), ebs, max_shift, canvas, seed=test_seed, epoch_size=test_size, device=dev
+    )
+    tr = None
+    if train:
+        tr = MultiMNISTLoader(
+            *split(True, train_limit), bs, max_shift, canvas, seed=seed, epoch_size=epoch_size, device=dev
+        )
+    return Loaders(tr, {"test": test})
+
+
+def _cifar10(split, root, download, train, train_limit, test_limit, common, crop=24) -> Loaders:
+    """Sec. 7 and the authors' code: random crop, flip, brightness/contrast jitter and per-image
+    standardisation for training; central crop and standardisation at test."""
+    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    test = BatchLoader(
+        *split(False, test_limit), ebs, device=dev, transform=lambda x, gen: cifar10.eval_transform(x, crop)
+    )
+    tr = None
+    if train:
+        tr = BatchLoader(
+            *split(True, train_limit),
+            bs,
+            shuffle=True,
+            seed=seed,
+            device=dev,
+            transform=partial(cifar10.train_transform, size=crop),
+        )
+    return Loaders(tr, {"test": test})
+
+
+_BUILDERS = {"mnist": _idx, "fashion_mnist": _idx, "affnist": _affnist, "multimnist": _multimnist, "cifar10": _cifar10}
+
+__all__ = [
+    "DATASETS",
+    "BatchLoader",
+    "Loaders",
+    "MultiMNISTLoader",
+    "load_split",
+    "make_loaders",
+    "random_shift",
+    "subset",
+]

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsrun.losses import multi_hot
+
 
 class CNNOutput(NamedTuple):
     """``logits`` ``[B, classes]``."""
@@ -130,9 +132,9 @@ class BaselineCNNMulti(nn.Module):
 class CrossEntropyObjective(nn.Module):
     """Cross-entropy on the logits, as a dict ``{"cross_entropy", "total"}`` like :class:`CapsNetLoss`.
 
-    ``labels`` int64 ``[B]``: softmax cross-entropy, mean over the batch (MNIST). ``labels`` 0/1
-    ``[B, classes]`` (e.g. :func:`capsrun.data.multimnist.multilabel_targets`): one sigmoid
-    cross-entropy per class, summed over classes, mean over the batch (MultiMNIST).
+    ``labels`` int64 ``[B]``: softmax cross-entropy, mean over the batch (MNIST). ``labels`` int64
+    ``[B, k]``, k classes present per image (MultiMNIST): one sigmoid cross-entropy per class
+    against the multi-hot targets, summed over classes, mean over the batch.
     """
 
     def forward(self, output: CNNOutput, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -140,6 +142,7 @@ class CrossEntropyObjective(nn.Module):
         if labels.dim() == 1:
             loss = F.cross_entropy(logits, labels)
         else:
-            bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+            targets = multi_hot(labels, logits.shape[-1]).to(logits.dtype)
+            bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
             loss = bce.sum(dim=-1).mean()
         return {"cross_entropy": loss, "total": loss}

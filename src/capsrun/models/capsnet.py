@@ -29,7 +29,8 @@ from capsrun.layers import PrimaryCaps, RoutedCaps
 
 class CapsNetOutput(NamedTuple):
     """``lengths`` [B, classes] (class scores); ``digit_caps`` [B, classes, dim];
-    ``coupling`` [B, primary caps, classes]; ``reconstruction`` [B, C, H, W] or None."""
+    ``coupling`` [B, primary caps, classes]; ``reconstruction`` [B, C, H, W], or
+    [B, k, C, H, W] for k labels per image (MultiMNIST), or None without a decoder."""
 
     lengths: torch.Tensor
     digit_caps: torch.Tensor
@@ -117,9 +118,19 @@ class CapsNet(nn.Module):
             else None
         )
 
+    def reconstruct(self, digit_caps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Decode ``digit_caps`` [B, classes, dim] masked to ``labels``: ``[B]`` class indices give
+        ``[B, C, H, W]``; ``[B, k]`` give k reconstructions ``[B, k, C, H, W]``, one per label, as
+        for the two digits of a MultiMNIST image (Sec. 6)."""
+        if labels.dim() == 1:
+            return self.decoder(digit_caps, F.one_hot(labels, self.num_classes))
+        return torch.stack(
+            [self.decoder(digit_caps, F.one_hot(labels[:, i], self.num_classes)) for i in range(labels.shape[1])], 1
+        )
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
-        """``x``: ``[B, C, H, W]`` in [0, 1]. The decoder reconstructs the capsule of ``labels``
-        (``[B]`` class indices, or a ``[B, classes]`` 0/1 mask) when given, else the longest."""
+        """``x``: ``[B, C, H, W]``. The decoder reconstructs the capsules of ``labels`` (see
+        :meth:`reconstruct`) when given, as in training, else the longest capsule, as at test."""
         h = F.relu(self.conv1(x), inplace=True)
         u = self.primary_caps(h)
         routed = self.digit_caps(u)
@@ -127,8 +138,5 @@ class CapsNet(nn.Module):
         lengths = torch.sqrt(v.pow(2).sum(-1) + 1e-8)
         reconstruction = None
         if self.decoder is not None:
-            if labels is None:
-                labels = lengths.argmax(dim=-1)
-            mask = F.one_hot(labels, self.num_classes) if labels.dim() == 1 else labels
-            reconstruction = self.decoder(v, mask)
+            reconstruction = self.reconstruct(v, lengths.argmax(dim=-1) if labels is None else labels)
         return CapsNetOutput(lengths, v, routed.coupling, reconstruction)

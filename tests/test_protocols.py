@@ -1,0 +1,195 @@
+"""Every dataset protocol and experiment config, end to end through the real CLI on fixtures
+written in each dataset's real format (IDX, CIFAR pickle batches, affNIST .mat)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from tensorboard.backend.event_processing import event_accumulator
+
+from capsrun.cli import conf_dir
+from capsrun.train import evaluate_ensemble
+from conftest import TINY, learnable_digits, run_capsrun, write_mnist
+from test_affnist import write_mat
+from test_cifar10 import write_cifar
+
+EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def _build_model(cfg):
+    ds = cfg.dataset
+    return instantiate(cfg.model.net, in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_as_overrides_only(experiment):
+    cfg = _compose(f"experiment={experiment}")
+    assert cfg.routing.iterations >= 1 and cfg.dataset.name in DATASETS
+    text = (conf_dir() / "experiment" / f"{experiment}.yaml").read_text()
+    assert text.startswith("# @package _global_") and "arXiv:1710.09829" in text
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dataset", ["mnist", "multimnist"])
+def test_every_model_sizes_itself_from_the_dataset(model, dataset):
+    out = _build_model(_compose(f"model={model}", f"dataset={dataset}"))(
+        torch.zeros(2, 1, 28 if dataset == "mnist" else 36, 28 if dataset == "mnist" else 36)
+    )
+    assert out.scores.shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "experiment, primary_caps, params",
+    [
+        ("sabour_mnist", 1152, 8_215_728),  # 8,215,568 + the 160 digit-capsule biases
+        ("sabour_multimnist", 3200, 11_361_968),  # 11,361,808 + 160 biases; the paper: 11.36M
+        ("sabour_affnist", 32 * 12 * 12, None),  # 40 -> conv1 32 -> primary 12
+        ("sabour_cifar10", 9216, None),  # 24x24 crops, SAME padding, 64 types: 12x12x64
+    ],
+)
+def test_paper_model_sizes(experiment, primary_caps, params):
+    model = _build_model(_compose(f"experiment={experiment}"))
+    assert model.num_primary_caps == primary_caps
+    if params is not None:
+        assert sum(p.numel() for p in model.parameters()) == params
+    if experiment == "sabour_cifar10":
+        assert model.decoder is None and model.digit_caps.leaky
+
+
+def test_baseline_cnn_parameter_count():
+    model = _build_model(_compose("model=baseline_cnn"))
+    assert sum(p.numel() for p in model.parameters()) == 35_445_522
+
+
+# --- end to end on fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """MNIST (learnable), CIFAR10 and affNIST fixtures in their real formats, in one data root."""
+    root = write_mnist(tmp_path_factory.mktemp("protocols"), n_train=320, n_test=100)
+    write_cifar(root, n=16)
+    digits, labels = learnable_digits(64, seed=7)
+    canvas = np.zeros((64, 40, 40), np.uint8)
+    canvas[:, 6:34, 6:34] = digits
+    write_mat(root / "affNIST" / "test_batches" / "1.mat", canvas, labels)
+    return root
+
+
+CNN_TINY = [o for o in TINY if not o.startswith("model.")]
+
+
+def _train(data_root: Path, tmp_path: Path, *overrides: str, tiny: list[str] = TINY) -> dict:
+    run = tmp_path / "run"
+    result = run_capsrun("train", *tiny, f"hydra.run.dir={run}", *overrides, cwd=tmp_path, data_root=data_root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_sabour_affnist_reports_padded_mnist_and_affnist(data_root, tmp_path):
+    metrics = _train(data_root, tmp_path, "experiment=sabour_affnist", "trainer.epochs=3")
+    assert {"test/accuracy", "affnist/accuracy", "affnist/error", "affnist/loss/total"} <= set(metrics)
+    assert metrics["test/accuracy"] > 40.0  # learnable fixture digits, shifted by up to 6 px on 40x40
+    assert 0.0 <= metrics["affnist/accuracy"] <= 100.0
+    ea = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+    ea.Reload()
+    assert {"affnist/accuracy", "test/accuracy"} <= set(ea.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_sabour_multimnist_learns_pairs(data_root, tmp_path):
+    metrics = _train(
+        data_root,
+        tmp_path,
+        "experiment=sabour_multimnist",
+        "trainer.epochs=4",
+        "dataset.test_size=200",
+        "dataset.epoch_size=640",
+    )
+    # an image counts only if both classes are the two longest capsules: chance is 1/45 = 2.2 %
+    assert metrics["test/accuracy"] > 15.0, metrics
+    assert metrics["test/loss/reconstruction"] > 0
+    ea = event_accumulator.EventAccumulator(str(tmp_path / "run"))
+    ea.Reload()
+    image = ea.Images("test/reconstructions")[-1]
+    assert image.width > image.height  # inputs above the two-colour overlays
+
+
+@pytest.mark.slow
+def test_sabour_cifar10_one_epoch(data_root, tmp_path):
+    metrics = _train(
+        data_root, tmp_path, "experiment=sabour_cifar10", "trainer.epochs=1", "model.net.decoder_hidden=null"
+    )
+    assert "test/loss/reconstruction" not in metrics  # no decoder in the CIFAR10 model
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["config"]["routing"]["leaky"] is True and ckpt["config"]["dataset"]["name"] == "cifar10"
+    assert ckpt["model"]["conv1.weight"].shape[1] == 3
+
+
+@pytest.mark.slow
+def test_baseline_cnn_learns_on_the_same_engine(data_root, tmp_path):
+    metrics = _train(
+        data_root,
+        tmp_path,
+        "model=baseline_cnn",
+        "model.net.channels=[8,8,4]",
+        "model.net.hidden=[32,16]",
+        "model.net.dropout=0.1",
+        "trainer.epochs=5",
+        tiny=CNN_TINY,
+    )
+    assert "train/loss/cross_entropy" in metrics and metrics["test/accuracy"] > 50.0, metrics
+
+
+@pytest.mark.slow
+def test_eval_ensemble_of_the_same_model_equals_the_model(data_root, tmp_path):
+    _train(data_root, tmp_path, "trainer.epochs=1")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    out = tmp_path / "eval"
+    result = run_capsrun("eval", f"checkpoint={ckpt},{ckpt}", f"hydra.run.dir={out}", cwd=tmp_path, data_root=data_root)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test/accuracy"] == pytest.approx(metrics["member/0/test/accuracy"])
+    assert metrics["member/1/test/accuracy"] == metrics["member/0/test/accuracy"]
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' whose class scores are fixed, to check the ensemble rule by hand."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores)
+
+    def forward(self, x):
+        return type("Out", (), {"scores": self.scores[: len(x)]})()
+
+
+class _Batches:
+    def __init__(self, n, labels):
+        self.x, self.y = torch.zeros(n, 1), torch.tensor(labels)
+
+    def epoch(self, e=0):
+        yield self.x, self.y
+
+
+def test_ensemble_sums_scores_before_the_argmax():
+    # model a votes 0, 1; model b votes 1, 1; summed: [0.9, 0.7] -> 0 and [0.2, 1.2] -> 1
+    a = _Fixed([[0.6, 0.1], [0.1, 0.3]])
+    b = _Fixed([[0.3, 0.6], [0.1, 0.9]])
+    metrics = evaluate_ensemble([a, b], _Batches(2, [0, 1]))
+    assert metrics["test/accuracy"] == 100.0
+    assert evaluate_ensemble([b], _Batches(2, [0, 1]))["test/accuracy"] == 50.0
