@@ -87,13 +87,13 @@ def _affnist(
     split, root, download, train, train_limit, test_limit, common, max_shift=6, canvas=40, affnist_limit=None
 ) -> Loaders:
     """Sec. 5.2: train on MNIST at a random shift of up to 6 px on a 40x40 canvas; test on the
-    padded MNIST test set (``test``) and on affNIST (``affnist``)."""
+    padded MNIST test set (``test``) and on the first ``affnist_limit`` affNIST images (``affnist``;
+    all for None, none for 0)."""
     dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
     x, y = split(False, test_limit)
-    tests = {
-        "test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, device=dev),
-        "affnist": BatchLoader(*affnist.load_affnist_test(root, download, affnist_limit), ebs, device=dev),
-    }
+    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, device=dev)}
+    if affnist_limit != 0:
+        tests["affnist"] = BatchLoader(*affnist.load_affnist_test(root, download, affnist_limit), ebs, device=dev)
     tr = None
     if train:
         x, y = split(True, train_limit)
