@@ -81,6 +81,7 @@ def test_baseline_cnn_parameter_count():
 def data_root(tmp_path_factory) -> Path:
     """MNIST (learnable), CIFAR10 and affNIST fixtures in their real formats, in one data root."""
     root = write_mnist(tmp_path_factory.mktemp("protocols"), n_train=320, n_test=100)
+    write_mnist(root, n_train=32, n_test=50, folder="FashionMNIST")
     write_cifar(root, n=16)
     digits, labels = learnable_digits(64, seed=7)
     canvas = np.zeros((64, 40, 40), np.uint8)
@@ -156,15 +157,34 @@ def test_baseline_cnn_learns_on_the_same_engine(data_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_ensemble_of_the_same_model_equals_the_model(data_root, tmp_path):
-    _train(data_root, tmp_path, "trainer.epochs=1")
+def test_eval_ensemble_and_other_datasets(data_root, tmp_path):
+    """sabour_mnist on fixtures; then eval: the ensemble of a model with itself is the model; a
+    dataset of the same shape (dataset=fashion_mnist) is evaluated; one of another shape is refused."""
+    _train(data_root, tmp_path, "experiment=sabour_mnist", "trainer.epochs=1")
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    out = tmp_path / "eval"
-    result = run_capsrun("eval", f"checkpoint={ckpt},{ckpt}", f"hydra.run.dir={out}", cwd=tmp_path, data_root=data_root)
+
+    def evaluate(*args: str):
+        out = tmp_path / f"eval{len(list(tmp_path.glob('eval*')))}"
+        result = run_capsrun(
+            "eval", *args, f"hydra.run.dir={out}", "trainer.progress=false", cwd=tmp_path, data_root=data_root
+        )
+        return result, out
+
+    result, out = evaluate(f"checkpoint={ckpt},{ckpt}")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test/accuracy"] == pytest.approx(metrics["member/0/test/accuracy"])
     assert metrics["member/1/test/accuracy"] == metrics["member/0/test/accuracy"]
+
+    result, out = evaluate(f"checkpoint={ckpt}", "dataset=fashion_mnist")
+    assert result.returncode == 0, result.stderr
+    assert "FashionMNIST" not in result.stderr and "test accuracy" in result.stdout.replace(
+        "test accuracy", "test accuracy"
+    )
+    assert json.loads((out / "metrics.json").read_text())["test/loss/total"] > 0
+
+    result, _ = evaluate(f"checkpoint={ckpt}", "dataset=cifar10")
+    assert result.returncode == 2 and "the checkpoint was trained on mnist" in result.stderr
 
 
 class _Fixed(torch.nn.Module):

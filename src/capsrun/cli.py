@@ -67,7 +67,7 @@ def _check_overrides(command: str, args: list[str]) -> None:
     root = conf_dir()
     for o in overrides:
         group = o.key_or_group
-        if command != "train" or group not in GROUPS or o.is_delete():
+        if group not in (GROUPS if command == "train" else ("dataset",)) or o.is_delete():
             continue
         options = sorted(p.stem for p in (root / group).glob("*.yaml"))
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]

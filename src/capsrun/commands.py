@@ -148,22 +148,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _eval_dataset(cfg: DictConfig, trained: DictConfig) -> DictConfig:
     """The dataset config to evaluate on: the checkpoint's, or ``dataset=NAME`` of the same shape."""
-    if cfg.get("dataset") in (None, trained.name):
+    other = cfg.get("dataset")
+    if other is None:
         return trained
-    from capsrun.cli import conf_dir
-
-    path = conf_dir() / "dataset" / f"{cfg.dataset}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-        raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose one of: {names}")
-    other = OmegaConf.load(path)
-    if (other.channels, other.image_size, other.num_classes) != (
-        trained.channels,
-        trained.image_size,
-        trained.num_classes,
-    ):
+    shape = ("channels", "image_size", "num_classes")
+    if any(other[k] != trained[k] for k in shape):
         raise ConfigError(
-            f"dataset={cfg.dataset} has {other.channels}x{other.image_size}x{other.image_size} inputs and "
+            f"dataset={other.name} has {other.channels}x{other.image_size}x{other.image_size} inputs and "
             f"{other.num_classes} classes; the checkpoint was trained on {trained.name} "
             f"({trained.channels}x{trained.image_size}x{trained.image_size}, {trained.num_classes} classes)"
         )
