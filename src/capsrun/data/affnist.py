@@ -34,18 +34,13 @@ import numpy as np
 import torch
 
 from capsrun.data.loader import random_shift
-from capsrun.errors import DatasetError
+from capsrun.errors import DatasetError, brief
 
 URL = "https://www.cs.toronto.edu/~tijmen/affNIST/32x/transformed/test.mat.zip"
 FOLDER = "affNIST"
 SIZE = 40
 TRAIN_MAX_SHIFT = 6  # the authors' code: every integer shift in -6..6 of MNIST on the 40x40 canvas
 _EXPECTED = "test.mat, test.mat.zip or test_batches/1.mat..32.mat"
-
-
-def _brief(e: BaseException) -> str:
-    """An exception as a short single line, to embed in a one-line error message."""
-    return " ".join(str(e).split())[:160] or type(e).__name__
 
 
 def _loadmat(source, name: str) -> dict:
@@ -57,7 +52,7 @@ def _loadmat(source, name: str) -> dict:
         return loadmat(source)
     except Exception as e:  # a cut or damaged .mat fails in many ways (ValueError, TypeError, zlib.error ...)
         raise DatasetError(
-            f"affnist: cannot read {name} ({_brief(e)}); it is truncated or not a MATLAB file: "
+            f"affnist: cannot read {name} ({brief(e)}); it is truncated or not a MATLAB file: "
             f"delete it and download it again ({URL})"
         ) from None
 
@@ -112,7 +107,7 @@ def read_affnist_mat(path: str | Path, pixel_order: str = "row") -> tuple[torch.
                 data = zf.read(members[0])  # reading to the end checks the CRC
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise DatasetError(
-                f"affnist: {path} is truncated or corrupt ({_brief(e)}); delete it and download it again ({URL})"
+                f"affnist: {path} is truncated or corrupt ({brief(e)}); delete it and download it again ({URL})"
             ) from None
         name = f"{path} ({members[0]})"
         mat = _loadmat(io.BytesIO(data), name)
@@ -141,7 +136,7 @@ def _download(folder: Path, url: str, pixel_order: str) -> tuple[torch.Tensor, t
     except Exception as e:  # network errors come in many types; a bad file raises DatasetError
         part.unlink(missing_ok=True)
         raise DatasetError(
-            f"could not download test.mat.zip for affnist from {url} ({_brief(e)}); with no network, "
+            f"could not download test.mat.zip for affnist from {url} ({brief(e)}); with no network, "
             f"put {_EXPECTED} in {folder}"
         ) from None
     part.replace(final)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsrun.errors import DatasetError
+from capsrun.errors import DatasetError, brief
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -42,11 +42,6 @@ TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCHES = ("test_batch",)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _FIX = f"delete it, then extract {ARCHIVE} again or set data.download=true"
-
-
-def _brief(e: BaseException) -> str:
-    """An exception as a short single line, to embed in a one-line error message."""
-    return " ".join(str(e).split())[:160] or type(e).__name__
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -72,7 +67,7 @@ def read_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         with path.open("rb") as f:
             entry = pickle.load(f, encoding="latin1")
     except OSError as e:
-        raise DatasetError(f"cifar10: cannot read {path} ({e.strerror or _brief(e)}); {_FIX}") from None
+        raise DatasetError(f"cifar10: cannot read {path} ({e.strerror or brief(e)}); {_FIX}") from None
     except Exception as e:  # a cut or damaged pickle fails in many ways: EOFError, UnpicklingError, ...
         raise DatasetError(f"cifar10: {path} is truncated or corrupt ({type(e).__name__}); {_FIX}") from None
     if not isinstance(entry, dict):
@@ -82,7 +77,7 @@ def read_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     except KeyError as e:
         raise DatasetError(f"cifar10: {path} is not a CIFAR10 batch (no {e} entry); {_FIX}") from None
     except (TypeError, ValueError) as e:  # ragged or non-numeric entries
-        raise DatasetError(f"cifar10: {path} is not a CIFAR10 batch ({_brief(e)}); {_FIX}") from None
+        raise DatasetError(f"cifar10: {path} is not a CIFAR10 batch ({brief(e)}); {_FIX}") from None
     if (
         data.dtype != np.uint8
         or data.ndim != 2
@@ -111,7 +106,7 @@ def _download(root: Path, url: str, md5: str | None) -> None:
     try:
         download_url(url, str(root), filename=ARCHIVE, md5=md5)
     except Exception as e:  # network errors come in many types
-        reason = _brief(e)
+        reason = brief(e)
         if md5 and archive.is_file() and not check_md5(str(archive), md5):
             reason = f"MD5 of the file is not {md5}"
         archive.unlink(missing_ok=True)  # never leave a file that failed its checksum
@@ -136,7 +131,7 @@ def _download(root: Path, url: str, md5: str | None) -> None:
     except Exception as e:
         archive.unlink(missing_ok=True)
         raise DatasetError(
-            f"cifar10: cannot extract {archive} ({_brief(e)}); deleted it, set data.download=true to retry"
+            f"cifar10: cannot extract {archive} ({brief(e)}); deleted it, set data.download=true to retry"
         ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
