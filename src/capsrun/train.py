@@ -301,7 +301,9 @@ def fit(
     state = TrainState()
     if resume_from is not None:
         state = restore(resume_from, model, optimizer, scheduler, [epoch_meter, interval_meter], device)
-        log.info("resumed from %s at epoch %d, batch %d (step %d)", resume_from, state.epoch, state.batch, state.step)
+        log.info(
+            "resumed from %s: epoch %d, batch %d (step %d)", resume_from, state.epoch + 1, state.batch, state.step
+        )
 
     def snapshot() -> dict[str, Any]:
         return {
