@@ -78,6 +78,7 @@ def test_one_iteration_uniform_couplings():
     torch.testing.assert_close(res.coupling, torch.full((2, 5, 3), 1 / 3, dtype=u_hat.dtype))
     torch.testing.assert_close(res.logits, torch.zeros(2, 5, 3, dtype=u_hat.dtype))
     # s_j = sum_i (1/J) u_hat_{j|i}
+    torch.testing.assert_close(res.s, u_hat.sum(1) / 3)
     torch.testing.assert_close(res.v, squash(u_hat.sum(1) / 3))
 
 

@@ -62,6 +62,16 @@ def test_exponential_decay_scheduler_floor():
     assert all(a >= b for a, b in itertools.pairwise(lrs))
 
 
+def test_exponential_decay_warmup_ramps_linearly_then_decays():
+    decay = ExponentialDecay(0.5, 10, floor=0.0, warmup_steps=4)
+    # (step + 1) / 4 times the decay: 0.25 * 1, 0.5 * 0.5**0.1, ...; from step 4 on, the decay alone
+    assert decay(0) == pytest.approx(0.25)
+    assert decay(1) == pytest.approx(0.5 * 0.5**0.1)
+    assert decay(3) == pytest.approx(1.0 * 0.5**0.3)
+    assert decay(4) == pytest.approx(0.5**0.4)
+    assert ExponentialDecay(0.5, 10, floor=0.0)(0) == 1.0  # no warmup by default
+
+
 # --- Meter ------------------------------------------------------------------------------------
 
 

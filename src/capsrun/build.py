@@ -114,11 +114,49 @@ def model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def objective(cfg: DictConfig) -> torch.nn.Module:
-    return _instantiate(cfg.model.loss, "loss")
+    """The loss of ``cfg.model.loss``; a loss with its own network (a discriminator) declares
+    ``in_channels: ???`` and gets it from the dataset."""
+    extra = {"in_channels": cfg.dataset.channels} if "in_channels" in cfg.model.loss.keys() else {}
+    return _instantiate(cfg.model.loss, "loss", **extra)
 
 
 def optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     return _instantiate(cfg.optimizer, "optimizer")(params)
+
+
+def optimizers(cfg: DictConfig, net: torch.nn.Module, loss: torch.nn.Module) -> list[torch.optim.Optimizer]:
+    """The model's optimizer (``cfg.optimizer``), then, when the loss has parameters of its own
+    (the VCaps discriminator), theirs, built from ``cfg.model.adversary_optimizer``."""
+    opts = [optimizer(cfg, net.parameters())]
+    own = [p for p in loss.parameters() if p.requires_grad]
+    if own:
+        node = cfg.model.get("adversary_optimizer")
+        if node is None:
+            raise ConfigError(f"model {cfg.model.name}: its loss has parameters but no model.adversary_optimizer")
+        opts.append(_instantiate(node, "adversary optimizer")(own))
+    return opts
+
+
+def classifier(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConfig]:
+    """A trained CapsNet for sample quality, rebuilt from the config stored in its checkpoint, and
+    the dataset config it was trained on. Its class capsules are the feature space."""
+    from capsrun import checkpoint
+    from capsrun.errors import CheckpointError
+
+    if not path.is_file():
+        raise ConfigError(
+            f"eval_classifier={path}: no such file; give the best.pt of a CapsNet trained on this dataset"
+        )
+    ckpt = checkpoint.load(path, map_location=dev)
+    cfg = OmegaConf.create(ckpt["config"])
+    net = model(cfg).to(dev)
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    if cfg.model.name != "capsnet":
+        raise ConfigError(f"eval_classifier={path} is a {cfg.model.name}; sample quality needs a capsnet checkpoint")
+    return net.eval(), cfg.dataset
 
 
 def scheduler(cfg: DictConfig, opt: torch.optim.Optimizer):

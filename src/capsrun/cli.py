@@ -17,12 +17,15 @@ usage: capsrun <command> [overrides...] [hydra flags]
 commands:
   train    build, train, evaluate and log one run; -m sweeps (one run dir per job)
   eval     recompute the test metrics of a checkpoint: capsrun eval checkpoint=PATH
+  sample   sample grids (PNG + TensorBoard) from a checkpoint: capsrun sample checkpoint=PATH
 
 examples:
   capsrun train model=capsnet routing.iterations=1 trainer.epochs=5
   capsrun train -m routing.iterations=1,2,3 seed=0,1
   capsrun train experiment=sabour_mnist
   capsrun eval checkpoint=outputs/2026-11-23/10-00-00/checkpoints/best.pt
+  capsrun train model=vcaps dataset=fashion_mnist
+  capsrun sample checkpoint=outputs/.../checkpoints/best.pt samples_per_class=16
   capsrun train --help       config groups and the composed config (Hydra's help)
   capsrun train --cfg job    print the composed config and exit
 
@@ -43,7 +46,7 @@ def conf_dir() -> Path:
 def _commands() -> dict[str, Callable]:
     from capsrun import commands
 
-    return {"train": commands.train, "eval": commands.evaluate_checkpoint}
+    return {"train": commands.train, "eval": commands.evaluate_checkpoint, "sample": commands.sample}
 
 
 def fail(message: str) -> None:
@@ -97,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         sys.exit(0 if argv else EXIT_USAGE)
     command, rest = argv[0], argv[1:]
-    if command not in ("train", "eval"):
-        fail(f"unknown command {command!r}; commands: train, eval (capsrun --help)")
+    if command not in ("train", "eval", "sample"):
+        fail(f"unknown command {command!r}; commands: train, eval, sample (capsrun --help)")
     if command == "eval" and not any(a in ("-m", "--multirun") for a in rest):
         # checkpoint=a.pt,b.pt means an ensemble here, not a sweep: pass it to Hydra as a list
         rest = [

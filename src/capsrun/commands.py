@@ -16,7 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import build, checkpoint
+from capsrun import build, checkpoint, sampling
 from capsrun.errors import CheckpointError, ConfigError
 from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
@@ -93,12 +93,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = _run_dir()
     dev = build.device(cfg.trainer.device)
     resume_from = _resume_path(cfg.trainer.resume, run_dir)
+    classifier = _classifier(cfg, dev, cfg.dataset)  # before any data is read: a wrong one fails fast
     torch.manual_seed(cfg.seed)
     loaders = build.loaders(cfg, dev)
     model = build.model(cfg).to(dev)
-    objective = build.objective(cfg)
-    opt = build.optimizer(cfg, model.parameters())
-    sched = build.scheduler(cfg, opt)
+    objective = build.objective(cfg).to(dev)
+    opts = build.optimizers(cfg, model, objective)
+    sched = build.scheduler(cfg, opts[0])
+    hooks = _sample_hooks(cfg, model, classifier, loaders)
     n_params = sum(p.numel() for p in model.parameters())
     with StopOnSignal() as stop:
         log.info(
@@ -117,7 +119,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 objective,
                 loaders.train,
                 loaders.tests,
-                opt,
+                opts,
                 sched,
                 epochs=cfg.trainer.epochs,
                 run_dir=run_dir,
@@ -128,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 num_images=cfg.trainer.num_images,
                 progress=cfg.trainer.progress,
                 should_stop=stop,
+                epoch_hooks=hooks,
             )
         except Interrupted as e:
             log.warning(
@@ -144,6 +147,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_dir / "metrics.json",
     )
     return metrics
+
+
+def _classifier(cfg: DictConfig, dev: torch.device, dataset: DictConfig):
+    """The ``eval_classifier`` checkpoint, checked to know the same dataset, or None."""
+    from hydra.utils import to_absolute_path
+
+    if cfg.get("eval_classifier") in (None, ""):
+        return None
+    net, trained_on = build.classifier(Path(to_absolute_path(str(cfg.eval_classifier))), dev)
+    if trained_on.name != dataset.name:
+        raise ConfigError(
+            f"eval_classifier was trained on {trained_on.name}, the samples are {dataset.name}; "
+            f"give a capsnet checkpoint trained on {dataset.name}"
+        )
+    return net
+
+
+def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
+    """For a model that generates: the sample grid every epoch, and with ``eval_classifier`` the
+    sample-quality metrics (every epoch, or after the last with ``sample_quality.every_epoch=false``)."""
+    if not sampling.can_generate(model):
+        if classifier is not None:
+            log.warning("eval_classifier is ignored: %s does not generate images", cfg.model.name)
+        return []
+    sq = cfg.sample_quality
+    if classifier is None:
+        log.info(
+            "sample quality skipped: no classifier; set eval_classifier=<best.pt of a capsnet trained on %s>",
+            cfg.dataset.name,
+        )
+    real = None if classifier is None else sampling.real_features_reference(loaders.tests["test"], sq.real_images)
+    return [
+        sampling.SampleQuality(
+            cfg.dataset.num_classes,
+            classifier,
+            real,
+            per_class=sq.per_class,
+            grid_per_class=sq.grid_per_class,
+            every_epoch=sq.every_epoch,
+            seed=cfg.seed,
+        )
+    ]
 
 
 def _eval_dataset(cfg: DictConfig, trained: DictConfig) -> DictConfig:
@@ -214,4 +259,91 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
                 metrics[f"{name}/accuracy"],
             )
     checkpoint.save_json(_run_dir() / "metrics.json", {**metrics, "checkpoints": [str(p) for p in paths]})
+    return metrics
+
+
+def _save_png(path: Path, image: torch.Tensor) -> None:
+    from torchvision.utils import save_image
+
+    checkpoint.atomic_write(path, lambda f: save_image(image, f, format="png"))
+
+
+def sample(cfg: DictConfig) -> dict[str, float]:
+    """``capsrun sample checkpoint=PATH``: class-conditional samples and posterior variations
+    (variational capsules) and the capsule-perturbation grid (every capsule model), as PNG grids
+    and TensorBoard images in the run dir; sample quality with ``eval_classifier``."""
+    from hydra.utils import to_absolute_path
+
+    from capsrun.tblog import TBLogger
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("no checkpoint given; use capsrun sample checkpoint=<run dir>/checkpoints/best.pt")
+    for key in ("samples_per_class", "inputs", "variations"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=8")
+    if not cfg.perturb.step > 0 or not cfg.perturb.range >= 0:
+        raise ConfigError("perturb.step must be > 0 and perturb.range >= 0; e.g. perturb.range=0.25 perturb.step=0.05")
+    path = Path(to_absolute_path(str(cfg.checkpoint)))
+    dev = build.device(cfg.trainer.device)
+    ckpt = checkpoint.load(path, map_location=dev)
+    run_cfg = OmegaConf.create(ckpt["config"])
+    model = build.model(run_cfg).to(dev)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    if not hasattr(model, "decoder") or model.decoder is None:
+        raise ConfigError(f"{path} is a {run_cfg.model.name} without a decoder: it cannot draw images")
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
+    from capsrun.train import unpack
+
+    x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0][: cfg.inputs]
+    out_dir, tb, metrics = _run_dir(), TBLogger(_run_dir()), {}
+    written: list[Path] = []
+
+    def emit(name: str, image: torch.Tensor) -> None:
+        _save_png(out_dir / f"{name}.png", image)
+        tb.image(f"samples/{name}", image, 0)
+        written.append(out_dir / f"{name}.png")
+
+    try:
+        classes = run_cfg.dataset.num_classes
+        if sampling.can_generate(model):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            images, _ = sampling.class_conditional(model, classes, cfg.samples_per_class, gen)
+            emit("class_conditional", sampling.grid(images, cfg.samples_per_class))
+            var = sampling.posterior_variations(model, x, cfg.variations, cfg.variation_scale)
+            rows = torch.cat([x.unsqueeze(1).to(var.dtype), var], dim=1)  # the input first
+            emit("variations", sampling.grid(rows.flatten(0, 1), cfg.variations + 1))
+            classifier = _classifier(cfg, dev, run_cfg.dataset)
+            if classifier is None:
+                log.info(
+                    "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>",
+                    run_cfg.dataset.name,
+                )
+            else:
+                real = sampling.real_features_reference(loaders.tests["test"], cfg.sample_quality.real_images)
+                quality = sampling.SampleQuality(
+                    classes, classifier, real, per_class=cfg.sample_quality.per_class, seed=cfg.seed
+                )
+                metrics.update(quality.measure(model))
+                tb.scalars(metrics, 0)
+                log.info(
+                    "samples: %.2f%% recognised by the classifier, Frechet distance %.3f",
+                    metrics["samples/classifier_accuracy"],
+                    metrics["samples/frechet_distance"],
+                )
+        steps = round(cfg.perturb.range / cfg.perturb.step)
+        deltas = torch.arange(-steps, steps + 1, dtype=torch.float32) * cfg.perturb.step
+        grids = sampling.capsule_perturbations(model, x, deltas)  # [n, dim, m, C, H, W]
+        for i, g in enumerate(grids):
+            emit(f"perturbations_{i}", sampling.grid(g.flatten(0, 1), len(deltas)))
+    finally:
+        tb.close()
+    checkpoint.save_json(out_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    log.info("%d grids from %s (%s, epoch %d) in %s", len(written), path, run_cfg.model.name, ckpt["epoch"], out_dir)
     return metrics

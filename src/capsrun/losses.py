@@ -28,6 +28,39 @@ def margin_loss(
     return (present + absent).sum(dim=-1).mean()
 
 
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) in closed form, summed over the last axis.
+
+    ``0.5 * sum_d (mu^2 + sigma^2 - log sigma^2 - 1)``: the presence measure of a variational
+    capsule (Huang et al., arXiv:1807.04099; see :mod:`capsrun.models.vcaps`). ``mu``, ``logvar``:
+    ``[..., dim]`` -> ``[...]`` in nats, >= 0, zero exactly at the prior.
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=-1)
+
+
+def kl_margin_loss(
+    kl: torch.Tensor,
+    targets: torch.Tensor,
+    m_present: float = 0.5,
+    m_absent: float = 4.0,
+    down_weight: float = 0.5,
+) -> torch.Tensor:
+    """``L_k = T_k max(0, KL_k - m_present)^2 + lambda (1 - T_k) max(0, m_absent - KL_k)^2``.
+
+    Eq. 4 of arXiv:1710.09829 turned around for KL (capsrun design for arXiv:1807.04099, whose
+    text we could not read): a present entity's capsule must stay within ``m_present`` nats of
+    the prior, an absent one at least ``m_absent`` nats away. ``kl``: ``[batch, classes]``;
+    ``targets``: ``[batch, classes]`` in {0, 1} or class indices ``[batch]``. Summed over classes,
+    mean over the batch, like :func:`margin_loss`.
+    """
+    if targets.dim() == 1:
+        targets = F.one_hot(targets, kl.shape[-1])
+    t = targets.to(kl.dtype)
+    present = t * F.relu(kl - m_present).pow(2)
+    absent = down_weight * (1.0 - t) * F.relu(m_absent - kl).pow(2)
+    return (present + absent).sum(dim=-1).mean()
+
+
 def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class indices ``[batch, k]`` -> 0/1 targets ``[batch, classes]`` with k ones (MultiMNIST)."""
     return F.one_hot(labels, num_classes).amax(dim=1)

@@ -45,9 +45,13 @@ class TBLogger:
                 images = images.expand(-1, 3, -1, -1)
             grid = make_grid(torch.cat([images, recon]), nrow=images.shape[0], padding=2, pad_value=0.5)
             self.writer.add_image("test/reconstructions", grid, step)
-        if result.coupling is not None:  # a capsule model: scores are capsule lengths
+        if result.coupling is not None:  # a capsule model: scores are capsule lengths (-KL for vcaps)
             self.writer.add_histogram("test/digit_caps/length", result.scores, step)
             self.writer.add_histogram("routing/digit_caps/coupling", result.coupling, step)
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """One image ``[C, H, W]`` in [0, 1], e.g. a grid of samples."""
+        self.writer.add_image(tag, image.float().clamp(0, 1), step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """One HParams entry for the run, in the run's own event file (not a sub-run), so a

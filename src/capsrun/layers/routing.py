@@ -16,11 +16,13 @@ from capsrun.layers.squash import squash
 
 class RoutingResult(NamedTuple):
     """``v``: parent capsules ``[batch, out_caps, dim]``; ``coupling``: the coefficients c_ij of
-    the last iteration ``[batch, in_caps, out_caps]``; ``logits``: b_ij that produced them."""
+    the last iteration ``[batch, in_caps, out_caps]``; ``logits``: b_ij that produced them;
+    ``s``: the parents' total input before the squash (Eq. 2), ``[batch, out_caps, dim]``."""
 
     v: torch.Tensor
     coupling: torch.Tensor
     logits: torch.Tensor
+    s: torch.Tensor
 
 
 def coupling_coefficients(logits: torch.Tensor, leaky: bool = False) -> torch.Tensor:
@@ -74,4 +76,4 @@ def dynamic_routing(
         if not last:
             # agreement a_ij = u_hat_{j|i} . v_j
             logits = logits + torch.einsum("bijd,bjd->bij", votes, v)
-    return RoutingResult(v=v, coupling=coupling, logits=logits)
+    return RoutingResult(v=v, coupling=coupling, logits=logits, s=s)

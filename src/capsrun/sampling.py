@@ -1,0 +1,176 @@
+"""Images from trained capsule models, and how good class-conditional samples are.
+
+- :func:`class_conditional`: z ~ N(0, I) in the chosen class capsule of a variational capsule model
+  (arXiv:1807.04099), decoded.
+- :func:`posterior_variations`: one input, its posterior sample drawn again and again.
+- :func:`capsule_perturbations`: the CapsNet figure (arXiv:1710.09829 Sec. 5.1, Fig. 4): each of the
+  16 dimensions of the predicted digit capsule moved by -0.25..0.25 in steps of 0.05, decoded.
+- :func:`frechet_distance` and :class:`SampleQuality`: sample quality as ../shared/spec/generative.md
+  asks: the accuracy with which a CapsNet trained on real data recognises the class of
+  class-conditional samples, and a Frechet distance between real and generated images in that
+  classifier's feature space (its flattened class capsules; a stand-in for FID on digits).
+
+Nothing here reads a config or a file; :mod:`capsrun.commands` wires it up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+from torchvision.utils import make_grid
+
+from capsrun.losses import gaussian_kl
+
+
+def can_generate(model: nn.Module) -> bool:
+    """Whether ``model`` has a prior to sample class-conditional images from."""
+    return callable(getattr(model, "generate", None))
+
+
+@torch.no_grad()
+def class_conditional(
+    model: nn.Module, num_classes: int, per_class: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` samples of every class: images ``[num_classes * per_class, C, H, W]`` (class
+    by class) and their classes ``[num_classes * per_class]``."""
+    model.eval()
+    device = next(model.parameters()).device
+    classes = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    noise_gen = generator
+    if generator is not None and device.type != "cpu":
+        # a CPU generator cannot draw on the GPU: derive a device generator from it
+        noise_gen = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    return model.generate(classes, generator=noise_gen), classes
+
+
+@torch.no_grad()
+def posterior_variations(model: nn.Module, x: torch.Tensor, num: int, scale: float = 1.0) -> torch.Tensor:
+    """For each input ``x`` [n, C, H, W]: its smallest-KL class capsule's posterior mean (column 0)
+    then ``num - 1`` samples z = mu + scale * sigma * eps, decoded -> ``[n, num, C, H, W]``."""
+    model.eval()
+    mu, logvar, _ = model.encode(x)
+    cls = gaussian_kl(mu, logvar).argmin(dim=-1)
+    eps = torch.randn(len(x), num, *mu.shape[1:], device=x.device, dtype=mu.dtype)
+    eps[:, 0] = 0
+    z = mu.unsqueeze(1) + scale * eps * (0.5 * logvar).exp().unsqueeze(1)  # [n, num, classes, dim]
+    images = model.reconstruct(z.flatten(0, 1), cls.repeat_interleave(num))
+    return images.view(len(x), num, *images.shape[1:])
+
+
+@torch.no_grad()
+def capsule_perturbations(model: nn.Module, x: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Fig. 4 of arXiv:1710.09829 for each input ``x`` [n, C, H, W]: dimension d of the predicted
+    class capsule plus each of ``deltas`` [m], decoded -> ``[n, dim, m, C, H, W]``."""
+    model.eval()
+    out = model(x)
+    caps = out.digit_caps  # [n, classes, dim]
+    cls = out.scores.argmax(dim=-1)
+    n, _, dim = caps.shape
+    m = len(deltas)
+    shift = torch.zeros(dim, m, dim, device=x.device, dtype=caps.dtype)
+    shift[torch.arange(dim), :, torch.arange(dim)] = deltas.to(caps)
+    moved = caps[:, None, None].clone().expand(n, dim, m, *caps.shape[1:]).clone()
+    moved[torch.arange(n), :, :, cls] += shift  # only the predicted capsule moves
+    images = model.reconstruct(moved.flatten(0, 2), cls.repeat_interleave(dim * m))
+    return images.view(n, dim, m, *images.shape[1:])
+
+
+def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """``[N, C, H, W]`` -> one image ``[C', H', W']`` with ``nrow`` images per row."""
+    return make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=0.5)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to feature sets ``a`` [N, D] and ``b`` [M, D]:
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` (Dowson & Landau 1982; as in FID,
+    Heusel et al. arXiv:1706.08500), in float64."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Frechet distance needs at least two feature vectors per set")
+    a64, b64 = a.double().cpu().numpy(), b.double().cpu().numpy()
+    mu_a, mu_b = a64.mean(0), b64.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a64, rowvar=False)), np.atleast_2d(np.cov(b64, rowvar=False))
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():  # singular product: the usual FID remedy, a small ridge
+        ridge = np.eye(len(cov_a)) * 1e-6
+        root = scipy.linalg.sqrtm((cov_a + ridge) @ (cov_b + ridge))
+    root = np.real(root)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
+
+
+@torch.no_grad()
+def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500):
+    """The classifier's predicted classes [N] and features (flattened class capsules) [N, F]."""
+    classifier.eval()
+    preds, feats = [], []
+    for chunk in images.split(batch_size):
+        out = classifier(chunk)
+        preds.append(out.scores.argmax(dim=-1))
+        feats.append(out.digit_caps.flatten(1).float())
+    return torch.cat(preds), torch.cat(feats)
+
+
+class SampleQuality:
+    """An epoch hook (see :func:`capsrun.train.fit`) that measures class-conditional samples.
+
+    ``classifier``: a CapsNet trained on the real data (``None``: only the sample grid is logged);
+    ``real_images`` [N, C, H, W]: held-out real images whose classifier features are the reference;
+    ``per_class``: samples per class for the metrics; ``grid_per_class``: for the TensorBoard grid;
+    ``every_epoch``: False measures only after the last epoch (the grid is logged every epoch).
+    Returns ``samples/classifier_accuracy`` (%), ``samples/frechet_distance`` and the grid under
+    ``images`` -> ``samples/class_conditional``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        classifier: nn.Module | None = None,
+        real_images: torch.Tensor | None = None,
+        per_class: int = 100,
+        grid_per_class: int = 8,
+        every_epoch: bool = True,
+        seed: int = 0,
+    ):
+        self.num_classes, self.classifier, self.per_class = num_classes, classifier, per_class
+        self.grid_per_class, self.every_epoch, self.seed = grid_per_class, every_epoch, seed
+        self.real_features = None
+        if classifier is not None:
+            if real_images is None:
+                raise ValueError("SampleQuality needs real_images with a classifier")
+            _, self.real_features = classifier_outputs(classifier, real_images)
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """Classifier accuracy on, and Frechet distance of, ``per_class`` samples of each class."""
+        gen = torch.Generator().manual_seed(self.seed)  # the same noise every epoch: comparable
+        images, classes = class_conditional(model, self.num_classes, self.per_class, gen)
+        preds, feats = classifier_outputs(self.classifier, images)
+        return {
+            "samples/classifier_accuracy": 100.0 * (preds == classes).float().mean().item(),
+            "samples/frechet_distance": frechet_distance(self.real_features, feats),
+        }
+
+    def __call__(self, model: nn.Module, epoch: int, last: bool) -> dict:
+        was_training = model.training
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        images, _ = class_conditional(model, self.num_classes, self.grid_per_class, gen)
+        result: dict = {"images": {"samples/class_conditional": grid(images, self.grid_per_class)}}
+        if self.classifier is not None and (self.every_epoch or last):
+            result.update(self.measure(model))
+        model.train(was_training)
+        return result
+
+
+def real_features_reference(loader, limit: int) -> torch.Tensor:
+    """The first ``limit`` test images of a loader, [N, C, H, W] (the reference for
+    :class:`SampleQuality`)."""
+    from capsrun.train import unpack
+
+    chunks, n = [], 0
+    for batch in loader.epoch(0):
+        x = unpack(batch)[0]
+        chunks.append(x)
+        n += len(x)
+        if n >= limit:
+            break
+    return torch.cat(chunks)[:limit]
