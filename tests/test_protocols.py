@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from tensorboard.backend.event_processing import event_accumulator
 
+from capsrun import build
 from capsrun.cli import conf_dir
 from capsrun.train import evaluate_ensemble
 from conftest import TINY, learnable_digits, run_capsrun, write_mnist
@@ -30,8 +30,7 @@ def _compose(*overrides: str):
 
 
 def _build_model(cfg):
-    ds = cfg.dataset
-    return instantiate(cfg.model.net, in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes)
+    return build.model(cfg)  # the one place that sizes models from the dataset
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -105,11 +105,26 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build the {what} from its config: {cause}".replace("\n", " ")) from None
 
 
+def hidden_caps(cfg: DictConfig) -> list[int]:
+    """Intermediate capsule layer sizes of a deep CapsNet: ``model.capsule_layers`` when given,
+    else ``model.depth`` layers of ``model.width`` capsules."""
+    layers = cfg.model.get("capsule_layers")
+    if layers is not None:
+        sizes = list(layers) if OmegaConf.is_list(layers) else [layers]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ConfigError(f"model.capsule_layers must be a list of positive integers, got {layers}; e.g. [32,32]")
+        return sizes
+    depth = _positive_int(cfg, "model.depth", minimum=0, example="2")
+    width = _positive_int(cfg, "model.width", example="32")
+    return [width] * depth
+
+
 def model(cfg: DictConfig) -> torch.nn.Module:
     """The network of ``cfg.model.net``, sized by ``cfg.dataset``."""
     ds = cfg.dataset
+    extra = {"hidden_caps": hidden_caps(cfg)} if "hidden_caps" in cfg.model.net.keys() else {}
     return _instantiate(
-        cfg.model.net, "model", in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes
+        cfg.model.net, "model", in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes, **extra
     )
 
 
@@ -161,3 +176,44 @@ def classifier(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConf
 
 def scheduler(cfg: DictConfig, opt: torch.optim.Optimizer):
     return _instantiate(cfg.scheduler, "lr schedule")(opt)
+
+
+def diagnostics_level(cfg: DictConfig) -> str:
+    """``off``, ``light`` or ``full``; YAML reads a bare ``off`` as false, which means off too."""
+    node = cfg.get("diagnostics")
+    level = "off" if node is None or node.get("level") in (None, False) else str(node.level)
+    if level not in ("off", "light", "full"):
+        raise ConfigError(f"diagnostics level {level!r} is not one of off, light, full; e.g. diagnostics=full")
+    return level
+
+
+def health_monitor(cfg: DictConfig, test_loader) -> Any:
+    """The :class:`capsrun.diagnostics.HealthMonitor` of ``cfg.diagnostics`` on the first
+    ``diagnostics.examples`` test images, or None for ``diagnostics=off``."""
+    from capsrun import diagnostics
+    from capsrun.train import unpack
+
+    level = diagnostics_level(cfg)
+    if level == "off":
+        return None
+    every = _positive_int(cfg, "diagnostics.every_steps", example="200")
+    examples = _positive_int(cfg, "diagnostics.examples", example="256")
+    threshold = cfg.diagnostics.get("dead_threshold", 0.01)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+        raise ConfigError(f"diagnostics.dead_threshold must be a number >= 0, got {threshold!r}; e.g. 0.01")
+    xs, n = [], 0
+    for batch in test_loader.epoch(0):
+        x = unpack(batch)[0]
+        xs.append(x[: examples - n])
+        n += len(xs[-1])
+        if n >= examples:
+            break
+    affine = cfg.diagnostics.get("affine") or {}
+    return diagnostics.HealthMonitor(
+        torch.cat(xs),
+        every,
+        full=level == "full",
+        threshold=float(threshold),
+        affine=diagnostics.AffineSpec(**affine),
+        seed=cfg.seed,
+    )

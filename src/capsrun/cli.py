@@ -18,6 +18,7 @@ commands:
   train    build, train, evaluate and log one run; -m sweeps (one run dir per job)
   eval     recompute the test metrics of a checkpoint: capsrun eval checkpoint=PATH
   sample   sample grids (PNG + TensorBoard) from a checkpoint: capsrun sample checkpoint=PATH
+  analyze  capsule health of a checkpoint, a run dir or a multirun dir: capsrun analyze checkpoint=PATH
 
 examples:
   capsrun train model=capsnet routing.iterations=1 trainer.epochs=5
@@ -26,6 +27,8 @@ examples:
   capsrun eval checkpoint=outputs/2026-11-23/10-00-00/checkpoints/best.pt
   capsrun train model=vcaps dataset=fashion_mnist
   capsrun sample checkpoint=outputs/.../checkpoints/best.pt samples_per_class=16
+  capsrun train -m model=deep_capsnet model.depth=1,2,4 diagnostics=full
+  capsrun analyze checkpoint=outputs/multirun/2026-11-23/10-00-00
   capsrun train --help       config groups and the composed config (Hydra's help)
   capsrun train --cfg job    print the composed config and exit
 
@@ -33,7 +36,8 @@ runs go to outputs/<date>/<time>/ (sweeps: outputs/multirun/...); see them with
   tensorboard --logdir outputs
 """
 
-GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "experiment")
+GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "diagnostics", "experiment")
+COMMANDS = ("train", "eval", "sample", "analyze")
 EXIT_USAGE = 2
 
 
@@ -46,7 +50,12 @@ def conf_dir() -> Path:
 def _commands() -> dict[str, Callable]:
     from capsrun import commands
 
-    return {"train": commands.train, "eval": commands.evaluate_checkpoint, "sample": commands.sample}
+    return {
+        "train": commands.train,
+        "eval": commands.evaluate_checkpoint,
+        "sample": commands.sample,
+        "analyze": commands.analyze,
+    }
 
 
 def fail(message: str) -> None:
@@ -100,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         sys.exit(0 if argv else EXIT_USAGE)
     command, rest = argv[0], argv[1:]
-    if command not in ("train", "eval", "sample"):
-        fail(f"unknown command {command!r}; commands: train, eval, sample (capsrun --help)")
+    if command not in COMMANDS:
+        fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (capsrun --help)")
     if command == "eval" and not any(a in ("-m", "--multirun") for a in rest):
         # checkpoint=a.pt,b.pt means an ensemble here, not a sweep: pass it to Hydra as a list
         rest = [

@@ -53,6 +53,17 @@ class TBLogger:
         """One image ``[C, H, W]`` in [0, 1], e.g. a grid of samples."""
         self.writer.add_image(tag, image.float().clamp(0, 1), step)
 
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        self.writer.add_histogram(tag, values.float(), step)
+
+    def health(self, health, step: int) -> None:
+        """A :class:`capsrun.diagnostics.Health` under ``health/``."""
+        self.scalars({f"health/{k}": v for k, v in health.scalars.items()}, step)
+        for tag, values in health.histograms.items():
+            self.histogram(f"health/{tag}", values, step)
+        for tag, image in health.images.items():
+            self.image(f"health/{tag}", image, step)
+
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """One HParams entry for the run, in the run's own event file (not a sub-run), so a
         multirun compares in TensorBoard's HParams tab."""

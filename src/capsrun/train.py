@@ -317,12 +317,16 @@ def fit(
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     epoch_hooks: Sequence[Callable[[nn.Module, int, bool], dict[str, Any]]] = (),
+    step_hooks: Sequence[Any] = (),
 ) -> dict[str, float]:
     """Train for ``epochs``, evaluate after each, checkpoint, log; return the final metrics.
 
     ``optimizers``: see :func:`train_one_epoch`. ``epoch_hooks``: called after each evaluation
     as ``hook(model, epoch, last)``; each returns scalars (merged into the metrics) and images
     (``{tag: [C, H, W]}`` under the key ``"images"``) to log, e.g. sample quality.
+    ``step_hooks``: called as ``hook(model, step)`` after every ``hook.every_steps``-th optimizer
+    step, while that step's gradients are still there; each returns a
+    :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health).
 
     Writes ``checkpoints/last.pt`` every epoch (and on interrupt), ``checkpoints/best.pt`` when
     the test accuracy improves, and ``metrics.json`` keyed by TensorBoard tags. Raises
@@ -361,6 +365,9 @@ def fit(
             tb.scalars(metrics, state.step)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss/total']:.4f}", acc=f"{metrics['train/accuracy']:.2f}")
+        for hook in step_hooks:
+            if state.step % hook.every_steps == 0:
+                tb.health(hook(model, state.step), state.step)
         return should_stop()
 
     metrics: dict[str, float] = dict(state.last_metrics)

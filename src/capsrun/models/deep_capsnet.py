@@ -1,0 +1,73 @@
+"""A CapsNet with routed capsule layers between the primary and the class capsules.
+
+The paper's CapsNet (Sabour, Frosst, Hinton 2017, arXiv:1710.09829, Sec. 4) has one routed layer.
+Stacking more is where capsule networks stop training: Peer et al. ("Limitation of capsule
+networks", Pattern Recognition Letters 2021) and Mitterreiter et al. (arXiv:2301.01583, AAAI 2023)
+report vanishing gradients that leave most capsules of intermediate layers inactive
+("starvation"). This model exists to reproduce and measure that with :mod:`capsrun.diagnostics`.
+
+Shapes (MNIST, ``hidden_caps=[32, 32]``, ``hidden_dims=8``): x [B, 1, 28, 28] -> conv1
+[B, 256, 20, 20] -> primary_caps [B, 1152, 8] -> hidden_caps.0 [B, 32, 8] -> hidden_caps.1
+[B, 32, 8] -> digit_caps [B, 10, 16] -> lengths [B, 10] -> decoder, as in CapsNet.
+
+Every routed layer is a :class:`~capsrun.layers.RoutedCaps` with the same routing settings (our
+choice: the papers above give no per-layer recipe); an intermediate capsule's output is its
+squashed v_j, which becomes the next layer's u_i. With ``hidden_caps=[]`` this is CapsNet itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capsrun.layers import RoutedCaps
+from capsrun.models.capsnet import CapsNet, CapsNetOutput
+
+
+class DeepCapsNet(CapsNet):
+    """CapsNet's conv1, primary capsules and decoder around a stack of routed capsule layers.
+
+    Args:
+        hidden_caps: capsules per intermediate layer, e.g. ``[32, 32, 32]``.
+        hidden_dims: their dimensions, one int for all or one per layer.
+        The remaining arguments are :class:`~capsrun.models.capsnet.CapsNet`'s.
+    """
+
+    def __init__(self, hidden_caps: Sequence[int] = (32,), hidden_dims: int | Sequence[int] = 8, **capsnet):
+        super().__init__(**capsnet)
+        hidden_caps = list(hidden_caps)
+        dims = [hidden_dims] * len(hidden_caps) if isinstance(hidden_dims, int) else list(hidden_dims)
+        if len(dims) != len(hidden_caps) or any(n < 1 for n in hidden_caps) or any(d < 1 for d in dims):
+            raise ValueError(f"hidden_caps {hidden_caps} and hidden_dims {hidden_dims} must be positive, one per layer")
+        dc, decoder = self.digit_caps, self.decoder
+        del self.digit_caps, self.decoder  # re-registered below: module order = forward order
+        kwargs = dict(
+            iterations=dc.iterations,
+            leaky=dc.leaky,
+            detach_inner=dc.detach_inner,
+            bias=dc.bias is not None,
+            weight_std=capsnet.get("weight_std", 0.1),
+        )
+        sizes = [(self.num_primary_caps, self.primary_caps.dim), *zip(hidden_caps, dims)]
+        self.hidden_caps = nn.ModuleList(
+            RoutedCaps(n_in, d_in, n_out, d_out, **kwargs) for (n_in, d_in), (n_out, d_out) in zip(sizes, sizes[1:])
+        )
+        # the class capsules listen to the last hidden layer, not to the primary capsules
+        self.digit_caps = RoutedCaps(*sizes[-1], dc.out_caps, dc.out_dim, **kwargs)
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
+        """As :meth:`CapsNet.forward`; ``coupling`` is the class capsules' [B, last hidden caps, classes]."""
+        u = self.primary_caps(F.relu(self.conv1(x), inplace=True))
+        for layer in self.hidden_caps:
+            u = layer(u).v
+        routed = self.digit_caps(u)
+        v = routed.v
+        lengths = torch.sqrt(v.pow(2).sum(-1) + 1e-8)
+        reconstruction = None
+        if self.decoder is not None:
+            reconstruction = self.reconstruct(v, lengths.argmax(dim=-1) if labels is None else labels)
+        return CapsNetOutput(lengths, v, routed.coupling, reconstruction)
