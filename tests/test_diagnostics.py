@@ -35,6 +35,12 @@ def test_dead_share_all_dead_none_dead_and_one_example_keeps_a_capsule_alive():
     assert diagnostics.dead_share(lengths, threshold=0.005) == 0.5
 
 
+def test_constant_share_finds_capsules_that_ignore_the_input():
+    lengths = torch.tensor([[0.07, 0.1, 0.0], [0.07, 0.5, 0.0], [0.07, 0.9, 0.0]])
+    assert diagnostics.constant_share(lengths) == pytest.approx(2 / 3)  # column 0 alive but constant, 2 dead
+    assert diagnostics.dead_share(lengths) == pytest.approx(1 / 3)
+
+
 def test_length_stats_hand_computed():
     lengths = torch.arange(11, dtype=torch.float32).view(1, 11) / 10  # 0.0, 0.1, ..., 1.0
     stats = diagnostics.length_stats(lengths)
@@ -234,9 +240,9 @@ def test_health_table_one_row_per_layer():
         "model.depth=2": {"hidden_caps_0/dead_share": 1.0, "digit_caps/dead_share": 0.0},
     }
     lines = diagnostics.health_table(runs).splitlines()
-    assert lines[0].split()[:3] == ["run", "layer", "dead"]
+    assert lines[0].split()[:4] == ["run", "layer", "dead", "const"]
     assert lines[1].split()[:2] == ["model.depth=1", "conv1"] and "1.00e-03" in lines[1]
-    assert lines[2].split()[:2] == ["digit_caps", "25.0%"]
+    assert lines[2].split()[:3] == ["digit_caps", "25.0%", "-"]
     assert "90.0%" in lines[3]
     assert lines[4].split()[:3] == ["model.depth=2", "hidden_caps_0", "100.0%"]
     assert len(lines) == 6

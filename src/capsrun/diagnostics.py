@@ -11,7 +11,7 @@ Pure functions of tensors plus :class:`CapsuleProbe`, which records the capsules
 every :class:`~capsrun.layers.PrimaryCaps` and :class:`~capsrun.layers.RoutedCaps` of a model with
 forward hooks, so no model needs to know about diagnostics. Nothing here reads a config or logs.
 
-Tags: ``<layer>/dead_share``, ``<layer>/length/{mean,q10,q50,q90}``,
+Tags: ``<layer>/dead_share``, ``<layer>/constant_share``, ``<layer>/length/{mean,q10,q50,q90}``,
 ``<layer>/coupling/{max,entropy}``, ``<layer>/routing/{std,deviation}``, ``<layer>/grad_norm``,
 ``<layer>/affine_change`` and ``affine/agreement``; the engine prefixes ``health/``.
 """
@@ -38,6 +38,14 @@ def dead_share(lengths: torch.Tensor, threshold: float = 0.01) -> float:
     ``lengths``: ``[examples, caps]``. A capsule that is active for a single example is alive.
     """
     return (lengths.amax(dim=0) < threshold).float().mean().item()
+
+
+def constant_share(lengths: torch.Tensor, threshold: float = 0.01) -> float:
+    """Share of capsules whose length varies across examples by a standard deviation below
+    ``threshold`` (ours): alive by length, yet carrying no information about the input, which
+    is how starved intermediate capsules of deep stacks look (measured: uniform couplings, the
+    same length ~0.07 for every input). ``lengths``: ``[examples, caps]``, two examples or more."""
+    return (lengths.float().std(dim=0, unbiased=False) < threshold).float().mean().item()
 
 
 def length_stats(lengths: torch.Tensor) -> dict[str, float]:
@@ -260,6 +268,7 @@ def measure(
         for tag, u in caps.items():
             lengths = safe_norm(u.float(), dim=-1)
             scalars[f"{tag}/dead_share"] = dead_share(lengths, threshold)
+            scalars[f"{tag}/constant_share"] = constant_share(lengths, threshold)
             scalars.update({f"{tag}/{k}": v for k, v in length_stats(lengths).items()})
             if full:
                 health.histograms[f"{tag}/length"] = lengths.flatten().cpu()
@@ -330,6 +339,7 @@ class HealthMonitor:
 
 TABLE_COLUMNS = (
     ("dead", "dead_share", "{:.1%}"),
+    ("const", "constant_share", "{:.1%}"),
     ("len mean", "length/mean", "{:.3f}"),
     ("len q90", "length/q90", "{:.3f}"),
     ("c max", "coupling/max", "{:.3f}"),
