@@ -39,6 +39,13 @@ def validate_train(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.log_every", example="50")
     _optional_limit(cfg, "data.train_limit")
     _optional_limit(cfg, "data.test_limit")
+    val = cfg.data.get("val_split")
+    count = isinstance(val, int) and not isinstance(val, bool) and val >= 0
+    fraction = isinstance(val, float) and 0 < val < 1
+    if not (val is None or count or fraction):
+        raise ConfigError(
+            f"data.val_split must be null, a count or a fraction in (0, 1), got {val!r}; e.g. data.val_split=5000"
+        )
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}; e.g. seed=0")
     for key in ("max_shift", "crop", "canvas", "test_size", "epoch_size", "affnist_limit", "test_seed"):
@@ -93,6 +100,7 @@ def loaders(cfg: DictConfig, dev: torch.device, train: bool = True, eval_batch_s
         train=train,
         train_limit=cfg.data.train_limit,
         test_limit=cfg.data.test_limit,
+        val_split=cfg.data.get("val_split"),
         **options,
     )
 

@@ -19,6 +19,7 @@ commands:
   eval     recompute the test metrics of a checkpoint: capsrun eval checkpoint=PATH
   sample   sample grids (PNG + TensorBoard) from a checkpoint: capsrun sample checkpoint=PATH
   analyze  capsule health of a checkpoint, a run dir or a multirun dir: capsrun analyze checkpoint=PATH
+  report   swept values against final metrics of a multirun: capsrun report DIR [--help]
 
 examples:
   capsrun train model=capsnet routing.iterations=1 trainer.epochs=5
@@ -29,6 +30,10 @@ examples:
   capsrun sample checkpoint=outputs/.../checkpoints/best.pt samples_per_class=16
   capsrun train -m model=deep_capsnet model.depth=1,2,4 diagnostics=full
   capsrun analyze checkpoint=outputs/multirun/2026-11-23/10-00-00
+  capsrun train -m hparams_search=capsnet_optuna               Optuna (pip install 'capsrun[sweep]')
+  capsrun train -m hydra/launcher=capsrun_slurm seed=0,1,2     SLURM (pip install 'capsrun[slurm]')
+  torchrun --nproc_per_node=2 -m capsrun train                 data-parallel (torch.distributed)
+  capsrun report outputs/multirun/2026-11-23/10-00-00
   capsrun train --help       config groups and the composed config (Hydra's help)
   capsrun train --cfg job    print the composed config and exit
 
@@ -36,8 +41,15 @@ runs go to outputs/<date>/<time>/ (sweeps: outputs/multirun/...); see them with
   tensorboard --logdir outputs
 """
 
-GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "diagnostics", "experiment")
-COMMANDS = ("train", "eval", "sample", "analyze")
+GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "diagnostics", "experiment", "hparams_search")
+COMMANDS = ("train", "eval", "sample", "analyze", "report")
+# option prefix -> (Hydra plugin module, the extra that installs it)
+PLUGINS = {
+    "hparams_search=": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    "hydra/launcher=capsrun_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
 EXIT_USAGE = 2
 
 
@@ -103,6 +115,45 @@ def _check_overrides(command: str, args: list[str]) -> None:
         fail("; ".join(line.strip() for line in text.splitlines()[:3] if line.strip()))
 
 
+def _check_plugins(args: list[str]) -> None:
+    """An optional Hydra plugin that is not installed: say which extra installs it."""
+    import importlib.util
+
+    for arg in args:
+        for prefix, (module, extra) in PLUGINS.items():
+            if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
+                fail(f"{arg} needs the Hydra plugin {module.split('.')[-1]}; pip install 'capsrun[{extra}]'")
+
+
+def _distributed_overrides(command: str, args: list[str]) -> list[str]:
+    """Under torchrun, rank 0 owns the run dir; the other ranks get a scratch dir for Hydra's own
+    files (they write nothing else) and no sweeps."""
+    import tempfile
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return args
+    if command != "train" or any(a in ("-m", "--multirun") for a in args):
+        fail("torchrun runs one capsrun train; sweep with -m outside torchrun (e.g. a launcher per run)")
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        return args
+    scratch = Path(tempfile.gettempdir()) / f"capsrun-rank{rank}-{os.getpid()}"
+    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*kept, f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def _optimized(cfg, result):
+    """What a sweeper (Optuna) optimises: the final metric ``optimized_metric`` names, or None."""
+    from capsrun.errors import ConfigError
+
+    key = cfg.get("optimized_metric")
+    if not key or not isinstance(result, dict):
+        return None
+    if key not in result:
+        raise ConfigError(f"optimized_metric={key} is not a final metric; choose one of {', '.join(sorted(result))}")
+    return float(result[key])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -111,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (capsrun --help)")
+    if command == "report":
+        from capsrun import report
+
+        sys.exit(report.main(rest))
+    _check_plugins(rest)
     if command == "eval" and not any(a in ("-m", "--multirun") for a in rest):
         # checkpoint=a.pt,b.pt means an ensemble here, not a sweep: pass it to Hydra as a list
         rest = [
@@ -120,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             for a in rest
         ]
     _check_overrides(command, rest)
+    rest = _distributed_overrides(command, rest)
 
     import hydra
 
@@ -127,9 +184,10 @@ def main(argv: list[str] | None = None) -> None:
 
     task = _commands()[command]
 
-    def run(cfg) -> None:
+    def run(cfg):
         try:
-            task(cfg)
+            result = task(cfg)
+            return _optimized(cfg, result)
         except CapsrunError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

@@ -16,7 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import build, checkpoint, sampling
+from capsrun import build, checkpoint, distributed, sampling
 from capsrun.errors import CheckpointError, ConfigError
 from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
@@ -90,8 +90,20 @@ def _resume_path(spec: Any, run_dir: Path) -> Path | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """``capsrun train``: build, train, evaluate and log one run in the Hydra run dir."""
     build.validate_train(cfg)
-    run_dir = _run_dir()
     dev = build.device(cfg.trainer.device)
+    world = distributed.init(dev.type == "cuda")
+    if world.distributed:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", world.local_rank)
+        if cfg.trainer.batch_size % world.size:
+            fix = cfg.trainer.batch_size // world.size * world.size or world.size
+            raise ConfigError(
+                f"trainer.batch_size={cfg.trainer.batch_size} (the global batch) must divide by the "
+                f"{world.size} processes; e.g. trainer.batch_size={fix}"
+            )
+        if not world.is_main:
+            log.setLevel(logging.WARNING)
+    run_dir = distributed.broadcast(_run_dir()) if world.distributed else _run_dir()  # rank 0's
     resume_from = _resume_path(cfg.trainer.resume, run_dir)
     classifier = _classifier(cfg, dev, cfg.dataset)  # before any data is read: a wrong one fails fast
     torch.manual_seed(cfg.seed)
@@ -102,24 +114,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sched = build.scheduler(cfg, opts[0])
     hooks = _sample_hooks(cfg, model, classifier, loaders)
     health = build.health_monitor(cfg, loaders.tests["test"])
+    train_model, train_loader, test_loaders = model, loaders.train, loaders.tests
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_loader = distributed.ShardedLoader(loaders.train, world)
+        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in loaders.tests.items()}
+        # different training-time noise (VCaps samples) on each rank, the same on every launch
+        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
     n_params = sum(p.numel() for p in model.parameters())
     with StopOnSignal() as stop:
         log.info(
-            "%s on %s (%d train / %d test images), %s parameters, device %s, run dir %s",
+            "%s on %s (%d train / %d test images), %s parameters, device %s%s, run dir %s",
             cfg.model.name,
             cfg.dataset.name,
             loaders.train.num_examples,
             loaders.tests["test"].num_examples,
             f"{n_params:,}",
             dev,
+            f" x {world.size} processes ({torch.distributed.get_backend()})" if world.distributed else "",
             run_dir,
         )
         try:
             metrics = fit(
                 model,
                 objective,
-                loaders.train,
-                loaders.tests,
+                train_loader,
+                test_loaders,
                 opts,
                 sched,
                 epochs=cfg.trainer.epochs,
@@ -133,6 +155,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 should_stop=stop,
                 epoch_hooks=hooks,
                 step_hooks=[] if health is None else [health],
+                train_model=train_model,
+                world=world,
             )
         except Interrupted as e:
             log.warning(
@@ -141,11 +165,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 run_dir,
             )
             sys.exit(128 + (stop.signum or signal.SIGINT))
+    distributed.shutdown()
+    select = "val" if "best/val/accuracy" in metrics else "test"
     log.info(
-        "test accuracy %.2f%% (error %.2f%%), best %.2f%%; metrics in %s",
+        "test accuracy %.2f%% (error %.2f%%), best %s accuracy %.2f%%; metrics in %s",
         metrics["test/accuracy"],
         metrics["test/error"],
-        metrics["best/test/accuracy"],
+        select,
+        metrics[f"best/{select}/accuracy"],
         run_dir / "metrics.json",
     )
     return metrics

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from capsrun import checkpoint
+from capsrun import checkpoint, distributed
 from capsrun.data import BatchLoader
 from capsrun.errors import CheckpointError
 from capsrun.tblog import TBLogger
@@ -86,13 +86,14 @@ class Meter:
         if not self.count:
             return {}
         keys = list(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).cpu().tolist()
+        stacked = torch.stack([*(self.sums[k] for k in keys), self.sums["_correct"].new_tensor(float(self.count))])
+        *values, count = distributed.all_reduce_sum(stacked).cpu().tolist()  # summed over ranks
         out = {}
         for k, v in zip(keys, values):
             if k == "_correct":
-                out[f"{prefix}/accuracy"] = 100.0 * v / self.count
+                out[f"{prefix}/accuracy"] = 100.0 * v / count
             else:
-                out[f"{prefix}/{k}" if "/" in k else f"{prefix}/loss/{k}"] = v / self.count
+                out[f"{prefix}/{k}" if "/" in k else f"{prefix}/loss/{k}"] = v / count
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,12 +166,15 @@ def train_one_epoch(
     meters: list[Meter],
     on_step: Callable[[], bool],
     bar: tqdm | None = None,
+    sync_grads: Callable[[], None] | None = None,
 ) -> bool:
     """Train from ``state.batch`` to the end of epoch ``state.epoch``; ``on_step`` runs after
     every step and returns True to stop early. Returns whether the epoch was completed.
 
     ``optimizers``: the model's, then any the objective's own parameters need (a discriminator);
-    one backward pass of ``total`` feeds them all, ``scheduler`` sets the first one's lr."""
+    one backward pass of ``total`` feeds them all, ``scheduler`` sets the first one's lr.
+    ``sync_grads`` runs between backward and the optimizer steps (averaging the gradients of
+    parameters that DistributedDataParallel does not own, across ranks)."""
     model.train()
     for batch in loader.epoch(state.epoch, start=state.batch):
         x, y, target = unpack(batch)
@@ -179,6 +183,8 @@ def train_one_epoch(
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
+        if sync_grads is not None:
+            sync_grads()
         for optimizer in optimizers:
             optimizer.step()
         scheduler.step()
@@ -299,6 +305,28 @@ def restore(path: Path, model, objective, optimizers, scheduler, meters: list[Me
     return TrainState(**ckpt["state"])
 
 
+class _NoLog:
+    """The TensorBoard writer of ranks other than 0: they write nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _grad_averager(objective: nn.Module) -> Callable[[], None] | None:
+    """Average across ranks the gradients of the objective's own parameters (the VCaps
+    discriminator), which DistributedDataParallel on the model does not see."""
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        return None
+
+    def average() -> None:
+        for p in params:
+            if p.grad is not None:
+                distributed.all_reduce_sum(p.grad).div_(distributed.dist.get_world_size())
+
+    return average
+
+
 def fit(
     model: nn.Module,
     objective: nn.Module,
@@ -318,6 +346,8 @@ def fit(
     should_stop: Callable[[], bool] = lambda: False,
     epoch_hooks: Sequence[Callable[[nn.Module, int, bool], dict[str, Any]]] = (),
     step_hooks: Sequence[Any] = (),
+    train_model: nn.Module | None = None,
+    world: distributed.World = distributed.SINGLE,
 ) -> dict[str, float]:
     """Train for ``epochs``, evaluate after each, checkpoint, log; return the final metrics.
 
@@ -327,9 +357,13 @@ def fit(
     ``step_hooks``: called as ``hook(model, step)`` after every ``hook.every_steps``-th optimizer
     step, while that step's gradients are still there; each returns a
     :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health).
+    ``train_model``: what the training step calls (a DistributedDataParallel wrapper of ``model``);
+    ``world``: this process's rank. Every rank trains and evaluates its shard; only rank 0 runs
+    the hooks and writes logs and checkpoints; the ranks decide to stop together.
 
     Writes ``checkpoints/last.pt`` every epoch (and on interrupt), ``checkpoints/best.pt`` when
-    the test accuracy improves, and ``metrics.json`` keyed by TensorBoard tags. Raises
+    the validation accuracy (``"val"`` in ``test_loaders``), else the test accuracy, improves,
+    and ``metrics.json`` keyed by TensorBoard tags. Raises
     :class:`Interrupted` when ``should_stop`` turns true, after saving ``last.pt``.
     """
     device = next(model.parameters()).device
@@ -338,6 +372,9 @@ def fit(
     state = TrainState()
     if resume_from is not None:
         state = restore(resume_from, model, objective, optimizers, scheduler, [epoch_meter, interval_meter], device)
+        if not world.is_main:  # the saved partial sums are rank 0's: count them once
+            epoch_meter.reset()
+            interval_meter.reset()
         log.info("resumed from %s: epoch %d, batch %d (step %d)", resume_from, state.epoch + 1, state.batch, state.step)
 
     def snapshot() -> dict[str, Any]:
@@ -354,7 +391,9 @@ def fit(
             "config": config,
         }
 
-    tb = TBLogger(run_dir, purge_step=state.step if resume_from is not None else None)
+    main = world.is_main
+    tb = TBLogger(run_dir, purge_step=state.step if resume_from is not None else None) if main else _NoLog()
+    sync_grads = _grad_averager(objective) if world.distributed else None
     if resume_from is None:
         tb.config(config)
 
@@ -365,9 +404,11 @@ def fit(
             tb.scalars(metrics, state.step)
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['train/loss/total']:.4f}", acc=f"{metrics['train/accuracy']:.2f}")
-        for hook in step_hooks:
+        for hook in step_hooks if main else ():
             if state.step % hook.every_steps == 0:
                 tb.health(hook(model, state.step), state.step)
+        if world.distributed:  # one collective per log interval, so that all ranks stop together
+            return distributed.any_rank(should_stop(), device) if state.step % log_every == 0 else False
         return should_stop()
 
     metrics: dict[str, float] = dict(state.last_metrics)
@@ -379,12 +420,12 @@ def fit(
                 total=len(train_loader),
                 initial=state.batch,
                 desc=f"epoch {state.epoch + 1}/{epochs}",
-                disable=None if progress else True,
+                disable=None if progress and main else True,
                 leave=False,
                 dynamic_ncols=True,
             )
             done = train_one_epoch(
-                model,
+                train_model or model,
                 objective,
                 train_loader,
                 optimizers,
@@ -393,17 +434,19 @@ def fit(
                 [epoch_meter, interval_meter],
                 on_step,
                 bar,
+                sync_grads,
             )
             bar.close()
             if not done:
-                checkpoint.save(ckpt_dir / "last.pt", snapshot())
+                if main:
+                    checkpoint.save(ckpt_dir / "last.pt", snapshot())
                 raise Interrupted(
                     f"stopped at epoch {state.epoch + 1}, batch {state.batch}; saved {ckpt_dir / 'last.pt'}"
                 )
             train_seconds = time.perf_counter() - t0
             train_metrics = epoch_meter.compute("train")
             results = {
-                name: evaluate(model, objective, loader, num_images, progress, prefix=name)
+                name: evaluate(model, objective, loader, num_images, progress and main, prefix=name)
                 for name, loader in test_loaders.items()
             }
             result = results["test"]
@@ -414,16 +457,18 @@ def fit(
                 "time/train_images_per_second": train_loader.num_examples / train_seconds,
             }
             hook_images: dict[str, torch.Tensor] = {}
-            for hook in epoch_hooks:
+            for hook in epoch_hooks if main else ():
                 extra = hook(model, state.epoch + 1, state.epoch + 1 == epochs)
                 hook_images.update(extra.pop("images", {}))
                 metrics.update(extra)
             state.epoch += 1
             state.batch = 0
             epoch_meter.reset()
-            improved = metrics["test/accuracy"] > state.best_accuracy
-            state.best_accuracy = max(state.best_accuracy, metrics["test/accuracy"])
-            metrics["best/test/accuracy"] = state.best_accuracy
+            # best.pt is chosen on the validation set when there is one: never tune on the test set
+            select = "val" if "val" in results else "test"
+            improved = metrics[f"{select}/accuracy"] > state.best_accuracy
+            state.best_accuracy = max(state.best_accuracy, metrics[f"{select}/accuracy"])
+            metrics[f"best/{select}/accuracy"] = state.best_accuracy
             metrics["epoch"] = state.epoch
             state.last_metrics = metrics
             tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, state.step)
@@ -431,19 +476,21 @@ def fit(
             tb.evaluation(result, state.step)
             for tag, image in hook_images.items():
                 tb.image(tag, image, state.step)
-            checkpoint.save(ckpt_dir / "last.pt", snapshot())
-            if improved:
-                checkpoint.save(ckpt_dir / "best.pt", snapshot())
-            checkpoint.save_json(run_dir / "metrics.json", metrics)
+            if main:
+                checkpoint.save(ckpt_dir / "last.pt", snapshot())
+                if improved:
+                    checkpoint.save(ckpt_dir / "best.pt", snapshot())
+                checkpoint.save_json(run_dir / "metrics.json", metrics)
             extra = "".join(f"  {n} acc {r.metrics[f'{n}/accuracy']:.2f}%" for n, r in results.items() if n != "test")
             log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %.2f%%)%s  %.1f s",
+                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %s %.2f%%)%s  %.1f s",
                 state.epoch,
                 epochs,
                 metrics.get("train/loss/total", math.nan),
                 metrics.get("train/accuracy", math.nan),
                 metrics["test/loss/total"],
                 metrics["test/accuracy"],
+                select,
                 state.best_accuracy,
                 extra,
                 train_seconds,

@@ -17,6 +17,7 @@ from capsrun.data import affnist, cifar10
 from capsrun.data.loader import BatchLoader, random_shift
 from capsrun.data.mnist import FASHION_MNIST, MNIST, load_idx_split
 from capsrun.data.multimnist import MultiMNISTLoader
+from capsrun.errors import ConfigError
 
 _IDX = {"mnist": MNIST, "fashion_mnist": FASHION_MNIST}
 DATASETS = ("mnist", "fashion_mnist", "affnist", "multimnist", "cifar10")
@@ -37,10 +38,23 @@ def subset(images: torch.Tensor, labels: torch.Tensor, limit: int | None, seed: 
     return images[idx], labels[idx]
 
 
+def holdout(n: int, val_split: int | float | None, seed: int = 0) -> torch.Tensor:
+    """Indices of a fixed validation subset of a training split of ``n`` examples: ``val_split``
+    examples (an int) or that fraction of them (a float in (0, 1)); none for None or 0. Seeded by
+    ``seed`` alone, so every run of a sweep holds out the same images."""
+    if not val_split:
+        return torch.zeros(0, dtype=torch.long)
+    k = int(val_split) if val_split >= 1 else round(val_split * n)
+    if not 0 < k < n:
+        raise ConfigError(f"data.val_split={val_split} leaves no training or no validation images of {n}; e.g. 5000")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
 @dataclass
 class Loaders:
-    """``train`` (None for evaluation only) and the test sets by name; ``"test"`` comes first
-    and is the one that picks ``best.pt``."""
+    """``train`` (None for evaluation only) and the evaluation sets by name: ``"test"`` first,
+    then ``"val"`` (held out from the training split, with ``val_split``) and any the protocol
+    adds (``"affnist"``). ``best.pt`` is picked on ``"val"`` when there is one, else ``"test"``."""
 
     train: BatchLoader | MultiMNISTLoader | None
     tests: dict[str, BatchLoader | MultiMNISTLoader]
@@ -58,21 +72,42 @@ def make_loaders(
     train: bool = True,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    val_split: int | float | None = None,
     **options,
 ) -> Loaders:
-    """Loaders of one protocol; ``options`` are the dataset config's own keys (see ``conf/dataset``)."""
+    """Loaders of one protocol; ``options`` are the dataset config's own keys (see ``conf/dataset``).
+    ``val_split`` holds out that many (or that fraction of) training images as ``"val"``,
+    evaluated like the test set (:func:`holdout`); ``train_limit`` then subsets the rest."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    split = partial(_split, name, root, download)
+    split = partial(_split, name, root, download, val_split, "test")
     common = dict(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, device=device)
-    return _BUILDERS[name](split, root, download, train, train_limit, test_limit, common, **options)
+    loaders = _BUILDERS[name](split, root, download, train, train_limit, test_limit, common, **options)
+    if val_split:
+        # the held-out training images through the protocol's own test-time path
+        val_split_fn = partial(_split, name, root, download, val_split, "val")
+        opts = {**options, "affnist_limit": 0} if name == "affnist" else options
+        val = _BUILDERS[name](val_split_fn, root, download, False, None, None, common, **opts)
+        loaders.tests["val"] = val.tests["test"]
+    return loaders
 
 
-def _split(name: str, root, download: bool, train: bool, limit: int | None):
+def _split(name: str, root, download: bool, val_split, test_part: str, train: bool, limit: int | None):
+    """The training split less its validation images, or the test split; with
+    ``test_part="val"`` the validation images stand in for the test split."""
+    from_train = train or test_part == "val"
     if name == "cifar10":
-        return subset(*cifar10.load_cifar10_split(root, train, download), limit)
-    source = "mnist" if name in ("affnist", "multimnist") else name
-    return subset(*load_split(source, root, train, download), limit)
+        x, y = cifar10.load_cifar10_split(root, from_train, download)
+    else:
+        x, y = load_split("mnist" if name in ("affnist", "multimnist") else name, root, from_train, download)
+    if from_train and val_split:
+        idx = holdout(len(y), val_split)
+        if not train:
+            return x[idx], y[idx]
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[idx] = False
+        x, y = x[keep], y[keep]
+    return subset(x, y, limit)
 
 
 def _idx(split, root, download, train, train_limit, test_limit, common, max_shift: int = 2) -> Loaders:

@@ -1,0 +1,181 @@
+"""``capsrun report DIR``: the swept values of a multirun against its final metrics.
+
+Reads every run below DIR (a run is a directory with ``metrics.json`` and ``.hydra/overrides.yaml``),
+groups runs that differ only in ``seed``, and writes one row per group: the swept values, the
+number of seeds, and mean +- standard deviation of each metric. Printed to the terminal and
+written as ``report.md``, ``report.csv`` and, for one metric against one swept parameter,
+``report.png`` (mean with the spread as error bars) in DIR (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+DEFAULT_METRICS = ("test/accuracy", "best/test/accuracy", "best/val/accuracy", "time/epoch_seconds")
+IGNORED = ("hydra.", "trainer.progress", "trainer.resume")
+
+
+def _value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_runs(root: Path) -> list[dict]:
+    """``[{"params": {key: value}, "metrics": {...}, "dir": Path}]`` of every finished run below ``root``."""
+    runs = []
+    for metrics_path in sorted(root.rglob("metrics.json")):
+        run_dir = metrics_path.parent
+        overrides_path = run_dir / ".hydra" / "overrides.yaml"
+        if not overrides_path.is_file():
+            continue
+        params = {}
+        for o in yaml.safe_load(overrides_path.read_text()) or []:
+            key, _, value = o.lstrip("+~").partition("=")
+            if not key.startswith(IGNORED):
+                params[key] = _value(value)
+        runs.append({"params": params, "metrics": json.loads(metrics_path.read_text()), "dir": run_dir})
+    return runs
+
+
+def swept_keys(runs: list[dict]) -> list[str]:
+    """The parameters whose value differs between runs, in the order they first appear."""
+    keys = list(dict.fromkeys(k for r in runs for k in r["params"]))
+    return [k for k in keys if len({json.dumps(r["params"].get(k), sort_keys=True) for r in runs}) > 1]
+
+
+def summarise(runs: list[dict], metrics: list[str]) -> tuple[list[str], list[dict]]:
+    """Group the runs by their swept values other than ``seed``; mean and spread per metric."""
+    keys = [k for k in swept_keys(runs) if k != "seed"]
+    groups: dict[str, dict] = {}
+    for r in runs:
+        values = tuple(json.dumps(r["params"].get(k), sort_keys=True) for k in keys)
+        g = groups.setdefault(values, {"params": {k: r["params"].get(k) for k in keys}, "runs": []})
+        g["runs"].append(r)
+    rows = []
+    for g in groups.values():
+        row = {"params": g["params"], "seeds": len(g["runs"]), "metrics": {}}
+        for m in metrics:
+            xs = [float(r["metrics"][m]) for r in g["runs"] if isinstance(r["metrics"].get(m), (int, float))]
+            if xs:
+                row["metrics"][m] = (statistics.fmean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0, len(xs))
+        rows.append(row)
+    return keys, rows
+
+
+def _cell(stat: tuple[float, float, int] | None) -> str:
+    if stat is None:
+        return "-"
+    mean, spread, n = stat
+    return f"{mean:.4g}" if n == 1 else f"{mean:.4g} ± {spread:.2g}"
+
+
+def table(keys: list[str], rows: list[dict], metrics: list[str], markdown: bool = False) -> str:
+    header = [*keys, "runs", *metrics]
+    body = [
+        [*(str(r["params"][k]) for k in keys), str(r["seeds"]), *(_cell(r["metrics"].get(m)) for m in metrics)]
+        for r in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join([*lines, *("| " + " | ".join(b) + " |" for b in body)]) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, *body])
+
+
+def to_csv(keys: list[str], rows: list[dict], metrics: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow([*keys, "runs", *(f"{m}{s}" for m in metrics for s in ("", " std"))])
+    for r in rows:
+        stats = [r["metrics"].get(m) for m in metrics]
+        cells = [x for s in stats for x in (("", "") if s is None else (s[0], s[1]))]
+        writer.writerow([*(r["params"][k] for k in keys), r["seeds"], *cells])
+    return out.getvalue()
+
+
+def plot(keys: list[str], rows: list[dict], x_key: str, metric: str, path: Path) -> None:
+    """``metric`` (mean, spread as error bars) against ``x_key``; one line per value of the other
+    swept parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [k for k in keys if k != x_key]
+    lines: dict[str, list] = {}
+    for r in rows:
+        if metric not in r["metrics"]:
+            continue
+        label = " ".join(f"{k}={r['params'][k]}" for k in others) or metric
+        lines.setdefault(label, []).append((r["params"][x_key], *r["metrics"][metric][:2]))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    numeric = all(isinstance(p[0], (int, float)) for pts in lines.values() for p in pts)
+    for label, pts in lines.items():
+        pts.sort(key=lambda p: p[0] if numeric else str(p[0]))
+        xs = [p[0] if numeric else str(p[0]) for p in pts]
+        ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(metric)
+    if len(lines) > 1:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="capsrun report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="a multirun dir (or any directory of runs)")
+    parser.add_argument("--metrics", help="comma-separated metric tags (default: the usual accuracies and epoch time)")
+    parser.add_argument("--x", help="the swept parameter on the plot's x axis (default: the first swept one)")
+    parser.add_argument("--plot-metric", default=None, help="the metric on the plot (default: the first metric)")
+    parser.add_argument("--out", type=Path, help="where to write report.{md,csv,png} (default: DIR)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"capsrun: error: {message}", file=sys.stderr)
+        return 2
+
+    if not args.dir.is_dir():
+        return fail(f"{args.dir}: no such directory; give a multirun dir such as outputs/multirun/<date>/<time>")
+    runs = load_runs(args.dir)
+    if not runs:
+        return fail(f"no finished runs (metrics.json with .hydra/overrides.yaml) under {args.dir}")
+    available = sorted({m for r in runs for m in r["metrics"] if isinstance(r["metrics"][m], (int, float))})
+    if args.metrics:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        unknown = [m for m in metrics if m not in available]
+        if unknown:
+            return fail(f"no run has the metric {unknown[0]!r}; available: {', '.join(available)}")
+    else:
+        metrics = [m for m in DEFAULT_METRICS if m in available]
+    keys, rows = summarise(runs, metrics)
+    if args.x and args.x not in keys:
+        return fail(f"--x {args.x} was not swept here; swept: {', '.join(keys) or 'nothing but seed'}")
+    plot_metric = args.plot_metric or (metrics[0] if metrics else None)
+    if plot_metric is not None and plot_metric not in available:
+        return fail(f"no run has the metric {plot_metric!r}; available: {', '.join(available)}")
+    out = args.out or args.dir
+    out.mkdir(parents=True, exist_ok=True)
+    print(table(keys, rows, metrics))
+    (out / "report.md").write_text(table(keys, rows, metrics, markdown=True))
+    (out / "report.csv").write_text(to_csv(keys, rows, metrics))
+    written = ["report.md", "report.csv"]
+    x_key = args.x or (keys[0] if keys else None)
+    if x_key is not None and plot_metric is not None:
+        plot(keys, rows, x_key, plot_metric, out / "report.png")
+        written.append("report.png")
+    print(f"{len(runs)} runs in {len(rows)} groups; wrote {', '.join(written)} in {out}")
+    return 0
