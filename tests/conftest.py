@@ -82,3 +82,9 @@ def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: f
         text=True,
         timeout=timeout,
     )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result`` of a capsrun command that must have succeeded; its output otherwise."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result

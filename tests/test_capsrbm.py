@@ -118,3 +118,30 @@ def test_reconstruction_and_forward_shapes():
     assert 0 < out.reconstruction.min() and out.reconstruction.max() < 1
     with pytest.raises(ValueError, match="multiple of patch"):
         CapsuleRBM(image_size=10, patch=4)
+
+
+def test_training_forward_runs_the_chains_and_the_loss_is_the_surrogate():
+    from capsrun.models.capsrbm import RBMLoss
+
+    torch.manual_seed(0)
+    model = CapsuleRBM(in_channels=1, image_size=8, patch=4, hidden_caps=4, hidden_dim=2, persistent=True, chains=6)
+    x = torch.rand(4, 1, 8, 8)
+    out = model.train()(x)
+    losses = RBMLoss()(out, x)
+    torch.testing.assert_close(losses["total"], out.free_energy.mean() - out.model_free_energy.mean())
+    assert set(losses) == {
+        "total",
+        "reconstruction",
+        "free_energy/data",
+        "free_energy/model",
+        "hidden/on",
+        "chain/acceptance",
+    }
+    assert bool(model.chains_started) and set(model.chains.unique().tolist()) <= {0.0, 1.0}
+    before = model.chains.clone()
+    model(x)
+    assert not torch.equal(before[:4], model.chains[:4]) and torch.equal(before[4:], model.chains[4:])
+    evaluation = RBMLoss()(model.eval()(x), x)
+    assert "total" not in evaluation and out.scores is None
+    with pytest.raises(ValueError, match="persistent chains"):
+        model.train()(torch.rand(7, 1, 8, 8))

@@ -13,14 +13,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import TINY, run_capsrun
+from conftest import TINY, ok, run_capsrun
 
 pytestmark = pytest.mark.slow
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
 
 
 def _events(run_dir: Path) -> event_accumulator.EventAccumulator:
@@ -34,7 +29,7 @@ def trained_run(mnist_root, tmp_path_factory) -> Path:
     """One tiny run of 4 epochs on the learnable fixture."""
     work = tmp_path_factory.mktemp("work")
     run_dir = work / "run"
-    _ok(run_capsrun("train", *TINY, "trainer.epochs=4", f"hydra.run.dir={run_dir}", cwd=work, data_root=mnist_root))
+    ok(run_capsrun("train", *TINY, "trainer.epochs=4", f"hydra.run.dir={run_dir}", cwd=work, data_root=mnist_root))
     return run_dir
 
 
@@ -94,7 +89,7 @@ def test_tensorboard_has_scalars_images_histograms_hparams(trained_run):
 
 def test_eval_recomputes_checkpoint_metrics(trained_run, mnist_root, tmp_path):
     out = tmp_path / "eval"
-    _ok(
+    ok(
         run_capsrun(
             "eval",
             f"checkpoint={trained_run / 'checkpoints' / 'best.pt'}",
@@ -125,16 +120,14 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def reference_run(mnist_root, tmp_path_factory) -> Path:
     """Two uninterrupted epochs: the result every resumed run must reproduce."""
     work = tmp_path_factory.mktemp("ref")
-    _ok(
-        run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={work / 'run'}", cwd=work, data_root=mnist_root)
-    )
+    ok(run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={work / 'run'}", cwd=work, data_root=mnist_root))
     return work / "run"
 
 
 def test_resume_after_an_epoch_equals_uninterrupted(reference_run, mnist_root, tmp_path):
     run_dir = tmp_path / "run"
-    _ok(run_capsrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
-    resumed = _ok(
+    ok(run_capsrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
+    resumed = ok(
         run_capsrun(
             "train",
             *TINY,
@@ -168,7 +161,7 @@ def test_sigint_saves_last_and_resume_mid_epoch_equals_uninterrupted(reference_r
     assert "stopped at epoch 1, batch" in output
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]
     assert state["epoch"] == 0 and state["batch"] >= 1  # stopped inside the first epoch
-    _ok(
+    ok(
         run_capsrun("train", *TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root)
     )  # trainer.resume=auto is the default
     _assert_same_run(reference_run, run_dir)
@@ -176,7 +169,7 @@ def test_sigint_saves_last_and_resume_mid_epoch_equals_uninterrupted(reference_r
 
 def test_multirun_makes_one_dir_per_job(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
-    _ok(
+    ok(
         run_capsrun(
             "train",
             "-m",

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import TINY, run_capsrun
+from conftest import TINY, ok, run_capsrun
 
 pytestmark = pytest.mark.slow
 
 DEEP = [*TINY, "model=deep_capsnet", "model.width=6", "model.capsule_dim=4", "trainer.epochs=1"]
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
 
 
 def _table(stdout: str) -> list[list[str]]:
@@ -31,7 +25,7 @@ def _table(stdout: str) -> list[list[str]]:
 def deep_run(mnist_root, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("deep") / "run"
     args = [*DEEP, "model.depth=2", "diagnostics=full", "diagnostics.every_steps=4", "diagnostics.examples=50"]
-    _ok(run_capsrun("train", *args, f"hydra.run.dir={run}", cwd=run.parent, data_root=mnist_root))
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run}", cwd=run.parent, data_root=mnist_root))
     return run
 
 
@@ -60,7 +54,7 @@ def test_diagnostics_change_nothing_in_training(deep_run, mnist_root, tmp_path):
     """The same run with diagnostics off ends with the same weights, bit for bit."""
     off = tmp_path / "off"
     args = [*DEEP, "model.depth=2", "diagnostics=off", f"hydra.run.dir={off}"]
-    _ok(run_capsrun("train", *args, cwd=tmp_path, data_root=mnist_root))
+    ok(run_capsrun("train", *args, cwd=tmp_path, data_root=mnist_root))
     a = torch.load(deep_run / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(off / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -72,7 +66,7 @@ def test_diagnostics_change_nothing_in_training(deep_run, mnist_root, tmp_path):
 def test_analyze_a_checkpoint_prints_a_table_and_writes_health_json(deep_run, mnist_root, tmp_path):
     out = tmp_path / "analysis"
     ckpt = deep_run / "checkpoints" / "best.pt"
-    result = _ok(
+    result = ok(
         run_capsrun(
             "analyze", f"checkpoint={ckpt}", "examples=64", f"hydra.run.dir={out}", cwd=tmp_path, data_root=mnist_root
         )
@@ -98,7 +92,7 @@ def test_analyze_a_checkpoint_prints_a_table_and_writes_health_json(deep_run, mn
 
 def test_analyze_a_multirun_dir_compares_the_runs(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
-    _ok(
+    ok(
         run_capsrun(
             "train",
             "-m",
@@ -111,7 +105,7 @@ def test_analyze_a_multirun_dir_compares_the_runs(mnist_root, tmp_path):
         )
     )
     out = tmp_path / "analysis"
-    result = _ok(
+    result = ok(
         run_capsrun(
             "analyze", f"checkpoint={sweep}", "examples=32", f"hydra.run.dir={out}", cwd=tmp_path, data_root=mnist_root
         )

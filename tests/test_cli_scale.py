@@ -12,16 +12,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, run_capsrun
+from conftest import TINY, ok, run_capsrun
 
 pytestmark = pytest.mark.slow
 
 RUN = [*TINY, "trainer.device=cpu", "trainer.batch_size=64", "trainer.log_every=2"]
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
 
 
 def torchrun(*args: str, cwd: Path, data_root: Path, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -48,13 +43,13 @@ def _close(a: dict, b: dict, atol: float) -> float:
 @pytest.fixture(scope="module")
 def single(mnist_root, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("single") / "run"
-    _ok(run_capsrun("train", *RUN, "trainer.epochs=2", f"hydra.run.dir={run}", cwd=run.parent, data_root=mnist_root))
+    ok(run_capsrun("train", *RUN, "trainer.epochs=2", f"hydra.run.dir={run}", cwd=run.parent, data_root=mnist_root))
     return run
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(single, mnist_root, tmp_path):
     run = tmp_path / "ddp"
-    result = _ok(torchrun(*RUN, "trainer.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    result = ok(torchrun(*RUN, "trainer.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
     assert "x 2 processes (gloo)" in result.stdout + result.stderr
     _close(_weights(single), _weights(run), atol=1e-4)
     a = json.loads((single / "metrics.json").read_text())
@@ -69,8 +64,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(single, 
 
 def test_ddp_resumes_from_its_last_checkpoint(single, mnist_root, tmp_path):
     run = tmp_path / "ddp"
-    _ok(torchrun(*RUN, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
-    result = _ok(torchrun(*RUN, "trainer.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    ok(torchrun(*RUN, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    result = ok(torchrun(*RUN, "trainer.epochs=2", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
     assert "resumed from" in result.stdout + result.stderr
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
     _close(_weights(single), _weights(run), atol=1e-4)
@@ -84,7 +79,7 @@ def test_ddp_refuses_a_batch_that_does_not_split(mnist_root, tmp_path):
 
 def test_optuna_search_runs_two_trials_on_the_validation_metric(mnist_root, tmp_path):
     sweep = tmp_path / "optuna"
-    _ok(
+    ok(
         run_capsrun(
             "train",
             "-m",
@@ -112,7 +107,7 @@ def test_optuna_search_runs_two_trials_on_the_validation_metric(mnist_root, tmp_
 
 def test_submitit_local_launcher_and_report_on_a_finished_sweep(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
-    _ok(
+    ok(
         run_capsrun(
             "train",
             "-m",
@@ -132,7 +127,7 @@ def test_submitit_local_launcher_and_report_on_a_finished_sweep(mnist_root, tmp_
         it = next(int(o.split("=")[1]) for o in overrides if o.startswith("routing.iterations="))
         accs.setdefault(it, []).append(json.loads((job / "metrics.json").read_text())["test/accuracy"])
     assert {k: len(v) for k, v in accs.items()} == {1: 2, 3: 2}
-    result = _ok(run_capsrun("report", str(sweep), "--metrics", "test/accuracy", cwd=tmp_path))
+    result = ok(run_capsrun("report", str(sweep), "--metrics", "test/accuracy", cwd=tmp_path))
     rows = [line.split() for line in result.stdout.splitlines()]
     assert rows[0] == ["routing.iterations", "runs", "test/accuracy"]
     for row in rows[1:3]:

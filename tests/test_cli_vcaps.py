@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import TINY, run_capsrun
+from conftest import TINY, ok, run_capsrun
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +26,13 @@ VTINY = [
 ]
 
 
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def runs(mnist_root, tmp_path_factory) -> dict[str, Path]:
     """A tiny CapsNet classifier, then a tiny VCaps with the adversary, measured by it."""
     work = tmp_path_factory.mktemp("work")
     cls, vc = work / "classifier", work / "vcaps"
-    _ok(run_capsrun("train", *TINY, "trainer.epochs=4", f"hydra.run.dir={cls}", cwd=work, data_root=mnist_root))
-    _ok(
+    ok(run_capsrun("train", *TINY, "trainer.epochs=4", f"hydra.run.dir={cls}", cwd=work, data_root=mnist_root))
+    ok(
         run_capsrun(
             "train",
             *VTINY,
@@ -82,7 +76,7 @@ def test_sample_quality_logged_every_epoch(runs):
 
 
 def test_vcaps_resumes_with_its_discriminator(runs):
-    result = _ok(
+    result = ok(
         run_capsrun(
             "train",
             *VTINY,
@@ -102,7 +96,7 @@ def test_vcaps_resumes_with_its_discriminator(runs):
 
 def test_sample_writes_grids_and_quality(runs, tmp_path):
     out = tmp_path / "s"
-    _ok(
+    ok(
         run_capsrun(
             "sample",
             f"checkpoint={runs['vcaps']}/checkpoints/best.pt",
@@ -129,7 +123,7 @@ def test_sample_writes_grids_and_quality(runs, tmp_path):
 
 def test_sample_from_capsnet_draws_the_perturbation_grid_only(runs, tmp_path):
     out = tmp_path / "s"
-    _ok(
+    ok(
         run_capsrun(
             "sample",
             f"checkpoint={runs['classifier']}/checkpoints/best.pt",

@@ -130,7 +130,8 @@ def hidden_caps(cfg: DictConfig) -> list[int]:
 def model(cfg: DictConfig) -> torch.nn.Module:
     """The network of ``cfg.model.net``, sized by ``cfg.dataset``."""
     ds = cfg.dataset
-    extra = {"hidden_caps": hidden_caps(cfg)} if "hidden_caps" in cfg.model.net.keys() else {}
+    fill = "hidden_caps" in cfg.model.net.keys() and OmegaConf.is_missing(cfg.model.net, "hidden_caps")
+    extra = {"hidden_caps": hidden_caps(cfg)} if fill else {}
     return _instantiate(
         cfg.model.net, "model", in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes, **extra
     )

@@ -17,7 +17,7 @@ usage: capsrun <command> [overrides...] [hydra flags]
 commands:
   train    build, train, evaluate and log one run; -m sweeps (one run dir per job)
   eval     recompute the test metrics of a checkpoint: capsrun eval checkpoint=PATH
-  sample   sample grids (PNG + TensorBoard) from a checkpoint: capsrun sample checkpoint=PATH
+  sample   sample grids (PNG + TensorBoard) from a checkpoint (VCaps, CapsNet, capsule RBM chains)
   analyze  capsule health of a checkpoint, a run dir or a multirun dir: capsrun analyze checkpoint=PATH
   report   swept values against final metrics of a multirun: capsrun report DIR [--help]
 

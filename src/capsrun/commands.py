@@ -166,15 +166,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
             sys.exit(128 + (stop.signum or signal.SIGINT))
     distributed.shutdown()
-    select = "val" if "best/val/accuracy" in metrics else "test"
-    log.info(
-        "test accuracy %.2f%% (error %.2f%%), best %s accuracy %.2f%%; metrics in %s",
-        metrics["test/accuracy"],
-        metrics["test/error"],
-        select,
-        metrics[f"best/{select}/accuracy"],
-        run_dir / "metrics.json",
-    )
+    best = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("best/"))
+    if "test/accuracy" in metrics:
+        result = f"test accuracy {metrics['test/accuracy']:.2f}% (error {metrics['test/error']:.2f}%)"
+    else:
+        result = "test " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("test/"))
+    log.info("%s, %s; metrics in %s", result, best, run_dir / "metrics.json")
     return metrics
 
 
@@ -196,6 +193,13 @@ def _classifier(cfg: DictConfig, dev: torch.device, dataset: DictConfig):
 def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
     """For a model that generates: the sample grid every epoch, and with ``eval_classifier`` the
     sample-quality metrics (every epoch, or after the last with ``sample_quality.every_epoch=false``)."""
+    if sampling.can_sample_chains(model):
+        spec = cfg.model.get("samples") or {}
+        return [
+            sampling.GibbsSamples(
+                model.image_shape, chains=spec.get("chains", 32), steps=spec.get("gibbs_steps", 200), seed=cfg.seed
+            )
+        ]
     if not sampling.can_generate(model):
         if classifier is not None:
             log.warning("eval_classifier is ignored: %s does not generate images", cfg.model.name)
@@ -322,6 +326,8 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    if sampling.can_sample_chains(model):
+        return _sample_chains(cfg, model, run_cfg, dev, path, ckpt["epoch"])
     if not hasattr(model, "decoder") or model.decoder is None:
         raise ConfigError(f"{path} is a {run_cfg.model.name} without a decoder: it cannot draw images")
     model.eval()
@@ -489,3 +495,65 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     checkpoint.save_json(out, {"split": cfg.split, "examples": cfg.examples, "runs": report})
     log.info("health of %d run(s) in %s", len(report), out)
     return report
+
+
+def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.device, path: Path, epoch: int) -> dict:
+    """``capsrun sample`` for an energy model (the capsule RBM): Gibbs chains from noise or data."""
+    from capsrun.tblog import TBLogger
+    from capsrun.train import unpack
+
+    for key in ("num_samples", "gibbs_steps"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=64")
+    if cfg.init not in ("noise", "data"):
+        raise ConfigError(f"init must be noise or data, got {cfg.init!r}; e.g. init=noise")
+    if not cfg.temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {cfg.temperature!r}; e.g. temperature=1.0")
+    model.eval()
+    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.num_samples)
+    test_x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init == "data":
+        start = model.binarize(test_x[: cfg.num_samples])
+    else:
+        start = torch.bernoulli(torch.full((cfg.num_samples, *model.image_shape), 0.5), generator=gen).to(dev)
+    log.info("%d chains from %s, %d Gibbs steps ...", len(start), cfg.init, cfg.gibbs_steps)
+    v, snaps, acceptance = sampling.gibbs_chains(
+        model, start, cfg.gibbs_steps, snapshots=8, mh=cfg.mh, temperature=cfg.temperature, seed=cfg.seed
+    )
+    with torch.no_grad():
+        metrics = {
+            "samples/acceptance": acceptance,
+            "samples/free_energy": model.free_energy(v).mean().item(),
+            "test/free_energy/data": model.free_energy(model.binarize(test_x)).mean().item(),
+        }
+        mean = model.reconstruct(v)
+    nrow = max(int(len(v) ** 0.5), 1)
+    rows = min(len(v), 8)
+    chain = torch.stack([start[:rows], *(s[:rows] for s in snaps)], 1).flatten(0, 1)  # row i: chain i
+    out_dir, tb = _run_dir(), TBLogger(_run_dir())
+    try:
+        for name, image in (
+            ("gibbs", sampling.grid(v, nrow)),
+            ("gibbs_mean", sampling.grid(mean, nrow)),
+            ("chain", sampling.grid(chain, len(snaps) + 1)),
+        ):
+            _save_png(out_dir / f"{name}.png", image)
+            tb.image(f"samples/{name}", image, 0)
+        tb.scalars(metrics, 0)
+    finally:
+        tb.close()
+    checkpoint.save_json(out_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    log.info(
+        "acceptance %.3f, free energy of samples %.2f vs test data %.2f; gibbs.png, gibbs_mean.png, chain.png "
+        "from %s (epoch %d) in %s",
+        acceptance,
+        metrics["samples/free_energy"],
+        metrics["test/free_energy/data"],
+        path,
+        epoch,
+        out_dir,
+    )
+    return metrics

@@ -234,7 +234,8 @@ def _forward_records(model: nn.Module, probe: CapsuleProbe, x: torch.Tensor, bat
     outs = []
     with probe.recording() as rec:
         for chunk in x.split(batch_size):
-            outs.append(model(chunk).scores.float())
+            scores = model(chunk).scores  # None for a model without classes
+            outs.append(torch.zeros(len(chunk), 1, device=x.device) if scores is None else scores.float())
     caps = {t: torch.cat(r.capsules) for t, r in rec.items() if r.capsules}
     couplings = {t: torch.cat(r.coupling) for t, r in rec.items() if r.coupling}
     return torch.cat(outs), caps, couplings

@@ -174,3 +174,60 @@ def real_features_reference(loader, limit: int) -> torch.Tensor:
         if n >= limit:
             break
     return torch.cat(chunks)[:limit]
+
+
+def can_sample_chains(model: nn.Module) -> bool:
+    """Whether ``model`` is an energy model sampled by Gibbs chains (the capsule RBM)."""
+    return callable(getattr(model, "gibbs", None)) and hasattr(model, "free_energy")
+
+
+@torch.no_grad()
+def gibbs_chains(
+    model: nn.Module,
+    start: torch.Tensor,
+    steps: int,
+    snapshots: int = 0,
+    mh: bool = True,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """Run ``len(start)`` chains for ``steps`` Gibbs steps from ``start`` (binary [N, C, H, W]).
+    Returns the final states, ``snapshots`` evenly spaced intermediate states (the last is the
+    final one) and the mean acceptance. The global RNG is left as it was."""
+    was_training = model.training
+    model.eval()
+    devices = [start.device] if start.device.type == "cuda" else []
+    every = max(steps // snapshots, 1) if snapshots else steps + 1
+    taken, acceptance, v = [], 0.0, start
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for step in range(1, steps + 1):
+                v, acc = model.gibbs(v, 1, mh=mh, temperature=temperature)
+                acceptance += float(acc)
+                if snapshots and step % every == 0 and len(taken) < snapshots:
+                    taken.append(v.clone())
+    finally:
+        model.train(was_training)
+    if snapshots and (not taken or not torch.equal(taken[-1], v)):
+        taken = [*taken[: snapshots - 1], v.clone()]
+    return v, taken, acceptance / max(steps, 1)
+
+
+class GibbsSamples:
+    """An epoch hook for an energy model: ``chains`` chains from uniform noise, ``steps`` Gibbs
+    steps, logged as the grid ``samples/gibbs`` and ``samples/acceptance``, ``samples/free_energy``."""
+
+    def __init__(self, image_shape: tuple[int, int, int], chains: int = 32, steps: int = 200, seed: int = 0):
+        self.image_shape, self.chains, self.steps, self.seed = image_shape, chains, steps, seed
+
+    def __call__(self, model: nn.Module, epoch: int, last: bool) -> dict:
+        dev = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(self.seed)
+        start = torch.bernoulli(torch.full((self.chains, *self.image_shape), 0.5), generator=gen).to(dev)
+        v, _, acceptance = gibbs_chains(model, start, self.steps, seed=self.seed + epoch)
+        return {
+            "samples/acceptance": acceptance,
+            "samples/free_energy": model.free_energy(v).mean().item(),
+            "images": {"samples/gibbs": grid(v, int(self.chains**0.5) or 1)},
+        }

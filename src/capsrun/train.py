@@ -72,12 +72,14 @@ class Meter:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
 
-    def update(self, losses: dict[str, torch.Tensor], correct: torch.Tensor, n: int) -> None:
+    def update(self, losses: dict[str, torch.Tensor], correct: torch.Tensor | None, n: int) -> None:
+        """``correct``: right predictions in the batch, or None for a model without labels."""
         for k, v in losses.items():
             v = v.detach().float() * n
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        c = correct.detach().float()
-        self.sums["_correct"] = self.sums["_correct"] + c if "_correct" in self.sums else c
+        if correct is not None:
+            c = correct.detach().float()
+            self.sums["_correct"] = self.sums["_correct"] + c if "_correct" in self.sums else c
         self.count += n
 
     def compute(self, prefix: str) -> dict[str, float]:
@@ -86,7 +88,8 @@ class Meter:
         if not self.count:
             return {}
         keys = list(self.sums)
-        stacked = torch.stack([*(self.sums[k] for k in keys), self.sums["_correct"].new_tensor(float(self.count))])
+        count_t = self.sums[keys[0]].new_tensor(float(self.count))
+        stacked = torch.stack([*(self.sums[k] for k in keys), count_t])
         *values, count = distributed.all_reduce_sum(stacked).cpu().tolist()  # summed over ranks
         out = {}
         for k, v in zip(keys, values):
@@ -148,7 +151,7 @@ class TrainState:
     epoch: int = 0  # completed epochs
     batch: int = 0  # batches done in the current epoch (non-zero only after an interrupt)
     step: int = 0  # optimizer steps so far
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # the best selection score (see fit): an accuracy, or minus a loss
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -188,7 +191,8 @@ def train_one_epoch(
         for optimizer in optimizers:
             optimizer.step()
         scheduler.step()
-        right = correct(out.scores, y)
+        scores = getattr(out, "scores", None)  # None: a model without labels (the capsule RBM)
+        right = None if scores is None else correct(scores, y)
         for meter in meters:
             meter.update(losses, right, len(y))
         state.batch += 1
@@ -205,7 +209,7 @@ class EvalResult:
     metrics: dict[str, float]
     images: torch.Tensor  # first test inputs [n, C, H, W]
     reconstructions: torch.Tensor | None
-    scores: torch.Tensor  # [N, classes]: capsule lengths for capsule models
+    scores: torch.Tensor | None  # [N, classes]: capsule lengths for capsule models; None without labels
     coupling: torch.Tensor | None  # couplings of the first batch's first examples [n, in_caps, classes]
 
 
@@ -228,8 +232,10 @@ def evaluate(
         out = model(x)
         if y.dim() == 2 and getattr(out, "reconstruction", None) is not None:
             out = out._replace(reconstruction=model.reconstruct(out.digit_caps, aligned_top(out.scores, y)))
-        meter.update(objective(out, target, y), correct(out.scores, y), len(y))
-        scores.append(out.scores)
+        batch_scores = getattr(out, "scores", None)
+        meter.update(objective(out, target, y), None if batch_scores is None else correct(batch_scores, y), len(y))
+        if batch_scores is not None:
+            scores.append(batch_scores)
         if first is None:
             reconstruction = getattr(out, "reconstruction", None)
             coupling = getattr(out, "coupling", None)
@@ -239,13 +245,14 @@ def evaluate(
                 None if coupling is None else coupling[:32].float().cpu(),
             )
     metrics = meter.compute(prefix)
-    metrics[f"{prefix}/error"] = 100.0 - metrics[f"{prefix}/accuracy"]
+    if f"{prefix}/accuracy" in metrics:
+        metrics[f"{prefix}/error"] = 100.0 - metrics[f"{prefix}/accuracy"]
     images, reconstructions, coupling = first
     return EvalResult(
         metrics,
         images.cpu(),
         None if reconstructions is None else reconstructions.cpu(),
-        torch.cat(scores).float().cpu(),
+        torch.cat(scores).float().cpu() if scores else None,
         coupling,
     )
 
@@ -327,6 +334,24 @@ def _grad_averager(objective: nn.Module) -> Callable[[], None] | None:
     return average
 
 
+def _summary(metrics: dict[str, float], results: dict, split: str, name: str) -> str:
+    """``train loss 0.1234 acc 98.00%  test loss ... (best test accuracy 98.1)  val acc ...``."""
+
+    def part(prefix: str) -> str:
+        text = prefix
+        if f"{prefix}/loss/total" in metrics:
+            text += f" loss {metrics[f'{prefix}/loss/total']:.4f}"
+        if f"{prefix}/accuracy" in metrics:
+            text += f" acc {metrics[f'{prefix}/accuracy']:.2f}%"
+        if text == prefix and name.startswith("loss/"):
+            text += f" {name[5:]} {metrics.get(f'{prefix}/{name}', math.nan):.4g}"
+        return text
+
+    best = f"(best {split} {name} {metrics[f'best/{split}/{name}']:.4g})"
+    others = "".join(f"  {part(n)}" for n in results if n != "test")
+    return f"{part('train')}  {part('test')} {best}{others}"
+
+
 def fit(
     model: nn.Module,
     objective: nn.Module,
@@ -403,7 +428,10 @@ def fit(
             interval_meter.reset()
             tb.scalars(metrics, state.step)
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics['train/loss/total']:.4f}", acc=f"{metrics['train/accuracy']:.2f}")
+                postfix = {"loss": f"{metrics.get('train/loss/total', math.nan):.4f}"}
+                if "train/accuracy" in metrics:
+                    postfix["acc"] = f"{metrics['train/accuracy']:.2f}"
+                bar.set_postfix(postfix)
         for hook in step_hooks if main else ():
             if state.step % hook.every_steps == 0:
                 tb.health(hook(model, state.step), state.step)
@@ -465,10 +493,13 @@ def fit(
             state.batch = 0
             epoch_meter.reset()
             # best.pt is chosen on the validation set when there is one: never tune on the test set
-            select = "val" if "val" in results else "test"
-            improved = metrics[f"{select}/accuracy"] > state.best_accuracy
-            state.best_accuracy = max(state.best_accuracy, metrics[f"{select}/accuracy"])
-            metrics[f"best/{select}/accuracy"] = state.best_accuracy
+            split = "val" if "val" in results else "test"
+            name, mode = getattr(objective, "monitor", ("accuracy", "max"))
+            value = metrics[f"{split}/{name}"]
+            score = value if mode == "max" else -value
+            improved = state.epoch == 1 or score > state.best_accuracy
+            state.best_accuracy = score if improved else state.best_accuracy
+            metrics[f"best/{split}/{name}"] = state.best_accuracy if mode == "max" else -state.best_accuracy
             metrics["epoch"] = state.epoch
             state.last_metrics = metrics
             tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, state.step)
@@ -481,20 +512,8 @@ def fit(
                 if improved:
                     checkpoint.save(ckpt_dir / "best.pt", snapshot())
                 checkpoint.save_json(run_dir / "metrics.json", metrics)
-            extra = "".join(f"  {n} acc {r.metrics[f'{n}/accuracy']:.2f}%" for n, r in results.items() if n != "test")
-            log.info(
-                "epoch %d/%d  train loss %.4f acc %.2f%%  test loss %.4f acc %.2f%% (best %s %.2f%%)%s  %.1f s",
-                state.epoch,
-                epochs,
-                metrics.get("train/loss/total", math.nan),
-                metrics.get("train/accuracy", math.nan),
-                metrics["test/loss/total"],
-                metrics["test/accuracy"],
-                select,
-                state.best_accuracy,
-                extra,
-                train_seconds,
-            )
+            summary = _summary(metrics, results, split, name)
+            log.info("epoch %d/%d  %s  %.1f s", state.epoch, epochs, summary, train_seconds)
         tb.hparams(hparams, {k: v for k, v in metrics.items() if not k.startswith(("train/", "time/", "epoch"))})
     finally:
         if bar is not None:

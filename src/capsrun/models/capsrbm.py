@@ -34,10 +34,12 @@ detached (:meth:`CapsuleRBM.surrogate_loss`).
 
 Visible conditional: p(v | z) ~ exp(a . v + sum_j z_j log |s_j(v)|^2) does not factorise over
 pixels, because routing and the norm make s_j non-linear in v. capsrun samples it by
-Metropolis-Hastings with a factorial proposal from the energy's gradient (ours; the idea of
-Grathwohl et al., "Oops I took a gradient", ICML 2021): q(v' | v) = prod_i Bernoulli(sigma(-dE/dv_i
-at v)), accepted with the MH ratio, so the chain leaves p(v | z) invariant exactly. Without the MH
-test (``mh=False``) the step is the linearised conditional alone: faster mixing, biased.
+Metropolis-Hastings with a gradient-informed proposal (ours, after Grathwohl et al., "Oops I took
+a gradient", ICML 2021): flip pixel i with probability ``flips`` * softmax_i(-dE_i / 2), dE_i the
+first-order energy change of flipping it, and accept with the MH ratio, so the chain leaves
+p(v | z) invariant exactly (``mh=False`` skips the test: biased). A first version proposed all
+pixels at once from the linearised conditional; on a trained MNIST model its acceptance fell to
+0 and the chains froze (measured), hence the few-pixel proposal.
 
 Shapes (MNIST, patch 4): x [B, 1, 28, 28] -> visible capsules [B, 49, 16] -> votes
 [B, 49, N, D] -> s [B, N, D] -> p(z | v) [B, N]; F(v) [B].
@@ -57,12 +59,20 @@ _TINY = 1e-12  # log |s|^2 of an exactly zero total input: the energy of z_j = 1
 
 
 class RBMOutput(NamedTuple):
-    """``hidden_prob`` [B, N]: p(z_j = 1 | v); ``free_energy`` [B]; ``reconstruction``
-    [B, C, H, W]: the mean of the linearised visible conditional after one up-down pass."""
+    """``hidden_prob`` [B, N]: p(z_j = 1 | v_data); ``free_energy`` [B]: F(v_data);
+    ``reconstruction`` [B, C, H, W]: the mean of the linearised visible conditional after one
+    up-down pass; in training also ``model_free_energy`` [B]: F of the chains' samples, and
+    ``acceptance``: their mean MH acceptance. ``scores`` is None: the model has no classes."""
 
     hidden_prob: torch.Tensor
     free_energy: torch.Tensor
     reconstruction: torch.Tensor
+    model_free_energy: torch.Tensor | None = None
+    acceptance: torch.Tensor | None = None
+
+    @property
+    def scores(self) -> None:
+        return None
 
 
 class CapsuleRBM(nn.Module):
@@ -79,6 +89,12 @@ class CapsuleRBM(nn.Module):
         routing_iterations: int = 3,
         routing_leaky: bool = False,
         weight_std: float = 0.05,
+        cd_steps: int = 1,
+        persistent: bool = False,
+        chains: int = 128,
+        mh: bool = True,
+        temperature: float = 1.0,
+        flips: float = 4.0,
     ):
         super().__init__()
         if image_size % patch:
@@ -97,6 +113,13 @@ class CapsuleRBM(nn.Module):
             weight_std=weight_std,
         )
         self.visible_bias = nn.Parameter(torch.zeros(in_channels * image_size * image_size))
+        if cd_steps < 1:
+            raise ValueError(f"cd_steps must be >= 1, got {cd_steps}")
+        self.cd_steps, self.persistent, self.mh, self.temperature = cd_steps, persistent, mh, temperature
+        self.flips = flips
+        # PCD's chains live on between steps and in checkpoints; started from the first batch
+        self.register_buffer("chains", torch.zeros(chains if persistent else 0, *self.image_shape))
+        self.register_buffer("chains_started", torch.zeros((), dtype=torch.bool))
 
     # --- the energy and what follows from it ------------------------------------------------
 
@@ -138,22 +161,35 @@ class CapsuleRBM(nn.Module):
             (grad,) = torch.autograd.grad(e.sum(), v)
         return e.detach(), -grad / temperature
 
+    def _flip_probs(self, grad: torch.Tensor, v: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per-pixel flip probabilities ``[B, C, H, W]``: ``flips`` times the softmax over pixels
+        of -dE_i / 2T, where dE_i = dE/dv_i (1 - 2 v_i) is the first-order energy change of
+        flipping pixel i; clamped into (0, 1)."""
+        delta = (grad * (1 - 2 * v)).flatten(1)
+        f = self.flips * torch.softmax(-delta / (2 * temperature), dim=1)
+        return f.clamp(1e-7, 1 - 1e-7).view_as(v)
+
     @torch.no_grad()
     def sample_visible(
         self, v: torch.Tensor, z: torch.Tensor, mh: bool = True, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step of a chain that leaves p(v | z) invariant (``mh``) or of its linearised
-        approximation. Returns the new ``v`` (binary, [B, C, H, W]) and per-chain acceptance [B]."""
+        """One Metropolis-Hastings step that leaves p(v | z)^(1/T) invariant: flip each pixel with
+        the gradient-informed probability of :meth:`_flip_probs` (about ``flips`` pixels), accept
+        with the MH ratio (``mh=False``: always, which is biased). Returns the new binary ``v``
+        [B, C, H, W] and the per-chain acceptance [B]."""
         e, logits = self._proposal_logits(v, z, temperature)
-        proposal = torch.bernoulli(torch.sigmoid(logits))
+        f = self._flip_probs(-logits * temperature, v, temperature)
+        flip = torch.bernoulli(f)
+        proposal = (v + flip) % 2
         if not mh:
             return proposal, torch.ones(len(v), device=v.device)
         e_new, logits_new = self._proposal_logits(proposal, z, temperature)
+        f_back = self._flip_probs(-logits_new * temperature, proposal, temperature)
 
-        def log_q(target, lg):  # log prod_i Bernoulli(target_i; sigmoid(lg_i))
-            return -F.binary_cross_entropy_with_logits(lg, target, reduction="none").flatten(1).sum(-1)
+        def log_q(probs: torch.Tensor) -> torch.Tensor:  # the same set of flips, forward or back
+            return (flip * probs.log() + (1 - flip) * torch.log1p(-probs)).flatten(1).sum(-1)
 
-        log_ratio = (e - e_new) / temperature + log_q(v, logits_new) - log_q(proposal, logits)
+        log_ratio = (e - e_new) / temperature + log_q(f_back) - log_q(f)
         accept = torch.rand_like(log_ratio).log() < log_ratio
         return torch.where(accept.view(-1, 1, 1, 1), proposal, v), accept.float()
 
@@ -180,6 +216,58 @@ class CapsuleRBM(nn.Module):
         estimated with the model samples ``v_model`` (treated as constants)."""
         return self.free_energy(v_data).mean() - self.free_energy(v_model.detach()).mean()
 
+    @staticmethod
+    def binarize(x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> binary visible states, thresholded at 0.5 (deterministic, so that
+        the free energies of training and held-out images compare)."""
+        return (x > 0.5).to(x.dtype)
+
+    def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CD-k: ``cd_steps`` Gibbs steps from the data; PCD: from the persistent chains (the
+        first ``B`` of them), which keep the result."""
+        b = len(v_data)
+        if not self.persistent:
+            return self.gibbs(v_data, self.cd_steps, self.mh, self.temperature)
+        if b > len(self.chains):
+            raise ValueError(
+                f"a batch of {b} needs at least as many persistent chains (model.net.chains={len(self.chains)})"
+            )
+        if not self.chains_started:
+            self.chains[:b] = v_data
+            self.chains[b:] = torch.bernoulli(torch.full_like(self.chains[b:], 0.5))
+            self.chains_started.fill_(True)
+        v, acceptance = self.gibbs(self.chains[:b], self.cd_steps, self.mh, self.temperature)
+        self.chains[:b] = v
+        return v, acceptance
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> RBMOutput:
-        """``x`` [B, C, H, W]: binary visible states (or pixel probabilities at evaluation)."""
-        return RBMOutput(self.hidden_prob(x), self.free_energy(x), self.reconstruct(x))
+        """``x`` [B, C, H, W] in [0, 1]; ``labels`` are ignored (trained without labels). In
+        training mode the chains run and ``model_free_energy`` is filled."""
+        v = self.binarize(x)
+        out = RBMOutput(self.hidden_prob(v), self.free_energy(v), self.reconstruct(v))
+        if not self.training:
+            return out
+        v_model, acceptance = self.model_samples(v)
+        return out._replace(model_free_energy=self.free_energy(v_model), acceptance=acceptance)
+
+
+class RBMLoss(nn.Module):
+    """Maximum likelihood for :class:`CapsuleRBM` through the surrogate
+    ``total = mean F(v_data) - mean F(v_model)`` (training only), plus what monitors it:
+    ``reconstruction`` (sum of squared pixel errors of one up-down pass, per image; what picks
+    ``best.pt``), ``free_energy/data`` (its train-test gap shows overfitting),
+    ``free_energy/model``, ``hidden/on`` (mean p(z_j = 1 | v): sparsity) and ``chain/acceptance``."""
+
+    monitor = ("loss/reconstruction", "min")
+
+    def forward(self, out: RBMOutput, target: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        losses = {
+            "reconstruction": (out.reconstruction - target).pow(2).flatten(1).sum(1).mean().detach(),
+            "free_energy/data": out.free_energy.mean().detach(),
+            "hidden/on": out.hidden_prob.mean().detach(),
+        }
+        if out.model_free_energy is not None:
+            losses["total"] = out.free_energy.mean() - out.model_free_energy.mean()
+            losses["free_energy/model"] = out.model_free_energy.mean().detach()
+            losses["chain/acceptance"] = out.acceptance.detach()
+        return losses
