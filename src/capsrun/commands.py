@@ -295,6 +295,19 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _trained_model(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
+    """The model of a checkpoint, rebuilt from the config stored in it, its config and the
+    checkpoint itself."""
+    ckpt = checkpoint.load(path, map_location=dev)
+    run_cfg = OmegaConf.create(ckpt["config"])
+    model = build.model(run_cfg).to(dev)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    return model, run_cfg, ckpt
+
+
 def _save_png(path: Path, image: torch.Tensor) -> None:
     from torchvision.utils import save_image
 
@@ -319,13 +332,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("perturb.step must be > 0 and perturb.range >= 0; e.g. perturb.range=0.25 perturb.step=0.05")
     path = Path(to_absolute_path(str(cfg.checkpoint)))
     dev = build.device(cfg.trainer.device)
-    ckpt = checkpoint.load(path, map_location=dev)
-    run_cfg = OmegaConf.create(ckpt["config"])
-    model = build.model(run_cfg).to(dev)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    model, run_cfg, ckpt = _trained_model(path, dev)
     if sampling.can_sample_chains(model):
         return _sample_chains(cfg, model, run_cfg, dev, path, ckpt["epoch"])
     if not hasattr(model, "decoder") or model.decoder is None:
@@ -442,13 +449,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {}
     targets = _analyze_targets(root)
     for (run_dir, path), label in zip(targets, _run_labels([t[0] for t in targets])):
-        ckpt = checkpoint.load(path, map_location=dev)
-        run_cfg = OmegaConf.create(ckpt["config"])
-        model = build.model(run_cfg).to(dev)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+        model, run_cfg, ckpt = _trained_model(path, dev)
         run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
         run_cfg.data.train_limit = run_cfg.data.test_limit = None
         train = cfg.split == "train"
