@@ -16,14 +16,14 @@ import pytest
 import scipy.io
 import torch
 
-from capsrun.data.affnist import (
+from capsrun.datasets.affnist import (
     FOLDER,
     load_affnist_test,
     pad_to_canvas,
     random_translate,
     read_affnist_mat,
 )
-from capsrun.data.loader import random_shift
+from capsrun.datasets.loader import random_shift
 from capsrun.errors import DatasetError
 
 

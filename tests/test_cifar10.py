@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from capsrun.data.cifar10 import (
+from capsrun.datasets.cifar10 import (
     ARCHIVE,
     CLASSES,
     FOLDER,

@@ -59,7 +59,7 @@ def _model(path: Path, trained: bool):
 
 def test_rbm_learns_the_data_against_an_untrained_model(rbm_run, mnist_root):
     """Held-out images get a lower free energy than random bits, by far more after training."""
-    from capsrun.data import load_split
+    from capsrun.datasets import load_split
 
     images, _ = load_split("mnist", mnist_root, train=False, download=False)
     test = (images[:100].float() / 255 > 0.5).float()

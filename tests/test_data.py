@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from capsrun.data import BatchLoader, load_split, random_shift, subset
-from capsrun.data.idx import read_idx
-from capsrun.data.mnist import MNIST, load_idx_split
+from capsrun.datasets import BatchLoader, load_split, random_shift, subset
+from capsrun.datasets.idx import read_idx
+from capsrun.datasets.mnist import MNIST, load_idx_split
 from capsrun.errors import DatasetError
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsrun.data.mnist import MNIST, load_idx_split
+from capsrun.datasets.mnist import MNIST, load_idx_split
 from capsrun.errors import DatasetError
 from conftest import write_mnist
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsrun.data.multimnist import (
+from capsrun.datasets.multimnist import (
     MultiMNISTLoader,
     multilabel_targets,
     overlay,

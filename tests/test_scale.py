@@ -11,33 +11,33 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from capsrun import data, distributed, report
+from capsrun import datasets, distributed, report
 from capsrun.cli import conf_dir
-from capsrun.data.loader import BatchLoader
+from capsrun.datasets.loader import BatchLoader
 from capsrun.errors import ConfigError
 from conftest import write_mnist
 
 
 def test_holdout_is_fixed_sized_and_seeded():
-    a = data.holdout(1000, 100)
-    assert len(a) == 100 and len(set(a.tolist())) == 100 and torch.equal(a, data.holdout(1000, 100))
-    assert len(data.holdout(1000, 0.25)) == 250
-    assert len(data.holdout(1000, None)) == 0
+    a = datasets.holdout(1000, 100)
+    assert len(a) == 100 and len(set(a.tolist())) == 100 and torch.equal(a, datasets.holdout(1000, 100))
+    assert len(datasets.holdout(1000, 0.25)) == 250
+    assert len(datasets.holdout(1000, None)) == 0
     with pytest.raises(ConfigError, match="val_split"):
-        data.holdout(100, 100)
+        datasets.holdout(100, 100)
 
 
 def test_val_split_is_held_out_of_training_and_evaluated_like_the_test_set(tmp_path):
     root = write_mnist(tmp_path, n_train=300, n_test=50)
     common = dict(download=False, batch_size=32, eval_batch_size=64, seed=0, max_shift=2)
-    loaders = data.make_loaders("mnist", root, val_split=60, **common)
+    loaders = datasets.make_loaders("mnist", root, val_split=60, **common)
     assert list(loaders.tests) == ["test", "val"]
     assert loaders.train.num_examples == 240 and loaders.tests["val"].num_examples == 60
     assert loaders.tests["test"].num_examples == 50
     val = loaders.tests["val"].images
     train = loaders.train.images
     # no validation image is a training image; together they are the whole training split
-    full = data.make_loaders("mnist", root, **common).train.images
+    full = datasets.make_loaders("mnist", root, **common).train.images
     assert not (val.flatten(1)[:, None] == train.flatten(1)[None]).all(-1).any()
     assert len(val) + len(train) == len(full)
     assert loaders.tests["val"].max_shift == 0  # no augmentation at evaluation

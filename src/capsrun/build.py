@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import data
+from capsrun import datasets
 from capsrun.errors import ConfigError
 
 
@@ -52,8 +52,8 @@ def validate_train(cfg: DictConfig) -> None:
         value = cfg.dataset.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"dataset.{key} must be an integer >= 0, got {value!r}; e.g. dataset.{key}=4")
-    if cfg.dataset.name not in data.DATASETS:
-        raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(data.DATASETS)}")
+    if cfg.dataset.name not in datasets.DATASETS:
+        raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(datasets.DATASETS)}")
 
 
 def device(spec: str) -> torch.device:
@@ -84,12 +84,14 @@ def data_root(cfg: DictConfig) -> Path:
 _SHAPE_KEYS = ("name", "channels", "image_size", "num_classes")
 
 
-def loaders(cfg: DictConfig, dev: torch.device, train: bool = True, eval_batch_size: int | None = None) -> data.Loaders:
+def loaders(
+    cfg: DictConfig, dev: torch.device, train: bool = True, eval_batch_size: int | None = None
+) -> datasets.Loaders:
     """The dataset's test loaders and, when ``train``, its training loader, per its protocol.
     The dataset config's keys beyond its shape are the protocol's options (``max_shift``, ...)."""
     ds = cfg.dataset
     options = {k: v for k, v in OmegaConf.to_container(ds, resolve=True).items() if k not in _SHAPE_KEYS}
-    return data.make_loaders(
+    return datasets.make_loaders(
         ds.name,
         data_root(cfg),
         download=cfg.data.download,

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from capsrun import checkpoint, distributed
-from capsrun.data import BatchLoader
+from capsrun.datasets import BatchLoader
 from capsrun.errors import CheckpointError
 from capsrun.tblog import TBLogger
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsrun.data.loader import random_shift
+from capsrun.datasets.loader import random_shift
 from capsrun.errors import DatasetError, brief
 
 URL = "https://www.cs.toronto.edu/~tijmen/affNIST/32x/transformed/test.mat.zip"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from capsrun.data import affnist, cifar10
-from capsrun.data.loader import BatchLoader, random_shift
-from capsrun.data.mnist import FASHION_MNIST, MNIST, load_idx_split
-from capsrun.data.multimnist import MultiMNISTLoader
+from capsrun.datasets import affnist, cifar10
+from capsrun.datasets.loader import BatchLoader, random_shift
+from capsrun.datasets.mnist import FASHION_MNIST, MNIST, load_idx_split
+from capsrun.datasets.multimnist import MultiMNISTLoader
 from capsrun.errors import ConfigError
 
 _IDX = {"mnist": MNIST, "fashion_mnist": FASHION_MNIST}

@@ -167,7 +167,7 @@ def sample(
 
 class MultiMNISTLoader:
     """Iterates :class:`MultiMNISTBatch` es over a split held in memory, like
-    :class:`capsrun.data.BatchLoader`.
+    :class:`capsrun.datasets.BatchLoader`.
 
     ``epoch(e, start=k)`` draws the whole epoch's plan (base order, partners, shifts) from a
     generator seeded by ``(seed, e)`` and then renders batches ``k..``, so a resumed epoch is

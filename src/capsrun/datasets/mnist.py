@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from capsrun.data.idx import read_idx
+from capsrun.datasets.idx import read_idx
 from capsrun.errors import DatasetError
 
 
