@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: install train test tensorboard clean
+.PHONY: install train test bench tensorboard clean
 
 $(BIN)/capsrun: pyproject.toml constraints/local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ train: install  ## train the paper's CapsNet on MNIST (extra overrides: make tra
 
 test: install  ## the test suite (CPU, no network)
 	$(BIN)/python -m pytest $(ARGS)
+
+bench: install  ## throughput table, every model and speed setting (quick: make bench ARGS="models=[capsnet] batch_sizes=[128]")
+	$(BIN)/capsrun bench $(ARGS)
 
 tensorboard: install  ## browse every run under outputs/
 	$(BIN)/tensorboard --logdir outputs

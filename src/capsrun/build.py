@@ -37,6 +37,11 @@ def validate_train(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.batch_size", example="128")
     _positive_int(cfg, "trainer.eval_batch_size", example="512")
     _positive_int(cfg, "trainer.log_every", example="50")
+    precision(cfg)
+    compile_mode(cfg)
+    channels_last = cfg.trainer.get("channels_last", "auto")
+    if channels_last not in ("auto", True, False):
+        raise ConfigError(f"trainer.channels_last must be auto, true or false, got {channels_last!r}")
     _optional_limit(cfg, "data.train_limit")
     _optional_limit(cfg, "data.test_limit")
     val = cfg.data.get("val_split")
@@ -46,6 +51,9 @@ def validate_train(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.val_split must be null, a count or a fraction in (0, 1), got {val!r}; e.g. data.val_split=5000"
         )
+    placement = cfg.data.get("placement", "auto")
+    if placement not in datasets.PLACEMENTS:
+        raise ConfigError(f"data.placement must be one of {', '.join(datasets.PLACEMENTS)}, got {placement!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}; e.g. seed=0")
     for key in ("max_shift", "crop", "canvas", "test_size", "epoch_size", "affnist_limit", "test_seed"):
@@ -54,6 +62,30 @@ def validate_train(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.{key} must be an integer >= 0, got {value!r}; e.g. dataset.{key}=4")
     if cfg.dataset.name not in datasets.DATASETS:
         raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(datasets.DATASETS)}")
+
+
+def precision(cfg: DictConfig) -> str:
+    """``trainer.precision``, checked, with the process-wide TF32 switches set to match it."""
+    from capsrun import speed
+
+    value = cfg.trainer.get("precision", "fp32")
+    if value not in speed.PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision must be one of {', '.join(speed.PRECISIONS)}, got {value!r}; "
+            "e.g. trainer.precision=bf16"
+        )
+    speed.set_matmul_precision(value)
+    return value
+
+
+def compile_mode(cfg: DictConfig) -> str | None:
+    """``trainer.compile`` as a ``torch.compile`` mode, or None for eager."""
+    from capsrun import speed
+
+    try:
+        return speed.compile_mode(cfg.trainer.get("compile", False))
+    except ValueError as e:
+        raise ConfigError(f"trainer.{e}; e.g. trainer.compile=true") from None
 
 
 def device(spec: str) -> torch.device:
@@ -103,6 +135,7 @@ def loaders(
         train_limit=cfg.data.train_limit,
         test_limit=cfg.data.test_limit,
         val_split=cfg.data.get("val_split"),
+        placement=cfg.data.get("placement", "auto"),
         **options,
     )
 

@@ -20,6 +20,7 @@ commands:
   sample   sample grids (PNG + TensorBoard) from a checkpoint (VCaps, CapsNet, capsule RBM chains)
   analyze  capsule health of a checkpoint, a run dir or a multirun dir: capsrun analyze checkpoint=PATH
   report   swept values against final metrics of a multirun: capsrun report DIR [--help]
+  bench    train/eval images/s and peak memory per model, precision and compile setting
 
 examples:
   capsrun train model=capsnet routing.iterations=1 trainer.epochs=5
@@ -34,6 +35,8 @@ examples:
   capsrun train -m hydra/launcher=capsrun_slurm seed=0,1,2     SLURM (pip install 'capsrun[slurm]')
   torchrun --nproc_per_node=2 -m capsrun train                 data-parallel (torch.distributed)
   capsrun report outputs/multirun/2026-11-23/10-00-00
+  capsrun train trainer.precision=bf16 trainer.compile=true   the fast path (docs/performance.md)
+  capsrun bench models=[capsnet] batch_sizes=[128]
   capsrun train --help       config groups and the composed config (Hydra's help)
   capsrun train --cfg job    print the composed config and exit
 
@@ -42,7 +45,7 @@ runs go to outputs/<date>/<time>/ (sweeps: outputs/multirun/...); see them with
 """
 
 GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "diagnostics", "experiment", "hparams_search")
-COMMANDS = ("train", "eval", "sample", "analyze", "report")
+COMMANDS = ("train", "eval", "sample", "analyze", "report", "bench")
 # option prefix -> (Hydra plugin module, the extra that installs it)
 PLUGINS = {
     "hparams_search=": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
@@ -67,6 +70,7 @@ def _commands() -> dict[str, Callable]:
         "eval": commands.evaluate_checkpoint,
         "sample": commands.sample,
         "analyze": commands.analyze,
+        "bench": commands.bench,
     }
 
 

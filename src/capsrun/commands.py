@@ -16,7 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import build, checkpoint, distributed, sampling
+from capsrun import build, checkpoint, distributed, sampling, speed
 from capsrun.errors import CheckpointError, ConfigError
 from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
@@ -109,6 +109,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     loaders = build.loaders(cfg, dev)
     model = build.model(cfg).to(dev)
+    precision = build.precision(cfg)
+    if speed.use_channels_last(cfg.trainer.channels_last, precision):
+        model = speed.to_channels_last(model)
     objective = build.objective(cfg).to(dev)
     opts = build.optimizers(cfg, model, objective)
     sched = build.scheduler(cfg, opts[0])
@@ -123,16 +126,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
         test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in loaders.tests.items()}
         # different training-time noise (VCaps samples) on each rank, the same on every launch
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
+    eval_model = None
+    mode = build.compile_mode(cfg)
+    if mode is not None:  # full batches compiled, the last partial one eager (speed.Compiled)
+        train_model = speed.Compiled(train_model, {cfg.trainer.batch_size // world.size}, mode)
+        eval_model = speed.Compiled(model, {-(-cfg.trainer.eval_batch_size // world.size)}, mode)
     n_params = sum(p.numel() for p in model.parameters())
     with StopOnSignal() as stop:
         log.info(
-            "%s on %s (%d train / %d test images), %s parameters, device %s%s, run dir %s",
+            "%s on %s (%d train / %d test images), %s parameters, device %s (%s%s%s)%s, run dir %s",
             cfg.model.name,
             cfg.dataset.name,
             loaders.train.num_examples,
             loaders.tests["test"].num_examples,
             f"{n_params:,}",
             dev,
+            precision,
+            ", channels-last" if speed.use_channels_last(cfg.trainer.channels_last, precision) else "",
+            f", compiled ({mode})" if mode else "",
             f" x {world.size} processes ({torch.distributed.get_backend()})" if world.distributed else "",
             run_dir,
         )
@@ -156,6 +167,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 epoch_hooks=hooks,
                 step_hooks=[] if health is None else [health],
                 train_model=train_model,
+                eval_model=eval_model,
+                precision=precision,
                 world=world,
             )
         except Interrupted as e:
@@ -558,3 +571,118 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         out_dir,
     )
     return metrics
+
+
+def _bench_config(cfg: DictConfig, model: str, iterations: int, batch_size: int) -> DictConfig:
+    """The training config of one benchmarked model, composed like ``capsrun train model=...``."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [
+        f"model={model}",
+        f"dataset={cfg.dataset}",
+        f"routing.iterations={iterations}",
+        f"trainer.batch_size={batch_size}",
+        *cfg.overrides,
+    ]
+    try:
+        return compose(config_name="train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"bench: cannot compose {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+
+
+def _bench_settings(cfg: DictConfig, dev: torch.device) -> list:
+    """Every (model, routing iterations, batch size) group: its reference (fp32, eager, NCHW)
+    first, then each other precision x compile setting. TF32 is skipped on a CPU (it is fp32)."""
+    from capsrun.bench import Setting
+
+    for key in ("models", "iterations", "batch_sizes", "precisions", "compile"):
+        if not OmegaConf.is_list(cfg[key]) or not cfg[key]:
+            raise ConfigError(f"bench.{key} must be a non-empty list, e.g. {key}=[{cfg[key]}]")
+    for p in cfg.precisions:
+        if p not in speed.PRECISIONS:
+            raise ConfigError(f"precisions: {p!r} is not one of {', '.join(speed.PRECISIONS)}")
+    settings = []
+    for name in cfg.models:
+        routed = "routing_iterations" in _bench_config(cfg, name, 3, 128).model.net
+        for iterations in cfg.iterations if routed else [None]:
+            for size in cfg.batch_sizes:
+                group = [Setting(name, iterations, size)]
+                for precision in cfg.precisions:
+                    if precision == "tf32" and dev.type != "cuda":
+                        continue
+                    for compiled in cfg.compile:
+                        s = Setting(
+                            name,
+                            iterations,
+                            size,
+                            precision,
+                            bool(compiled),
+                            speed.use_channels_last("auto", precision),
+                        )
+                        if not s.reference:
+                            group.append(s)
+                settings.extend(group)
+    return settings
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    """``capsrun bench``: train and eval images/s and peak memory per model and speed setting,
+    each with its ratio over the straightforward eager reference measured in the same run;
+    a table on stdout and in ``bench.md``, the figures in ``bench.json`` (see :mod:`capsrun.bench`)."""
+    from tqdm import tqdm
+
+    from capsrun import bench as benchmark
+
+    dev = build.device(cfg.trainer.device)
+    cpu = dev.type == "cpu"
+    warmup = cfg.warmup if cfg.warmup != "auto" else (2 if cpu else 10)
+    steps = cfg.steps if cfg.steps != "auto" else (3 if cpu else 30)
+    for key, value in (("warmup", warmup), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "steps" else 0):
+            raise ConfigError(f"{key} must be auto or a positive integer, got {value!r}; e.g. {key}=5")
+    settings = _bench_settings(cfg, dev)
+    results = []
+    for s in tqdm(settings, desc="bench", disable=None if cfg.trainer.progress else True):
+        run_cfg = _bench_config(cfg, s.model, s.iterations or 3, s.batch_size)
+        torch.manual_seed(cfg.seed)
+        torch._dynamo.reset()  # a fresh model per setting: do not run into dynamo's recompile limit
+        model = build.model(run_cfg).to(dev)
+        objective = build.objective(run_cfg).to(dev)
+        ds = run_cfg.dataset
+        per_image = 2 if ds.name == "multimnist" else 1
+        batch = benchmark.synthetic_batch(
+            s.batch_size, ds.channels, ds.image_size, ds.num_classes, per_image, dev, cfg.seed
+        )
+        m = benchmark.measure(s, model, objective, build.optimizers(run_cfg, model, objective), batch, warmup, steps)
+        results.append(m)
+        log.info("%s: train %.1f img/s, eval %.1f img/s", s, m.train_images_per_second, m.eval_images_per_second)
+        del model, objective, batch
+        if not cpu:
+            torch.cuda.empty_cache()
+    benchmark.with_ratios(results)
+    speed.set_matmul_precision("fp32")
+    header = (
+        f"# capsrun bench\n\ndevice: {benchmark.device_description(dev)}; torch {torch.__version__}; "
+        f"dataset shape: {cfg.dataset}; {warmup} warm-up + {steps} timed steps per figure; "
+        f"synthetic batches\n\ncommand: `{' '.join(sys.argv)}`\n"
+    )
+    text = f"{header}\n{benchmark.table(results)}\n"
+    print(text)
+    run_dir = _run_dir()
+    checkpoint.atomic_write(run_dir / "bench.md", lambda f: f.write(text.encode()))
+    rows = [m.row() for m in results]
+    checkpoint.save_json(
+        run_dir / "bench.json",
+        {
+            "device": benchmark.device_description(dev),
+            "torch": torch.__version__,
+            "command": " ".join(sys.argv),
+            "warmup": warmup,
+            "steps": steps,
+            "results": rows,
+        },
+    )
+    log.info("bench table in %s", run_dir / "bench.md")
+    return {"results": rows}

@@ -19,7 +19,9 @@ def margin_loss(
     ``lengths``: capsule lengths ``[batch, classes]``; ``targets``: T_k, ``[batch, classes]`` in
     {0, 1} (two ones for MultiMNIST) or class indices ``[batch]``. Summed over classes,
     mean over the batch. (The authors' code halves it and averages over classes instead.)
+    Computed in fp32 whatever the input dtype (bf16 autocast).
     """
+    lengths = lengths.float()
     if targets.dim() == 1:
         targets = F.one_hot(targets, lengths.shape[-1])
     t = targets.to(lengths.dtype)
@@ -71,9 +73,9 @@ def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> t
 
     ``reconstruction``, ``images``: ``[batch, ...]`` of equal size, pixels in [0, 1]. For k
     reconstructions per image (``[batch, k, C, H, W]``, MultiMNIST) the k sums are added, which
-    weights each by the same factor as in Sec. 6.
+    weights each by the same factor as in Sec. 6. Computed in fp32 whatever the input dtype.
     """
-    diff = reconstruction.flatten(1) - images.flatten(1)
+    diff = reconstruction.flatten(1).float() - images.flatten(1).float()
     return diff.pow(2).sum(dim=1).mean()
 
 

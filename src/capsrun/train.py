@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from capsrun import checkpoint, distributed
+from capsrun import checkpoint, distributed, speed
 from capsrun.datasets import BatchLoader
 from capsrun.errors import CheckpointError
 from capsrun.tblog import TBLogger
@@ -170,6 +170,7 @@ def train_one_epoch(
     on_step: Callable[[], bool],
     bar: tqdm | None = None,
     sync_grads: Callable[[], None] | None = None,
+    precision: str = "fp32",
 ) -> bool:
     """Train from ``state.batch`` to the end of epoch ``state.epoch``; ``on_step`` runs after
     every step and returns True to stop early. Returns whether the epoch was completed.
@@ -177,12 +178,14 @@ def train_one_epoch(
     ``optimizers``: the model's, then any the objective's own parameters need (a discriminator);
     one backward pass of ``total`` feeds them all, ``scheduler`` sets the first one's lr.
     ``sync_grads`` runs between backward and the optimizer steps (averaging the gradients of
-    parameters that DistributedDataParallel does not own, across ranks)."""
+    parameters that DistributedDataParallel does not own, across ranks). ``precision``: see
+    :mod:`capsrun.speed` (the forward pass and the losses run under its autocast)."""
     model.train()
     for batch in loader.epoch(state.epoch, start=state.batch):
         x, y, target = unpack(batch)
-        out = model(x, y)
-        losses = objective(out, target, y)
+        with speed.autocast(x.device, precision):
+            out = model(x, y)
+            losses = objective(out, target, y)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -221,19 +224,22 @@ def evaluate(
     num_images: int = 8,
     progress: bool = True,
     prefix: str = "test",
+    precision: str = "fp32",
 ) -> EvalResult:
     """Metrics ``<prefix>/...`` with the decoder masked to the predicted classes, as at test time
-    in the paper."""
+    in the paper. ``model`` may be a :class:`capsrun.speed.Compiled` wrapper."""
     model.eval()
     meter, scores, first = Meter(), [], None
     batches = tqdm(loader.epoch(0), total=len(loader), desc=prefix, disable=None if progress else True, leave=False)
     for batch in batches:
         x, y, target = unpack(batch)
-        out = model(x)
-        if y.dim() == 2 and getattr(out, "reconstruction", None) is not None:
-            out = out._replace(reconstruction=model.reconstruct(out.digit_caps, aligned_top(out.scores, y)))
+        with speed.autocast(x.device, precision):
+            out = model(x)
+            if y.dim() == 2 and getattr(out, "reconstruction", None) is not None:
+                out = out._replace(reconstruction=model.reconstruct(out.digit_caps, aligned_top(out.scores, y)))
+            losses = objective(out, target, y)
         batch_scores = getattr(out, "scores", None)
-        meter.update(objective(out, target, y), None if batch_scores is None else correct(batch_scores, y), len(y))
+        meter.update(losses, None if batch_scores is None else correct(batch_scores, y), len(y))
         if batch_scores is not None:
             scores.append(batch_scores)
         if first is None:
@@ -250,8 +256,8 @@ def evaluate(
     images, reconstructions, coupling = first
     return EvalResult(
         metrics,
-        images.cpu(),
-        None if reconstructions is None else reconstructions.cpu(),
+        images.float().cpu(),
+        None if reconstructions is None else reconstructions.float().cpu(),
         torch.cat(scores).float().cpu() if scores else None,
         coupling,
     )
@@ -372,6 +378,8 @@ def fit(
     epoch_hooks: Sequence[Callable[[nn.Module, int, bool], dict[str, Any]]] = (),
     step_hooks: Sequence[Any] = (),
     train_model: nn.Module | None = None,
+    eval_model: Any = None,
+    precision: str = "fp32",
     world: distributed.World = distributed.SINGLE,
 ) -> dict[str, float]:
     """Train for ``epochs``, evaluate after each, checkpoint, log; return the final metrics.
@@ -382,8 +390,10 @@ def fit(
     ``step_hooks``: called as ``hook(model, step)`` after every ``hook.every_steps``-th optimizer
     step, while that step's gradients are still there; each returns a
     :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health).
-    ``train_model``: what the training step calls (a DistributedDataParallel wrapper of ``model``);
-    ``world``: this process's rank. Every rank trains and evaluates its shard; only rank 0 runs
+    ``train_model``: what the training step calls (a DistributedDataParallel wrapper of ``model``,
+    a :class:`capsrun.speed.Compiled` one); ``eval_model``: what evaluation calls (a compiled
+    ``model``); ``precision``: see :mod:`capsrun.speed`; ``world``: this process's rank. Every
+    rank trains and evaluates its shard; only rank 0 runs
     the hooks and writes logs and checkpoints; the ranks decide to stop together.
 
     Writes ``checkpoints/last.pt`` every epoch (and on interrupt), ``checkpoints/best.pt`` when
@@ -463,6 +473,7 @@ def fit(
                 on_step,
                 bar,
                 sync_grads,
+                precision,
             )
             bar.close()
             if not done:
@@ -471,18 +482,23 @@ def fit(
                 raise Interrupted(
                     f"stopped at epoch {state.epoch + 1}, batch {state.batch}; saved {ckpt_dir / 'last.pt'}"
                 )
+            if device.type == "cuda":  # kernels are queued asynchronously: time their end
+                torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - t0
             train_metrics = epoch_meter.compute("train")
+            t1 = time.perf_counter()
             results = {
-                name: evaluate(model, objective, loader, num_images, progress and main, prefix=name)
+                name: evaluate(eval_model or model, objective, loader, num_images, progress and main, name, precision)
                 for name, loader in test_loaders.items()
             }
+            eval_seconds = time.perf_counter() - t1  # evaluate() ends with a host copy: synced
             result = results["test"]
             metrics = {
                 **train_metrics,
                 **{k: v for r in results.values() for k, v in r.metrics.items()},
                 "time/epoch_seconds": train_seconds,
                 "time/train_images_per_second": train_loader.num_examples / train_seconds,
+                "time/eval_seconds": eval_seconds,
             }
             hook_images: dict[str, torch.Tensor] = {}
             for hook in epoch_hooks if main else ():
@@ -513,7 +529,9 @@ def fit(
                     checkpoint.save(ckpt_dir / "best.pt", snapshot())
                 checkpoint.save_json(run_dir / "metrics.json", metrics)
             summary = _summary(metrics, results, split, name)
-            log.info("epoch %d/%d  %s  %.1f s", state.epoch, epochs, summary, train_seconds)
+            log.info(
+                "epoch %d/%d  %s  %.1f s (+ %.1f s eval)", state.epoch, epochs, summary, train_seconds, eval_seconds
+            )
         tb.hparams(hparams, {k: v for k, v in metrics.items() if not k.startswith(("train/", "time/", "epoch"))})
     finally:
         if bar is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from capsrun.datasets import affnist, cifar10
-from capsrun.datasets.loader import BatchLoader, random_shift
+from capsrun.datasets.loader import PLACEMENTS, BatchLoader, random_shift
 from capsrun.datasets.mnist import FASHION_MNIST, MNIST, load_idx_split
 from capsrun.datasets.multimnist import MultiMNISTLoader
 from capsrun.errors import ConfigError
@@ -73,15 +73,18 @@ def make_loaders(
     train_limit: int | None = None,
     test_limit: int | None = None,
     val_split: int | float | None = None,
+    placement: str = "auto",
     **options,
 ) -> Loaders:
     """Loaders of one protocol; ``options`` are the dataset config's own keys (see ``conf/dataset``).
     ``val_split`` holds out that many (or that fraction of) training images as ``"val"``,
-    evaluated like the test set (:func:`holdout`); ``train_limit`` then subsets the rest."""
+    evaluated like the test set (:func:`holdout`); ``train_limit`` then subsets the rest.
+    ``placement``: where the image tensors live, see :func:`capsrun.datasets.loader.storage_device`
+    (MultiMNIST's source digits always live on ``device``: 47 MB)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     split = partial(_split, name, root, download, val_split, "test")
-    common = dict(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, device=device)
+    common = dict(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, device=device, placement=placement)
     loaders = _BUILDERS[name](split, root, download, train, train_limit, test_limit, common, **options)
     if val_split:
         # the held-out training images through the protocol's own test-time path
@@ -113,8 +116,16 @@ def _split(name: str, root, download: bool, val_split, test_part: str, train: bo
 def _idx(split, root, download, train, train_limit, test_limit, common, max_shift: int = 2) -> Loaders:
     """MNIST / Fashion-MNIST (arXiv:1710.09829 Sec. 5): shifts of up to ``max_shift`` px."""
     dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
-    test = BatchLoader(*split(False, test_limit), ebs, device=dev)
-    tr = BatchLoader(*split(True, train_limit), bs, shuffle=True, max_shift=max_shift, seed=seed, device=dev)
+    test = BatchLoader(*split(False, test_limit), ebs, device=dev, placement=common["placement"])
+    tr = BatchLoader(
+        *split(True, train_limit),
+        bs,
+        shuffle=True,
+        max_shift=max_shift,
+        seed=seed,
+        device=dev,
+        placement=common["placement"],
+    )
     return Loaders(tr if train else None, {"test": test})
 
 
@@ -126,14 +137,23 @@ def _affnist(
     all for None, none for 0)."""
     dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
     x, y = split(False, test_limit)
-    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, device=dev)}
+    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, device=dev, placement=common["placement"])}
     if affnist_limit != 0:
-        tests["affnist"] = BatchLoader(*affnist.load_affnist_test(root, download, affnist_limit), ebs, device=dev)
+        tests["affnist"] = BatchLoader(
+            *affnist.load_affnist_test(root, download, affnist_limit), ebs, device=dev, placement=common["placement"]
+        )
     tr = None
     if train:
         x, y = split(True, train_limit)
         tr = BatchLoader(
-            affnist.pad_to_canvas(x, canvas), y, bs, shuffle=True, max_shift=max_shift, seed=seed, device=dev
+            affnist.pad_to_canvas(x, canvas),
+            y,
+            bs,
+            shuffle=True,
+            max_shift=max_shift,
+            seed=seed,
+            device=dev,
+            placement=common["placement"],
         )
     return Loaders(tr, tests)
 
@@ -172,7 +192,11 @@ def _cifar10(split, root, download, train, train_limit, test_limit, common, crop
     standardisation for training; central crop and standardisation at test."""
     dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
     test = BatchLoader(
-        *split(False, test_limit), ebs, device=dev, transform=lambda x, gen: cifar10.eval_transform(x, crop)
+        *split(False, test_limit),
+        ebs,
+        device=dev,
+        placement=common["placement"],
+        transform=lambda x, gen: cifar10.eval_transform(x, crop),
     )
     tr = None
     if train:
@@ -182,6 +206,7 @@ def _cifar10(split, root, download, train, train_limit, test_limit, common, crop
             shuffle=True,
             seed=seed,
             device=dev,
+            placement=common["placement"],
             transform=partial(cifar10.train_transform, size=crop),
         )
     return Loaders(tr, {"test": test})
@@ -191,6 +216,7 @@ _BUILDERS = {"mnist": _idx, "fashion_mnist": _idx, "affnist": _affnist, "multimn
 
 __all__ = [
     "DATASETS",
+    "PLACEMENTS",
     "BatchLoader",
     "Loaders",
     "MultiMNISTLoader",

@@ -1,8 +1,11 @@
 """Batches from a split held in memory as one uint8 tensor, augmentation done per batch.
 
-The MNIST family fits in memory (47 MB), so the whole split lives on the training device and
-each epoch is a seeded permutation: no worker processes, no per-image Python, and an epoch can
-be replayed exactly from ``(seed, epoch)`` to resume in the middle of it.
+The MNIST family (47 MB) and CIFAR10 (150 MB) fit in a GPU's memory, so by default the whole
+split lives on the training device and each epoch is a seeded permutation: batches are gathered,
+shifted, cropped and flipped there, with no worker processes, no per-image Python and no
+host-to-device copy per step; and an epoch can be replayed exactly from ``(seed, epoch)`` to
+resume in the middle of it. A split too large for the device stays in (pinned) host memory and
+only each batch is copied over (``data.placement``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,24 @@ def random_shift(images: torch.Tensor, offsets: torch.Tensor, max_shift: int) ->
 
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+PLACEMENTS = ("auto", "device", "host")
+
+
+def storage_device(placement: str, device: torch.device, nbytes: int) -> torch.device:
+    """Where a split of ``nbytes`` lives when batches are wanted on ``device``.
+
+    ``device``: on it (CPU training: the same thing as ``host``); ``host``: in CPU memory, each
+    batch copied over; ``auto``: on a CUDA device when the split takes under a quarter of its free
+    memory, else on the host.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if device.type == "cpu" or placement == "device":
+        return device
+    if placement == "host":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes < free // 4 else torch.device("cpu")
 
 
 class BatchLoader:
@@ -42,7 +63,8 @@ class BatchLoader:
     generator seeded by ``(seed, epoch)``; ``transform(x, gen)`` (crops, flips, jitter,
     standardisation) gets a CPU generator seeded by ``(seed, epoch, batch)``. So
     ``epoch(e, start=k)`` replays epoch ``e`` from batch ``k`` exactly as an uninterrupted run
-    would have seen it.
+    would have seen it. ``placement``: where ``images`` are kept (:func:`storage_device`); batches
+    and labels are always on ``device``, augmentation runs there.
     """
 
     def __init__(
@@ -55,12 +77,16 @@ class BatchLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         transform: Transform | None = None,
+        placement: str = "device",
     ):
         self.transform = transform
-        self.images = images.to(device)
+        self.device = torch.device(device)
+        self.storage = storage_device(placement, self.device, images.numel() * images.element_size())
+        self.images = images.to(self.storage)
+        if self.storage.type == "cpu" and self.device.type == "cuda":
+            self.images = self.images.pin_memory()
         self.labels = labels.to(device)
         self.batch_size, self.shuffle, self.max_shift, self.seed = batch_size, shuffle, max_shift, seed
-        self.device = torch.device(device)
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
@@ -74,10 +100,12 @@ class BatchLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         offsets = torch.randint(-self.max_shift, self.max_shift + 1, (n, 2), generator=gen)
+        stored = order.to(self.storage)
         order, offsets = order.to(self.device), offsets.to(self.device)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.images[idx].float().div_(255.0)
+            x = self.images[stored[i * self.batch_size : (i + 1) * self.batch_size]]
+            x = x.to(self.device, non_blocking=True).float().div_(255.0)
             if self.max_shift:
                 x = random_shift(x, offsets[idx], self.max_shift)
             if self.transform is not None:

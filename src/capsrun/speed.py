@@ -1,0 +1,94 @@
+"""How fast a step runs, never what it computes: numeric precision, ``torch.compile``, memory format.
+
+Three settings (``trainer.precision``, ``trainer.compile``, ``trainer.channels_last``), applied
+the same way by ``capsrun train`` and ``capsrun bench``; see docs/performance.md for what each
+one buys on an H100 and on a 2-core CPU, and why.
+
+- ``fp32``: IEEE single precision everywhere; TF32 is switched OFF for matmuls and cuDNN
+  convolutions (PyTorch leaves it on for cuDNN by default), so fp32 means fp32.
+- ``tf32``: fp32 tensors, TF32 tensor cores for matmuls and convolutions (CUDA, Ampere and
+  later; on CPU the same as fp32).
+- ``bf16``: autocast: convolutions and matrix products run in bfloat16; weights, optimizer
+  state and the losses stay fp32 (no loss scaling needed: bf16 has fp32's exponent range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Process-wide TF32 switches for ``precision`` (they are global in PyTorch)."""
+    tf32 = check_precision(precision) == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of one forward pass and its losses: bfloat16 for ``bf16``, else none."""
+    if check_precision(precision) != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def use_channels_last(setting: bool | str, precision: str) -> bool:
+    """``auto``: channels-last with bf16 only. Measured: it speeds bf16 convolutions up (CPU
+    oneDNN and H100 cuDNN) and slows fp32 ones down on this CPU (docs/performance.md)."""
+    if setting == "auto":
+        return precision == "bf16"
+    return bool(setting)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """4-d weights (convolutions) in NHWC order; inputs need no change (a convolution with
+    channels-last weights returns channels-last activations, and a 1-channel image is the same
+    in both orders)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+class Compiled:
+    """``torch.compile`` of ``module`` for the batch sizes in ``sizes``; any other size (the
+    last, smaller batch of an epoch) runs eagerly rather than paying a second compilation
+    (tens of seconds on a CPU) for one step per epoch. Everything else (``train()``,
+    ``eval()``, ``reconstruct``, ``parameters()``) is the module's own.
+
+    Compilation is static-shaped (``dynamic=False``): one graph per size and mode, each
+    specialised, which is what the throughput figures in docs/performance.md were measured with.
+    """
+
+    def __init__(self, module: nn.Module, sizes: Iterable[int], mode: str | None = None):
+        self.module = module
+        self.sizes = frozenset(sizes)
+        self.compiled = torch.compile(module, dynamic=False, mode=mode)
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        fn: Callable = self.compiled if x.shape[0] in self.sizes else self.module
+        return fn(x, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """``trainer.compile``: false/off -> None (eager); true/on/default -> ``"default"``; or a
+    ``torch.compile`` mode by name (``reduce-overhead`` for CUDA graphs, ``max-autotune``)."""
+    if setting in (False, None, "off", "false"):
+        return None
+    if setting in (True, "on", "true", "default"):
+        return "default"
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if setting not in modes:
+        raise ValueError(f"compile must be false, true or one of {', '.join(modes)}, got {setting!r}")
+    return str(setting)

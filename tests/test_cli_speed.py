@@ -1,0 +1,72 @@
+"""`capsrun train` on the fast path and `capsrun bench`, end to end on generated files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, ok, run_capsrun
+
+pytestmark = pytest.mark.slow
+
+TINY_NET = [o for o in TINY if o.startswith("model.net.")]
+
+
+def test_train_bf16_channels_last_learns(mnist_root, tmp_path):
+    run = tmp_path / "run"
+    result = ok(
+        run_capsrun(
+            "train", *TINY, "trainer.epochs=3", "trainer.precision=bf16", f"hydra.run.dir={run}",
+            cwd=tmp_path, data_root=mnist_root,
+        )
+    )  # fmt: skip
+    assert "device cpu (bf16, channels-last)" in result.stdout + result.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/accuracy"] > 50.0  # chance is 10 %
+    assert metrics["time/eval_seconds"] > 0.0
+
+
+def test_bench_table_and_ratios(tmp_path):
+    out = tmp_path / "bench"
+    overrides = "[" + ",".join(f'"{o}"' for o in TINY_NET) + "]"
+    result = ok(
+        run_capsrun(
+            "bench", "models=[capsnet]", "iterations=[1,3]", "batch_sizes=[8]", "precisions=[fp32,tf32,bf16]",
+            "compile=[false]", "warmup=1", "steps=2", f"overrides={overrides}", "trainer.progress=false",
+            f"hydra.run.dir={out}", cwd=tmp_path,
+        )
+    )  # fmt: skip
+    rows = json.loads((out / "bench.json").read_text())["results"]
+    # per routing setting: the reference and bf16 (tf32 is skipped on a CPU: it is fp32 there)
+    assert [(r["iterations"], r["precision"], r["channels_last"]) for r in rows] == [
+        (1, "fp32", False),
+        (1, "bf16", True),
+        (3, "fp32", False),
+        (3, "bf16", True),
+    ]
+    for ref, fast in (rows[0:2], rows[2:4]):
+        assert ref["train_ratio"] == 1.0 and ref["eval_ratio"] == 1.0
+        assert fast["train_ratio"] == pytest.approx(fast["train_images_per_second"] / ref["train_images_per_second"])
+        assert fast["eval_ratio"] == pytest.approx(fast["eval_images_per_second"] / ref["eval_images_per_second"])
+        assert all(r["train_images_per_second"] > 0 and r["eval_images_per_second"] > 0 for r in (ref, fast))
+        assert ref["peak_memory_mib"] is None  # CUDA only
+    table = (out / "bench.md").read_text()
+    assert "device: CPU" in table and "torch " in table and "command: `capsrun bench" in table
+    assert table.count("| capsnet (reference) |") == 2 and table.count("| capsnet |") == 2
+    assert "| capsnet (reference) | 1 | 8 | fp32 | off | off |" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("models=[nope]", "bench: cannot compose model=nope"),
+        ("precisions=[fp16]", "precisions: 'fp16' is not one of fp32, tf32, bf16"),
+        ("steps=0", "steps must be auto or a positive integer"),
+    ],
+)
+def test_bench_bad_input_is_one_line(override, needle, tmp_path):
+    result = run_capsrun("bench", override, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert needle in result.stderr

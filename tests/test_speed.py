@@ -1,0 +1,120 @@
+"""The speed settings change speed, not results: precision, compile, channels-last, placement.
+
+The compiled path is checked against the eager one on the same seeded steps; bf16 against fp32
+within a stated tolerance (bfloat16 keeps 8 significant bits, ~0.4 % per rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from capsrun import speed
+from capsrun.datasets import BatchLoader
+from capsrun.datasets.loader import storage_device
+from capsrun.losses import CapsNetLoss
+from capsrun.models.capsnet import CapsNet
+from capsrun.train import Meter, TrainState, train_one_epoch
+from conftest import learnable_digits
+
+
+def test_autocast_runs_matmuls_in_bf16_only_for_bf16():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    for precision in ("fp32", "tf32"):
+        with speed.autocast(torch.device("cpu"), precision):
+            assert (a @ b).dtype == torch.float32
+    with speed.autocast(torch.device("cpu"), "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        speed.autocast(torch.device("cpu"), "fp16")
+
+
+def test_fp32_switches_tf32_off_and_tf32_on():
+    try:
+        speed.set_matmul_precision("tf32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        speed.set_matmul_precision("fp32")  # cuDNN's own default is TF32 on: fp32 must turn it off
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        speed.set_matmul_precision("fp32")
+
+
+def test_channels_last_rule_and_compile_modes():
+    assert speed.use_channels_last("auto", "bf16") and not speed.use_channels_last("auto", "fp32")
+    assert speed.use_channels_last(True, "fp32") and not speed.use_channels_last(False, "bf16")
+    assert speed.compile_mode(False) is None and speed.compile_mode("off") is None
+    assert speed.compile_mode(True) == "default" and speed.compile_mode("max-autotune") == "max-autotune"
+    with pytest.raises(ValueError, match="compile must be"):
+        speed.compile_mode("fast")
+
+
+def test_compiled_runs_only_the_listed_batch_sizes_compiled():
+    module = nn.Linear(3, 2)
+    wrapped = speed.Compiled(module, {4})
+    calls = []
+    wrapped.compiled = lambda x: calls.append(len(x)) or module(x)  # torch.compile is lazy: never ran
+    wrapped(torch.zeros(4, 3))
+    wrapped(torch.zeros(3, 3))  # the last, smaller batch: eager
+    assert calls == [4]
+    assert wrapped.weight is module.weight  # everything else is the module's own
+    wrapped.eval()
+    assert not module.training
+
+
+def test_storage_device_rule(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert storage_device("host", cpu, 10) == cpu and storage_device("auto", cpu, 10) == cpu
+    assert storage_device("device", cuda, 10**12) == cuda and storage_device("host", cuda, 10) == cpu
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * 2**30, 80 * 2**30))
+    assert storage_device("auto", cuda, 47 * 2**20) == cuda  # MNIST on a GPU with 8 GiB free
+    assert storage_device("auto", cuda, 3 * 2**30) == torch.device("cpu")  # over a quarter of it
+    with pytest.raises(ValueError, match="placement must be one of"):
+        storage_device("gpu", cuda, 10)
+
+
+def _loss_curve(precision: str = "fp32", compiled: bool = False, channels_last: bool = False, steps: int = 8):
+    """Per-step total loss of a small CapsNet trained by the engine's own loop."""
+    torch.manual_seed(0)
+    images, labels = learnable_digits(8 * steps + 5, seed=3)  # a last, partial batch of 5
+    loader = BatchLoader(torch.from_numpy(images)[:, None], torch.from_numpy(labels).long(), 8, shuffle=True)
+    model = CapsNet(conv1_channels=16, primary_types=4, digit_dim=8, decoder_hidden=(32, 64))
+    if channels_last:
+        model = speed.to_channels_last(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    meter, curve = Meter(), []
+
+    def on_step() -> bool:
+        curve.append(meter.compute("train")["train/loss/total"])
+        meter.reset()
+        return False
+
+    step_model = speed.Compiled(model, {8}) if compiled else model
+    train_one_epoch(step_model, CapsNetLoss(), loader, [optimizer], scheduler, TrainState(), [meter], on_step,
+                    precision=precision)  # fmt: skip
+    return torch.tensor(curve), model
+
+
+def test_channels_last_gives_the_same_loss_curve():
+    reference, _ = _loss_curve()
+    fast, model = _loss_curve(channels_last=True)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_follows_the_fp32_loss_curve_within_two_percent():
+    reference, _ = _loss_curve()
+    fast, model = _loss_curve("bf16")
+    assert model.conv1.weight.dtype == torch.float32  # weights stay fp32 under autocast
+    assert not torch.equal(fast, reference)  # it did run in bf16
+    assert reference[-1] < reference[0] * 0.9  # both learn
+    torch.testing.assert_close(fast, reference, rtol=0.02, atol=0.0)
+
+
+@pytest.mark.slow
+def test_compiled_gives_the_same_loss_curve():
+    torch._dynamo.reset()
+    reference, _ = _loss_curve()
+    fast, _ = _loss_curve(compiled=True)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
