@@ -136,7 +136,11 @@ def test_sample_runs_chains_and_writes_grids(rbm_run, mnist_root, tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["init=prior"], "init must be noise or data"), (["gibbs_steps=0"], "gibbs_steps must be an integer >= 1")],
+    [
+        (["init=prior"], "init must be noise or data"),
+        (["gibbs_steps=0"], "gibbs_steps must be an integer >= 1"),
+        (["flips=0"], "flips must be null or a number > 0"),
+    ],
 )
 def test_sample_errors_are_one_line(rbm_run, mnist_root, tmp_path, args, message):
     ckpt = rbm_run / "checkpoints" / "best.pt"

@@ -524,6 +524,11 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         raise ConfigError(f"init must be noise or data, got {cfg.init!r}; e.g. init=noise")
     if not cfg.temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {cfg.temperature!r}; e.g. temperature=1.0")
+    flips = cfg.get("flips")
+    if flips is not None:  # the proposal's pixels per step, for sampling only (the model's own otherwise)
+        if isinstance(flips, bool) or not isinstance(flips, (int, float)) or not flips > 0:
+            raise ConfigError(f"flips must be null or a number > 0, got {flips!r}; e.g. flips=1")
+        model.flips = float(flips)
     model.eval()
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.num_samples)
