@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import TINY, ok, run_capsrun
 
@@ -57,16 +58,29 @@ def test_bench_table_and_ratios(tmp_path):
     assert "| capsnet (reference) | 1 | 8 | fp32 | off | off |" in result.stdout
 
 
+def test_bench_bad_input_is_one_line(tmp_path):
+    result = run_capsrun("bench", "models=[nope]", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "bench: cannot compose model=nope" in result.stderr
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("models=[nope]", "bench: cannot compose model=nope"),
         ("precisions=[fp16]", "precisions: 'fp16' is not one of fp32, tf32, bf16"),
-        ("steps=0", "steps must be auto or a positive integer"),
+        ("batch_sizes=[]", "bench.batch_sizes must be a non-empty list"),
+        ("batch_sizes=[0]", "bench.batch_sizes must hold integers >= 1, got 0"),
     ],
 )
-def test_bench_bad_input_is_one_line(override, needle, tmp_path):
-    result = run_capsrun("bench", override, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert needle in result.stderr
+def test_bench_settings_are_checked(override, needle):
+    from hydra import compose, initialize_config_dir
+
+    from capsrun.cli import conf_dir
+    from capsrun.commands import _bench_settings
+    from capsrun.errors import ConfigError
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=[override])
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+            _bench_settings(cfg, torch.device("cpu"))

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from torch import nn
 
-from capsrun import speed
+from capsrun import build, speed
+from capsrun.cli import conf_dir
 from capsrun.datasets import BatchLoader
 from capsrun.datasets.loader import storage_device
+from capsrun.errors import ConfigError
 from capsrun.losses import CapsNetLoss
 from capsrun.models.capsnet import CapsNet
 from capsrun.train import Meter, TrainState, train_one_epoch
@@ -118,3 +121,20 @@ def test_compiled_gives_the_same_loss_curve():
     reference, _ = _loss_curve()
     fast, _ = _loss_curve(compiled=True)
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.precision=fp16", "trainer.precision must be one of fp32, tf32, bf16, got 'fp16'"),
+        ("trainer.compile=fast", "trainer.compile must be false, true or one of"),
+        ("trainer.channels_last=maybe", "trainer.channels_last must be auto, true or false"),
+        ("data.placement=gpu", "data.placement must be one of auto, device, host"),
+    ],
+)
+def test_bad_speed_settings_are_config_errors(override, message):
+    """The same checks as the CLI's one-line errors (tests/test_cli_errors.py runs one of them)."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build.validate_train(cfg)

@@ -602,9 +602,16 @@ def _bench_settings(cfg: DictConfig, dev: torch.device) -> list:
     first, then each other precision x compile setting. TF32 is skipped on a CPU (it is fp32)."""
     from capsrun.bench import Setting
 
+    examples = {"models": "[capsnet]", "iterations": "[1,3]", "batch_sizes": "[128]", "precisions": "[fp32,bf16]"}
     for key in ("models", "iterations", "batch_sizes", "precisions", "compile"):
         if not OmegaConf.is_list(cfg[key]) or not cfg[key]:
-            raise ConfigError(f"bench.{key} must be a non-empty list, e.g. {key}=[{cfg[key]}]")
+            raise ConfigError(
+                f"bench.{key} must be a non-empty list, got {cfg[key]}; e.g. {key}={examples.get(key, '[false]')}"
+            )
+    for key in ("iterations", "batch_sizes"):
+        for n in cfg[key]:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"bench.{key} must hold integers >= 1, got {n!r}; e.g. {key}={examples[key]}")
     for p in cfg.precisions:
         if p not in speed.PRECISIONS:
             raise ConfigError(f"precisions: {p!r} is not one of {', '.join(speed.PRECISIONS)}")
