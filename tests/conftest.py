@@ -84,6 +84,16 @@ def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: f
     )
 
 
+def compose_config(config_name: str, *overrides: str):
+    """The config ``capsrun <config_name> <overrides>`` would run with, composed in-process."""
+    from hydra import compose, initialize_config_dir
+
+    from capsrun.cli import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """``result`` of a capsrun command that must have succeeded; its output otherwise."""
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, ok, run_capsrun
+from conftest import TINY, compose_config, ok, run_capsrun
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +74,8 @@ def test_bench_bad_input_is_one_line(tmp_path):
     ],
 )
 def test_bench_settings_are_checked(override, needle):
-    from hydra import compose, initialize_config_dir
-
-    from capsrun.cli import conf_dir
     from capsrun.commands import _bench_settings
     from capsrun.errors import ConfigError
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="bench", overrides=[override])
-        with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
-            _bench_settings(cfg, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        _bench_settings(compose_config("bench", override), torch.device("cpu"))

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
 from capsrun import build, speed
-from capsrun.cli import conf_dir
 from capsrun.datasets import BatchLoader
 from capsrun.datasets.loader import storage_device
 from capsrun.errors import ConfigError
 from capsrun.losses import CapsNetLoss
 from capsrun.models.capsnet import CapsNet
 from capsrun.train import Meter, TrainState, train_one_epoch
-from conftest import learnable_digits
+from conftest import compose_config, learnable_digits
 
 
 def test_autocast_runs_matmuls_in_bf16_only_for_bf16():
@@ -134,7 +132,6 @@ def test_compiled_gives_the_same_loss_curve():
 )
 def test_bad_speed_settings_are_config_errors(override, message):
     """The same checks as the CLI's one-line errors (tests/test_cli_errors.py runs one of them)."""
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override])
+    cfg = compose_config("train", override)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         build.validate_train(cfg)

@@ -113,18 +113,22 @@ def _split(name: str, root, download: bool, val_split, test_part: str, train: bo
     return subset(x, y, limit)
 
 
+def _at(common: dict) -> dict:
+    """Where a :class:`BatchLoader` keeps its images and yields its batches."""
+    return {"device": common["device"], "placement": common["placement"]}
+
+
 def _idx(split, root, download, train, train_limit, test_limit, common, max_shift: int = 2) -> Loaders:
     """MNIST / Fashion-MNIST (arXiv:1710.09829 Sec. 5): shifts of up to ``max_shift`` px."""
-    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
-    test = BatchLoader(*split(False, test_limit), ebs, device=dev, placement=common["placement"])
+    bs, ebs, seed = common["batch_size"], common["eval_batch_size"], common["seed"]
+    test = BatchLoader(*split(False, test_limit), ebs, **_at(common))
     tr = BatchLoader(
         *split(True, train_limit),
         bs,
         shuffle=True,
         max_shift=max_shift,
         seed=seed,
-        device=dev,
-        placement=common["placement"],
+        **_at(common),
     )
     return Loaders(tr if train else None, {"test": test})
 
@@ -135,13 +139,11 @@ def _affnist(
     """Sec. 5.2: train on MNIST at a random shift of up to 6 px on a 40x40 canvas; test on the
     padded MNIST test set (``test``) and on the first ``affnist_limit`` affNIST images (``affnist``;
     all for None, none for 0)."""
-    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    bs, ebs, seed = common["batch_size"], common["eval_batch_size"], common["seed"]
     x, y = split(False, test_limit)
-    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, device=dev, placement=common["placement"])}
+    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, **_at(common))}
     if affnist_limit != 0:
-        tests["affnist"] = BatchLoader(
-            *affnist.load_affnist_test(root, download, affnist_limit), ebs, device=dev, placement=common["placement"]
-        )
+        tests["affnist"] = BatchLoader(*affnist.load_affnist_test(root, download, affnist_limit), ebs, **_at(common))
     tr = None
     if train:
         x, y = split(True, train_limit)
@@ -152,8 +154,7 @@ def _affnist(
             shuffle=True,
             max_shift=max_shift,
             seed=seed,
-            device=dev,
-            placement=common["placement"],
+            **_at(common),
         )
     return Loaders(tr, tests)
 
@@ -190,12 +191,11 @@ def _multimnist(
 def _cifar10(split, root, download, train, train_limit, test_limit, common, crop=24) -> Loaders:
     """Sec. 7 and the authors' code: random crop, flip, brightness/contrast jitter and per-image
     standardisation for training; central crop and standardisation at test."""
-    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    bs, ebs, seed = common["batch_size"], common["eval_batch_size"], common["seed"]
     test = BatchLoader(
         *split(False, test_limit),
         ebs,
-        device=dev,
-        placement=common["placement"],
+        **_at(common),
         transform=lambda x, gen: cifar10.eval_transform(x, crop),
     )
     tr = None
@@ -205,8 +205,7 @@ def _cifar10(split, root, download, train, train_limit, test_limit, common, crop
             bs,
             shuffle=True,
             seed=seed,
-            device=dev,
-            placement=common["placement"],
+            **_at(common),
             transform=partial(cifar10.train_transform, size=crop),
         )
     return Loaders(tr, {"test": test})
