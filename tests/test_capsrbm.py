@@ -145,3 +145,109 @@ def test_training_forward_runs_the_chains_and_the_loss_is_the_surrogate():
     assert "total" not in evaluation and out.scores is None
     with pytest.raises(ValueError, match="persistent chains"):
         model.train()(torch.rand(7, 1, 8, 8))
+
+
+# --- continuous visible units (v in [0, 1], MALA on the free energy) ----------------------------
+
+
+def _tiny_continuous(step_size: float = 2.0) -> CapsuleRBM:
+    """4 pixels in [0, 1]: p(v) integrates on a grid over the unit box."""
+    model = _tiny()
+    model.visible, model.step_size = "continuous", step_size
+    with torch.no_grad():
+        model.hidden.weight.mul_(3)  # a density with some shape, not only the biases'
+    return model
+
+
+def _box_grid(points: int = 32) -> torch.Tensor:
+    """Midpoints of a ``points``^4 grid over [0, 1]^4, ``[points^4, 1, 2, 2]``."""
+    g = (torch.arange(points, dtype=torch.float64) + 0.5) / points
+    return torch.cartesian_prod(g, g, g, g).view(-1, 1, 2, 2)
+
+
+def _moments(v: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """E[v_k] and E[v_0 v_k] under ``weights`` (a distribution over rows) or the empirical one."""
+    flat = v.flatten(1)
+    feats = torch.cat([flat, flat[:, :1] * flat], 1)
+    return feats.mean(0) if weights is None else weights @ feats
+
+
+def test_langevin_chains_sample_the_continuous_model_distribution():
+    model = _tiny_continuous()
+    grid = _box_grid()
+    with torch.no_grad():
+        exact = _moments(grid, torch.softmax(-model.free_energy(grid), 0))
+    torch.manual_seed(1)
+    v, acceptance = model.gibbs(torch.rand(8000, 1, 2, 2, dtype=torch.float64), 150)
+    assert 0.2 < acceptance < 0.9  # a step large enough that the MH test rejects
+    assert 0 < v.min() and v.max() < 1
+    assert (_moments(v) - exact).abs().max() < 0.012  # ~3 standard errors
+    # the unadjusted algorithm (mh=False) is biased at this step size: the MH test is what fixes it
+    torch.manual_seed(1)
+    biased, _ = model.gibbs(torch.rand(8000, 1, 2, 2, dtype=torch.float64), 150, mh=False)
+    assert (_moments(biased) - exact).abs().max() > 0.03  # measured: 0.06
+
+
+def test_gradient_estimator_matches_the_exact_gradient_for_continuous_units():
+    model = _tiny_continuous()
+    data = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.7, 0.6, 0.1, 0.0], [1.0, 0.3, 0.5, 0.5]], dtype=torch.float64)
+    data = data.view(-1, 1, 2, 2)
+    params = list(model.parameters())
+    grid = _box_grid(24)  # log Z by the midpoint rule: its constant cell volume drops out of the gradient
+    loglik = -model.free_energy(data).mean() - torch.logsumexp(-model.free_energy(grid), 0)
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(loglik, params)])
+    torch.manual_seed(2)
+    v_model, _ = model.gibbs(torch.rand(8000, 1, 2, 2, dtype=torch.float64), 150)
+    estimate = -torch.cat([g.flatten() for g in torch.autograd.grad(model.surrogate_loss(data, v_model), params)])
+    relative = (estimate - exact).norm() / exact.norm()
+    assert relative < 0.05, relative.item()
+
+
+def test_continuous_units_keep_grey_levels_and_reconstruct_inside_the_box():
+    torch.manual_seed(0)
+    model = CapsuleRBM(in_channels=1, image_size=8, patch=4, hidden_caps=4, hidden_dim=2, visible="continuous")
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(model.visible_states(x), x) and set(model.binarize(x).unique().tolist()) <= {0.0, 1.0}
+    rec = model.reconstruct(x)
+    assert rec.shape == x.shape and 0 <= rec.min() and rec.max() <= 1
+    # the truncated-exponential mean: g = 0 gives 1/2, large |g| the edge it favours
+    g = torch.tensor([-50.0, -1.0, 0.0, 1e-5, 1.0, 50.0])
+    model._proposal_logits = lambda v, z, t: (None, g)
+    mean = model.reconstruct(torch.zeros(1, 1, 8, 8))
+    expected = [1 / 50, 1 / (1 - torch.e) + 1, 0.5, 0.5, 1 / (1 - 1 / torch.e) - 1, 1 - 1 / 50]
+    torch.testing.assert_close(mean, torch.tensor(expected), atol=1e-5, rtol=1e-4)
+    noise = model.noise(5, torch.Generator().manual_seed(0))
+    assert noise.shape == (5, 1, 8, 8) and len(noise.unique()) > 2
+    with pytest.raises(ValueError, match="visible must be"):
+        CapsuleRBM(image_size=8, patch=4, visible="gaussian")
+
+
+@pytest.mark.parametrize("visible", ["binary", "continuous"])
+def test_visible_biases_from_the_first_batch_give_each_pixel_the_data_mean(visible):
+    from capsrun.models.capsrbm import _box_mean
+
+    torch.manual_seed(0)
+    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2, visible=visible, persistent=True, chains=8)
+    x = torch.rand(7, 1, 8, 8) * torch.linspace(0, 1, 64).view(1, 1, 8, 8)  # pixel 0 is off in every image
+    v = model.visible_states(x)
+    p = (v.flatten(1).sum(0) + 0.5) / 8  # smoothed: a pixel off in the whole batch keeps a finite bias
+    model.train()(x)
+    a = model.visible_bias.detach().double()
+    marginal = torch.sigmoid(a) if visible == "binary" else _box_mean(a)
+    torch.testing.assert_close(marginal, p.double(), atol=1e-6, rtol=1e-5)
+    assert a[0] < -2.5 and torch.isfinite(a).all()  # p_0 = 1/16: logit -2.7, box -16
+    model.train()(torch.ones(7, 1, 8, 8))  # only the first batch sets them
+    torch.testing.assert_close(model.visible_bias.detach().double(), a)
+    fresh = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2, data_init=False)
+    fresh.train()(x)
+    assert torch.equal(fresh.visible_bias.detach(), torch.zeros(64))
+
+
+def test_checkpoints_from_before_data_init_load_with_their_biases_kept():
+    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2)
+    state = {k: v for k, v in model.state_dict().items() if k != "bias_from_data"}
+    state["visible_bias"] = torch.full((64,), -3.0)
+    fresh = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2)
+    fresh.load_state_dict(state)
+    fresh.train()(torch.rand(4, 1, 8, 8))  # a resumed run must not overwrite trained biases
+    assert bool(fresh.bias_from_data) and torch.equal(fresh.visible_bias.detach(), torch.full((64,), -3.0))

@@ -29,6 +29,7 @@ RBM = [
     "model.samples.chains=4",
     "model.samples.gibbs_steps=5",
     "optimizer.lr=0.01",
+    "model.net.data_init=false",  # the learning checks below then measure what the gradient learned
 ]
 
 
@@ -140,6 +141,7 @@ def test_sample_runs_chains_and_writes_grids(rbm_run, mnist_root, tmp_path):
         (["init=prior"], "init must be noise or data"),
         (["gibbs_steps=0"], "gibbs_steps must be an integer >= 1"),
         (["flips=0"], "flips must be null or a number > 0"),
+        (["step_size=-1"], "step_size must be null or a number > 0"),
     ],
 )
 def test_sample_errors_are_one_line(rbm_run, mnist_root, tmp_path, args, message):
@@ -148,3 +150,33 @@ def test_sample_errors_are_one_line(rbm_run, mnist_root, tmp_path, args, message
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_continuous_visible_units_train_and_sample_grey_images(mnist_root, tmp_path):
+    """``model.net.visible=continuous``: grey levels in, Langevin chains, grey levels out."""
+    run, out = tmp_path / "run", tmp_path / "samples"
+    cont = [*RBM, "model.net.visible=continuous", "model.net.step_size=0.3", "model.persistent=true"]
+    ok(
+        run_capsrun(
+            "train",
+            *cont,
+            "trainer.epochs=1",
+            "data.train_limit=96",
+            f"hydra.run.dir={run}",
+            cwd=tmp_path,
+            data_root=mnist_root,
+        )
+    )
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert len(state["chains"].unique()) > 1000 and 0 < state["chains"].min() and state["chains"].max() < 1
+    acceptance = _scalars(run, "train/chain/acceptance")
+    assert all(0 < a < 1 for a in acceptance)  # the MH test does reject some Langevin proposals
+    ckpt = run / "checkpoints" / "last.pt"
+    args = [f"checkpoint={ckpt}", "num_samples=4", "gibbs_steps=8", "step_size=0.2", f"hydra.run.dir={out}"]
+    ok(run_capsrun("sample", *args, cwd=tmp_path, data_root=mnist_root))
+    sample = np.asarray(Image.open(out / "gibbs.png"))[2:30, 2:30, 0]
+    assert len(np.unique(sample)) > 10  # grey levels, not bits
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["samples/acceptance"] < 1
+    bad = run_capsrun("train", *RBM, "model.net.visible=gaussian", cwd=tmp_path, data_root=mnist_root)
+    assert bad.returncode == 2 and "visible must be binary or continuous" in bad.stderr.strip().splitlines()[-1]

@@ -529,15 +529,20 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         if isinstance(flips, bool) or not isinstance(flips, (int, float)) or not flips > 0:
             raise ConfigError(f"flips must be null or a number > 0, got {flips!r}; e.g. flips=1")
         model.flips = float(flips)
+    step_size = cfg.get("step_size")
+    if step_size is not None:  # the Langevin step of continuous visible units, for sampling only
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+            raise ConfigError(f"step_size must be null or a number > 0, got {step_size!r}; e.g. step_size=0.05")
+        model.step_size = float(step_size)
     model.eval()
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.num_samples)
     test_x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0]
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "data":
-        start = model.binarize(test_x[: cfg.num_samples])
+        start = model.visible_states(test_x[: cfg.num_samples])
     else:
-        start = torch.bernoulli(torch.full((cfg.num_samples, *model.image_shape), 0.5), generator=gen).to(dev)
+        start = model.noise(cfg.num_samples, gen).to(dev)
     log.info("%d chains from %s, %d Gibbs steps ...", len(start), cfg.init, cfg.gibbs_steps)
     v, snaps, acceptance = sampling.gibbs_chains(
         model, start, cfg.gibbs_steps, snapshots=8, mh=cfg.mh, temperature=cfg.temperature, seed=cfg.seed
@@ -546,7 +551,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         metrics = {
             "samples/acceptance": acceptance,
             "samples/free_energy": model.free_energy(v).mean().item(),
-            "test/free_energy/data": model.free_energy(model.binarize(test_x)).mean().item(),
+            "test/free_energy/data": model.free_energy(model.visible_states(test_x)).mean().item(),
         }
         mean = model.reconstruct(v)
     nrow = max(int(len(v) ** 0.5), 1)

@@ -191,7 +191,8 @@ def gibbs_chains(
     temperature: float = 1.0,
     seed: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
-    """Run ``len(start)`` chains for ``steps`` Gibbs steps from ``start`` (binary [N, C, H, W]).
+    """Run ``len(start)`` chains for ``steps`` steps (Gibbs, or Langevin for continuous units) from
+    ``start`` (visible states [N, C, H, W]).
     Returns the final states, ``snapshots`` evenly spaced intermediate states (the last is the
     final one) and the mean acceptance. The global RNG is left as it was."""
     was_training = model.training
@@ -202,10 +203,13 @@ def gibbs_chains(
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            for step in range(1, steps + 1):
-                v, acc = model.gibbs(v, 1, mh=mh, temperature=temperature)
-                acceptance += float(acc)
-                if snapshots and step % every == 0 and len(taken) < snapshots:
+            done = 0
+            while done < steps:  # in segments between snapshots: a chain's state persists within one
+                n = min(every, steps - done)
+                v, acc = model.gibbs(v, n, mh=mh, temperature=temperature)
+                acceptance += float(acc) * n
+                done += n
+                if snapshots and n == every and len(taken) < snapshots:
                     taken.append(v.clone())
     finally:
         model.train(was_training)
@@ -224,7 +228,7 @@ class GibbsSamples:
     def __call__(self, model: nn.Module, epoch: int, last: bool) -> dict:
         dev = next(model.parameters()).device
         gen = torch.Generator().manual_seed(self.seed)
-        start = torch.bernoulli(torch.full((self.chains, *self.image_shape), 0.5), generator=gen).to(dev)
+        start = model.noise(self.chains, gen).to(dev)
         v, _, acceptance = gibbs_chains(model, start, self.steps, seed=self.seed + epoch)
         return {
             "samples/acceptance": acceptance,

@@ -41,6 +41,19 @@ p(v | z) invariant exactly (``mh=False`` skips the test: biased). A first versio
 pixels at once from the linearised conditional; on a trained MNIST model its acceptance fell to
 0 and the chains froze (measured), hence the few-pixel proposal.
 
+Continuous visible units (``visible=continuous``, ../shared/spec/generative.md: "binary or in
+[0, 1]"; ours): v in [0, 1]^(C*H*W), the same E(v, z) on the unit box, so p(z | v) and F(v) are
+unchanged and p(v) = exp(-F(v)) / Z is a density on the box. Chains run Langevin dynamics on F
+with z summed out, Metropolis-adjusted (MALA) in the coordinates x = logit(v), whose potential is
+U(x) = F(sigmoid(x)) / T + sum_k [softplus(x_k) + softplus(-x_k)] (the second sum: minus the
+log-Jacobian of v = sigmoid(x)); every pixel moves at every step, which the bit flips above cannot
+do. One up-down pass for continuous units gives the mean of the linearised conditional, a truncated
+exponential ~ exp(g v) on [0, 1] per pixel, mean 1 / (1 - e^-g) - 1/g.
+
+Visible biases start (``data_init``) where they alone give every pixel the first training batch's
+mean (Hinton, UTML TR 2010-003, Sec. 8.1): otherwise uniform noise, far from the data, holds most
+of the model's probability at the start.
+
 Shapes (MNIST, patch 4): x [B, 1, 28, 28] -> visible capsules [B, 49, 16] -> votes
 [B, 49, N, D] -> s [B, N, D] -> p(z | v) [B, N]; F(v) [B].
 """
@@ -56,6 +69,14 @@ from torch import nn
 from capsrun.layers import RoutedCaps
 
 _TINY = 1e-12  # log |s|^2 of an exactly zero total input: the energy of z_j = 1 stays finite
+_EDGE = 1e-6  # continuous pixels of exactly 0 or 1 enter the logit coordinates at logit(1e-6)
+
+
+def _box_mean(g: torch.Tensor) -> torch.Tensor:
+    """Mean 1 / (1 - e^-g) - 1/g of the density ~ exp(g v) on [0, 1] (1/2 + g/12 near g = 0)."""
+    small = g.abs() < 1e-3
+    safe = torch.where(small, torch.ones_like(g), g)
+    return torch.where(small, 0.5 + g / 12, 1 / (-torch.expm1(-safe)) - 1 / safe)
 
 
 class RBMOutput(NamedTuple):
@@ -95,6 +116,10 @@ class CapsuleRBM(nn.Module):
         mh: bool = True,
         temperature: float = 1.0,
         flips: float = 4.0,
+        visible: str = "binary",
+        step_size: float = 0.1,
+        chain_init: str = "data",
+        data_init: bool = True,
     ):
         super().__init__()
         if image_size % patch:
@@ -115,11 +140,25 @@ class CapsuleRBM(nn.Module):
         self.visible_bias = nn.Parameter(torch.zeros(in_channels * image_size * image_size))
         if cd_steps < 1:
             raise ValueError(f"cd_steps must be >= 1, got {cd_steps}")
+        if visible not in ("binary", "continuous"):
+            raise ValueError(f"visible must be binary or continuous, got {visible!r}")
+        if chain_init not in ("data", "noise"):
+            raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
+        if not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.visible, self.step_size, self.chain_init = visible, step_size, chain_init
         self.cd_steps, self.persistent, self.mh, self.temperature = cd_steps, persistent, mh, temperature
         self.flips = flips
         # PCD's chains live on between steps and in checkpoints; started from the first batch
         self.register_buffer("chains", torch.zeros(chains if persistent else 0, *self.image_shape))
         self.register_buffer("chains_started", torch.zeros((), dtype=torch.bool))
+        # data_init: the visible biases are set from the first training batch (then saved)
+        self.register_buffer("bias_from_data", torch.tensor(not data_init))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before data_init existed: their biases were trained, keep them as they are
+        state_dict.setdefault(prefix + "bias_from_data", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- the energy and what follows from it ------------------------------------------------
 
@@ -193,23 +232,119 @@ class CapsuleRBM(nn.Module):
         accept = torch.rand_like(log_ratio).log() < log_ratio
         return torch.where(accept.view(-1, 1, 1, 1), proposal, v), accept.float()
 
+    # --- continuous visible units: Langevin on the free energy ------------------------------
+
+    def _logit_potential(self, x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """U(x) = F(sigmoid(x)) / T + sum_k [softplus(x_k) + softplus(-x_k)] ``[B]`` and dU/dx:
+        the negative log-density of x = logit(v) when v ~ p(v)^(1/T) on the unit box (the
+        second term is minus the log-Jacobian of v = sigmoid(x))."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            jac = (F.softplus(x) + F.softplus(-x)).flatten(1).sum(1)
+            u = self.free_energy(torch.sigmoid(x)) / temperature + jac
+            (grad,) = torch.autograd.grad(u.sum(), x)
+        return u.detach(), grad
+
+    @torch.no_grad()
+    def langevin_step(
+        self, v: torch.Tensor, mh: bool = True, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One Metropolis-adjusted Langevin (MALA) step on p(v)^(1/T), z summed out, in the
+        unconstrained coordinates x = logit(v): x' = x - (eps^2 / 2) dU/dx + eps * noise, with
+        eps = ``step_size``, accepted with the MH ratio (``mh=False``: always, the unadjusted and
+        biased Langevin algorithm). Every pixel moves at every step. Returns the new ``v`` in (0, 1)
+        [B, C, H, W] and the per-chain acceptance [B]."""
+        state = self._mala(self._logit_state(v, temperature), mh, temperature)
+        return torch.sigmoid(state[0]), state[3]
+
+    def _logit_state(self, v: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+        x = torch.logit(v.clamp(_EDGE, 1 - _EDGE))
+        return (x, *self._logit_potential(x, temperature))
+
+    def _mala(self, state: tuple[torch.Tensor, ...], mh: bool, temperature: float) -> tuple[torch.Tensor, ...]:
+        """(x, U(x), dU/dx) -> (x', U(x'), dU/dx', acceptance [B]); the potential of the state
+        is carried between steps, so a step costs one forward and backward pass."""
+        x, u, grad = state[:3]
+        eps = self.step_size
+        proposal = x - 0.5 * eps**2 * grad + eps * torch.randn_like(x)
+        u_new, grad_new = self._logit_potential(proposal, temperature)
+        if not mh:
+            return proposal, u_new, grad_new, torch.ones_like(u)
+
+        def log_q(to: torch.Tensor, frm: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            return -(to - frm + 0.5 * eps**2 * g).pow(2).flatten(1).sum(1) / (2 * eps**2)
+
+        log_ratio = u - u_new + log_q(x, proposal, grad_new) - log_q(proposal, x, grad)
+        accept = torch.rand_like(log_ratio).log() < log_ratio
+        keep = accept.view(-1, *([1] * (x.dim() - 1)))
+        return (
+            torch.where(keep, proposal, x),
+            torch.where(accept, u_new, u),
+            torch.where(keep, grad_new, grad),
+            accept.float(),
+        )
+
+    # --- chains, whichever the visible units ------------------------------------------------
+
     @torch.no_grad()
     def gibbs(
         self, v: torch.Tensor, steps: int, mh: bool = True, temperature: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``steps`` alternations z ~ p(z | v), v ~ p(v | z); returns v and the mean acceptance."""
+        """``steps`` steps of the model's Markov chain; returns v and the mean acceptance. Binary
+        visible units: alternations z ~ p(z | v), v ~ p(v | z) (:meth:`sample_visible`);
+        continuous: :meth:`langevin_step` on the free energy."""
         acceptance = torch.zeros((), device=v.device)
+        if self.visible == "continuous":
+            state = self._logit_state(v, temperature)
+            for _ in range(steps):
+                state = self._mala(state, mh, temperature)
+                acceptance = acceptance + state[3].mean()
+            return (torch.sigmoid(state[0]) if steps else v), acceptance / max(steps, 1)
         for _ in range(steps):
             v, acc = self.sample_visible(v, self.sample_hidden(v), mh=mh, temperature=temperature)
             acceptance = acceptance + acc.mean()
         return v, acceptance / max(steps, 1)
 
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Where chains from noise start, ``[n, C, H, W]`` on the CPU: uniform random bits (binary
+        visible units) or uniform values in [0, 1] (continuous)."""
+        u = torch.rand(n, *self.image_shape, generator=generator)
+        return (u < 0.5).float() if self.visible == "binary" else u
+
+    def visible_states(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the visible layer's states: thresholded at 0.5 for binary units
+        (deterministic, so that free energies of training and held-out images compare), as they
+        are (clamped to [0, 1]) for continuous units."""
+        return self.binarize(x) if self.visible == "binary" else x.clamp(0, 1)
+
     @torch.no_grad()
     def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
-        """One up-down pass: z ~ p(z | v), then the mean sigma(-dE/dv) of the linearised visible
-        conditional, ``[B, C, H, W]`` in (0, 1)."""
-        _, logits = self._proposal_logits(v, self.sample_hidden(v), 1.0)
-        return torch.sigmoid(logits)
+        """One up-down pass: z ~ p(z | v), then the mean of the visible conditional linearised at
+        ``v`` (g = -dE/dv): sigmoid(g) for binary units; for continuous ones the mean
+        1 / (1 - e^-g) - 1/g of the truncated exponential density ~ exp(g v) on [0, 1].
+        ``[B, C, H, W]`` in (0, 1)."""
+        _, g = self._proposal_logits(v, self.sample_hidden(v), 1.0)
+        if self.visible == "binary":
+            return torch.sigmoid(g)
+        return _box_mean(g).clamp(0, 1)
+
+    @torch.no_grad()
+    def init_visible_bias(self, v: torch.Tensor) -> None:
+        """Visible biases that alone give every pixel the data's mean p_k (Hinton, "A practical
+        guide to training RBMs", UTML TR 2010-003, Sec. 8.1): a_k = logit(p_k) for binary units;
+        for continuous ones the a_k whose truncated exponential ~ exp(a_k v) on [0, 1] has mean
+        p_k (bisection). ``v`` [B, C, H, W]; p_k = (sum_b v_bk + 1/2) / (B + 1), so that a pixel
+        off in the whole batch gets a finite bias."""
+        p = ((v.flatten(1).sum(0) + 0.5) / (len(v) + 1)).double()
+        if self.visible == "binary":
+            self.visible_bias.copy_(torch.logit(p))
+            return
+        lo, hi = torch.full_like(p, -1e3), torch.full_like(p, 1e3)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            above = _box_mean(mid) > p
+            lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+        self.visible_bias.copy_((lo + hi) / 2)
 
     def surrogate_loss(self, v_data: torch.Tensor, v_model: torch.Tensor) -> torch.Tensor:
         """mean F(v_data) - mean F(v_model): its gradient is minus the log-likelihood gradient
@@ -233,8 +368,9 @@ class CapsuleRBM(nn.Module):
                 f"a batch of {b} needs at least as many persistent chains (model.net.chains={len(self.chains)})"
             )
         if not self.chains_started:
-            self.chains[:b] = v_data
-            self.chains[b:] = torch.bernoulli(torch.full_like(self.chains[b:], 0.5))
+            self.chains.copy_(self.noise(len(self.chains)).to(self.chains))
+            if self.chain_init == "data":
+                self.chains[:b] = v_data
             self.chains_started.fill_(True)
         v, acceptance = self.gibbs(self.chains[:b], self.cd_steps, self.mh, self.temperature)
         self.chains[:b] = v
@@ -243,7 +379,10 @@ class CapsuleRBM(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> RBMOutput:
         """``x`` [B, C, H, W] in [0, 1]; ``labels`` are ignored (trained without labels). In
         training mode the chains run and ``model_free_energy`` is filled."""
-        v = self.binarize(x)
+        v = self.visible_states(x)
+        if self.training and not self.bias_from_data:
+            self.init_visible_bias(v)
+            self.bias_from_data.fill_(True)
         out = RBMOutput(self.hidden_prob(v), self.free_energy(v), self.reconstruct(v))
         if not self.training:
             return out
