@@ -155,12 +155,13 @@ def test_sample_errors_are_one_line(rbm_run, mnist_root, tmp_path, args, message
 def test_continuous_visible_units_train_and_sample_grey_images(mnist_root, tmp_path):
     """``model.net.visible=continuous``: grey levels in, Langevin chains, grey levels out."""
     run, out = tmp_path / "run", tmp_path / "samples"
-    cont = [*RBM, "model.net.visible=continuous", "model.net.step_size=0.3", "model.persistent=true"]
+    cont = [*RBM, "model.net.visible=continuous", "model.net.step_size=2", "model.persistent=true"]
     ok(
         run_capsrun(
             "train",
             *cont,
             "trainer.epochs=1",
+            "trainer.log_every=1",
             "data.train_limit=96",
             f"hydra.run.dir={run}",
             cwd=tmp_path,
@@ -170,9 +171,9 @@ def test_continuous_visible_units_train_and_sample_grey_images(mnist_root, tmp_p
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert len(state["chains"].unique()) > 1000 and 0 < state["chains"].min() and state["chains"].max() < 1
     acceptance = _scalars(run, "train/chain/acceptance")
-    assert all(0 < a < 1 for a in acceptance)  # the MH test does reject some Langevin proposals
+    assert 0 < min(acceptance) and sum(acceptance) < len(acceptance)  # the MH test rejects some proposals
     ckpt = run / "checkpoints" / "last.pt"
-    args = [f"checkpoint={ckpt}", "num_samples=4", "gibbs_steps=8", "step_size=0.2", f"hydra.run.dir={out}"]
+    args = [f"checkpoint={ckpt}", "num_samples=4", "gibbs_steps=8", "step_size=1.5", f"hydra.run.dir={out}"]
     ok(run_capsrun("sample", *args, cwd=tmp_path, data_root=mnist_root))
     sample = np.asarray(Image.open(out / "gibbs.png"))[2:30, 2:30, 0]
     assert len(np.unique(sample)) > 10  # grey levels, not bits
