@@ -117,7 +117,7 @@ class CapsuleRBM(nn.Module):
         temperature: float = 1.0,
         flips: float = 4.0,
         visible: str = "binary",
-        step_size: float = 0.1,
+        step_size: float = 0.5,
         chain_init: str = "data",
         data_init: bool = True,
     ):
@@ -245,25 +245,17 @@ class CapsuleRBM(nn.Module):
             (grad,) = torch.autograd.grad(u.sum(), x)
         return u.detach(), grad
 
-    @torch.no_grad()
-    def langevin_step(
-        self, v: torch.Tensor, mh: bool = True, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One Metropolis-adjusted Langevin (MALA) step on p(v)^(1/T), z summed out, in the
-        unconstrained coordinates x = logit(v): x' = x - (eps^2 / 2) dU/dx + eps * noise, with
-        eps = ``step_size``, accepted with the MH ratio (``mh=False``: always, the unadjusted and
-        biased Langevin algorithm). Every pixel moves at every step. Returns the new ``v`` in (0, 1)
-        [B, C, H, W] and the per-chain acceptance [B]."""
-        state = self._mala(self._logit_state(v, temperature), mh, temperature)
-        return torch.sigmoid(state[0]), state[3]
-
     def _logit_state(self, v: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
         x = torch.logit(v.clamp(_EDGE, 1 - _EDGE))
         return (x, *self._logit_potential(x, temperature))
 
     def _mala(self, state: tuple[torch.Tensor, ...], mh: bool, temperature: float) -> tuple[torch.Tensor, ...]:
-        """(x, U(x), dU/dx) -> (x', U(x'), dU/dx', acceptance [B]); the potential of the state
-        is carried between steps, so a step costs one forward and backward pass."""
+        """One Metropolis-adjusted Langevin (MALA) step on p(v)^(1/T), z summed out, in the
+        unconstrained coordinates x = logit(v): x' = x - (eps^2 / 2) dU/dx + eps * noise, with
+        eps = ``step_size``, accepted with the MH ratio (``mh=False``: always, the unadjusted and
+        biased Langevin algorithm). Every pixel moves at every step. State (x, U(x), dU/dx) ->
+        (x', U(x'), dU/dx', acceptance [B]); x [B, C, H, W]. The state's potential is carried
+        between steps, so a step costs one forward and backward pass."""
         x, u, grad = state[:3]
         eps = self.step_size
         proposal = x - 0.5 * eps**2 * grad + eps * torch.randn_like(x)
@@ -292,7 +284,7 @@ class CapsuleRBM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``steps`` steps of the model's Markov chain; returns v and the mean acceptance. Binary
         visible units: alternations z ~ p(z | v), v ~ p(v | z) (:meth:`sample_visible`);
-        continuous: :meth:`langevin_step` on the free energy."""
+        continuous: Langevin steps on the free energy (:meth:`_mala`)."""
         acceptance = torch.zeros((), device=v.device)
         if self.visible == "continuous":
             state = self._logit_state(v, temperature)
