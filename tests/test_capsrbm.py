@@ -1,253 +1,233 @@
-"""The capsule RBM's energy, conditionals, sampler and gradient estimator against exact values
-on models small enough to enumerate."""
+"""The RBM and the capsule RBM: energies, conditionals, chains and gradient estimators against exact
+values on models small enough to enumerate (9 pixels: 512 visible states)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
-from capsrun.models.capsrbm import CapsuleRBM
+from capsrun.models.capsrbm import CapsuleRBM, route
+from capsrun.models.energy import RBMLoss
+from capsrun.models.rbm import RBM
 
 
-def _tiny(seed: int = 0, hidden_caps: int = 2) -> CapsuleRBM:
-    """4 binary pixels (a 2x2 image, 1-pixel patches): 16 visible states to enumerate."""
+def _states(n: int = 9) -> torch.Tensor:
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64)
+
+
+def _images(n: int = 9) -> torch.Tensor:
+    side = int(math.isqrt(n))
+    return _states(n).view(-1, 1, side, side)
+
+
+def _capsrbm(iterations: int = 2, bound: float | None = 1.0, std: float = 0.7, seed: int = 0) -> CapsuleRBM:
     torch.manual_seed(seed)
     model = CapsuleRBM(
-        in_channels=1,
-        image_size=2,
+        image_size=3,
         patch=1,
-        hidden_caps=hidden_caps,
+        hidden_caps=2,
         hidden_dim=2,
-        routing_iterations=2,
-        weight_std=1.0,
+        routing_iterations=iterations,
+        agreement_bound=bound,
+        weight_std=std,
+        persistent=False,
     )
     with torch.no_grad():
-        model.visible_bias.copy_(torch.tensor([0.5, -1.0, 0.3, -0.2]))
+        model.visible_bias.copy_(torch.linspace(-1, 1, 9))
+        model.pose_bias.copy_(torch.tensor([[0.3, -0.2], [0.1, 0.4]]))
     return model.double()
 
 
-def _all_states(n: int = 4) -> torch.Tensor:
-    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=torch.float64).view(-1, 1, 2, 2)
-
-
-def test_hidden_conditional_is_the_length_of_the_routed_squashed_capsule():
-    torch.manual_seed(1)
-    model = CapsuleRBM(in_channels=1, image_size=8, patch=4, hidden_caps=5, hidden_dim=3)
-    v = torch.bernoulli(torch.full((6, 1, 8, 8), 0.4))
-    routed = model.hidden(model.visible_caps(v))
-    lengths = routed.v.pow(2).sum(-1).sqrt()
-    torch.testing.assert_close(model.hidden_prob(v), lengths, atol=1e-4, rtol=1e-4)
-    assert model.hidden_prob(v).shape == (6, 5)
-
-
-def test_visible_capsules_are_the_patches():
-    model = CapsuleRBM(in_channels=1, image_size=4, patch=2, hidden_caps=2, hidden_dim=2)
-    v = torch.arange(16.0).view(1, 1, 4, 4)
-    caps = model.visible_caps(v)
-    assert caps.shape == (1, 4, 4)
-    assert caps[0, 0].tolist() == [0.0, 1.0, 4.0, 5.0] and caps[0, 3].tolist() == [10.0, 11.0, 14.0, 15.0]
-
-
-def test_free_energy_equals_a_brute_force_sum_over_hidden_states():
-    model = _tiny(hidden_caps=3)
-    v = _all_states()
-    zs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), dtype=torch.float64)
-    energies = torch.stack([model.energy(v, z.expand(len(v), -1)) for z in zs], 1)  # [16, 8]
-    torch.testing.assert_close(model.free_energy(v), -torch.logsumexp(-energies, 1))
-
-
-def test_hidden_conditional_matches_the_energy():
-    model = _tiny(hidden_caps=3)
-    v = _all_states()
-    zs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), dtype=torch.float64)
-    weights = torch.softmax(-torch.stack([model.energy(v, z.expand(len(v), -1)) for z in zs], 1), 1)
-    marginal = weights @ zs  # p(z_j = 1 | v) from the joint
-    torch.testing.assert_close(model.hidden_prob(v), marginal)
-
-
-def _exact_distribution(model: CapsuleRBM) -> torch.Tensor:
+def _rbm(seed: int = 0) -> RBM:
+    torch.manual_seed(seed)
+    model = RBM(image_size=3, hidden=3, weight_std=1.0, persistent=False)
     with torch.no_grad():
-        return torch.softmax(-model.free_energy(_all_states()), 0)
+        model.visible_bias.copy_(torch.linspace(-1, 1, 9))
+        model.hidden_bias.copy_(torch.tensor([0.5, -0.5, 0.2]))
+    return model.double()
 
 
-def _chain_samples(model: CapsuleRBM, chains: int, steps: int, mh: bool = True) -> torch.Tensor:
-    torch.manual_seed(5)
-    v = torch.bernoulli(torch.full((chains, 1, 2, 2), 0.5, dtype=torch.float64))
-    v, acceptance = model.gibbs(v, steps, mh=mh)
-    assert 0 < acceptance <= 1
-    return v
+# --- the capsule RBM's hidden configurations, enumerated -------------------------------------------
+
+
+def _hidden_configs(caps: int, dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(z [caps], z*h [caps, dim]) for every on/off pattern and every pose of the capsules that are on."""
+    per_capsule = [(0.0, (0.0,) * dim)] + [(1.0, h) for h in itertools.product([0.0, 1.0], repeat=dim)]
+    out = []
+    for combo in itertools.product(per_capsule, repeat=caps):
+        z = torch.tensor([c[0] for c in combo], dtype=torch.float64)
+        pose = torch.tensor([c[1] for c in combo], dtype=torch.float64)
+        out.append((z, pose))
+    return out
+
+
+def _log_joint(model: CapsuleRBM, v: torch.Tensor, z: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """-E(v, z, h) = a.v + sum_j z_j (b_j + h_j . s_j(v)), written out from the module docstring."""
+    s = model.encode(v).s
+    return v.flatten(1) @ model.visible_bias + (z * model.switch_bias).sum(-1) + (pose * s).sum((-1, -2))
+
+
+def test_capsrbm_free_energy_is_the_hidden_configurations_summed_out():
+    model = _capsrbm()
+    v = _images()
+    with torch.no_grad():
+        joint = torch.stack([_log_joint(model, v, z, p) for z, p in _hidden_configs(2, 2)], 1)  # [512, 25]
+        torch.testing.assert_close(model.free_energy(v), -torch.logsumexp(joint, 1))
+        assert joint.shape[1] == 25 and math.exp(model.log_hidden_states()) == pytest.approx(25)
+
+
+def test_capsrbm_capsule_fires_with_the_probability_of_its_routed_input():
+    model = _capsrbm()
+    v = _images()
+    with torch.no_grad():
+        configs = _hidden_configs(2, 2)
+        joint = torch.stack([_log_joint(model, v, z, p) for z, p in configs], 1)
+        weights = torch.softmax(joint, 1)
+        on = weights @ torch.stack([z for z, _ in configs])  # p(z_j = 1 | v) from the joint
+        torch.testing.assert_close(model.hidden_prob(v), on)
+        s = model.encode(v).s
+        expected = torch.sigmoid(model.switch_bias + torch.nn.functional.softplus(s).sum(-1))
+        torch.testing.assert_close(model.hidden_prob(v), expected)
+
+
+def test_routing_with_one_iteration_is_the_plain_sum_of_votes():
+    torch.manual_seed(0)
+    u = torch.randn(3, 4, 5, 2)
+    out = route(u, 1, torch.zeros(5), torch.zeros(5, 2))
+    torch.testing.assert_close(out.s, u.sum(1))
+    torch.testing.assert_close(out.coupling, torch.full((3, 4, 5), 0.2))
+
+
+def test_routing_couplings_sum_to_one_and_the_bound_limits_them():
+    torch.manual_seed(0)
+    u = torch.randn(3, 4, 5, 2) * 10
+    for bound in (0.1, 0.5, None):
+        c = route(u, 3, torch.zeros(5), torch.zeros(5, 2), bound).coupling
+        torch.testing.assert_close(c.sum(-1), torch.ones(3, 4))
+        if bound is not None:  # logits within +-bound per update, two updates: c_ij / c_ik <= e^(4 bound)
+            assert (c.max(-1).values / c.min(-1).values).max() <= math.exp(4 * bound) + 1e-5
+    unbounded = route(u, 3, torch.zeros(5), torch.zeros(5, 2), None).coupling
+    assert unbounded.max() > 0.9  # agreement concentrates a child on one parent
+
+
+def test_capsrbm_votes_and_top_down_are_transposes():
+    """v . top_down(c, pose) == sum_j pose_j . (N sum_i c_ij u_ij): the energy is linear in v for
+    frozen couplings, which makes the block proposal exact when routing does not move."""
+    torch.manual_seed(1)
+    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=3, hidden_dim=2, routing_iterations=2).double()
+    v = torch.bernoulli(torch.full((5, 1, 8, 8), 0.4, dtype=torch.float64))
+    enc = model.encode(v)
+    pose = torch.bernoulli(torch.full((5, 3, 2), 0.5, dtype=torch.float64))
+    left = (v.flatten(1) * model._top_down(enc.coupling, pose)).sum(1)
+    right = (pose * (enc.s - model.pose_bias)).sum((1, 2))
+    torch.testing.assert_close(left, right)
 
 
 def _histogram(v: torch.Tensor) -> torch.Tensor:
-    index = (v.flatten(1) * torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=v.dtype)).sum(1).long()
-    return torch.bincount(index, minlength=16).double() / len(v)
+    idx = (v.flatten(1) * 2 ** torch.arange(8, -1, -1, dtype=v.dtype)).sum(1).long()
+    return torch.bincount(idx, minlength=512).double() / len(v)
 
 
-def test_gibbs_chains_sample_the_model_distribution():
-    model = _tiny()
-    exact = _exact_distribution(model)
-    empirical = _histogram(_chain_samples(model, 20000, 40))
-    assert 0.5 * (empirical - exact).abs().sum() < 0.02  # total variation
-    samples = _chain_samples(model, 50, 3)
-    assert samples.shape == (50, 1, 2, 2) and set(samples.unique().tolist()) <= {0.0, 1.0}
+def _sampling_floor(p: torch.Tensor, n: int) -> float:
+    """The total variation of ``n`` exact draws from ``p`` to ``p``: what sampling alone gives."""
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(p.float(), n, replacement=True, generator=gen)
+    return float(0.5 * (torch.bincount(draws, minlength=len(p)).double() / n - p).abs().sum())
 
 
-def test_gradient_estimator_matches_the_exact_log_likelihood_gradient():
-    model = _tiny()
-    data = _all_states()[[0, 3, 3, 5, 9, 12, 15, 15]]
-    params = list(model.parameters())
-    # exact: d/dtheta [mean(-F(data)) - log Z], Z summed over all 16 visible states
-    loglik = -model.free_energy(data).mean() - torch.logsumexp(-model.free_energy(_all_states()), 0)
-    exact = torch.cat([g.flatten() for g in torch.autograd.grad(loglik, params)])
-    # estimator: minus the gradient of the surrogate loss with model samples from the chains
-    v_model = _chain_samples(model, 20000, 40)
-    surrogate = model.surrogate_loss(data, v_model)
-    estimate = -torch.cat([g.flatten() for g in torch.autograd.grad(surrogate, params)])
-    relative = (estimate - exact).norm() / exact.norm()
-    assert relative < 0.05, relative.item()
+def _exact(model) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.softmax(-model.free_energy(_images()), 0)
 
 
-def test_reconstruction_and_forward_shapes():
-    model = CapsuleRBM(in_channels=1, image_size=8, patch=2, hidden_caps=4, hidden_dim=2)
-    x = torch.rand(3, 1, 8, 8)
-    out = model(x)
-    assert out.hidden_prob.shape == (3, 4) and out.free_energy.shape == (3,)
-    assert out.reconstruction.shape == (3, 1, 8, 8)
-    assert 0 < out.reconstruction.min() and out.reconstruction.max() < 1
-    with pytest.raises(ValueError, match="multiple of patch"):
-        CapsuleRBM(image_size=10, patch=4)
+@pytest.mark.parametrize("make", [_rbm, lambda: _capsrbm(iterations=3, bound=None, std=1.5)], ids=["rbm", "capsrbm"])
+def test_chains_sample_the_model_distribution(make):
+    model = make()
+    torch.manual_seed(2)
+    start = torch.bernoulli(torch.full((20000, 1, 3, 3), 0.5, dtype=torch.float64))
+    v, acceptance = model.gibbs(start, 200)
+    exact = _exact(model)
+    tv = 0.5 * (_histogram(v) - exact).abs().sum()
+    assert tv < 1.3 * _sampling_floor(exact, len(v)), tv
+    assert 0 < acceptance <= 1
+
+
+def test_capsrbm_without_the_mh_test_is_biased_where_routing_moves():
+    """Large weights, unbounded routing: the frozen-coupling proposal alone samples the wrong
+    distribution, and the MH test is what corrects it."""
+    model = _capsrbm(iterations=3, bound=None, std=2.0, seed=3)
+    exact = _exact(model)
+    tvs = {}
+    for mh in (True, False):
+        torch.manual_seed(4)
+        start = torch.bernoulli(torch.full((20000, 1, 3, 3), 0.5, dtype=torch.float64))
+        v, acceptance = model.gibbs(start, 200, mh=mh)
+        tvs[mh] = float(0.5 * (_histogram(v) - exact).abs().sum())
+        if mh:
+            assert acceptance < 0.99  # some moves are refused
+    floor = _sampling_floor(exact, 20000)
+    assert tvs[True] < 1.5 * floor and tvs[False] > 5 * floor, (tvs, floor)
+
+
+@pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
+def test_gradient_estimator_matches_the_exact_log_likelihood_gradient(make):
+    """The surrogate mean F(data) - mean F(model samples) with exact model samples has the expected
+    gradient -d log p(data) / d theta; here with the model expectation taken exactly."""
+    model = make()
+    data = _images()[[3, 100, 300, 511]]
+    states, p = _images(), _exact(model)
+    loss = model.free_energy(data).mean() - (p.detach() * model.free_energy(states)).sum()
+    estimated = torch.autograd.grad(loss, list(model.parameters()))
+    log_z = torch.logsumexp(-model.free_energy(states), 0)
+    nll = (model.free_energy(data) + log_z).mean()
+    exact = torch.autograd.grad(nll, list(model.parameters()))
+    for e, x in zip(estimated, exact):
+        torch.testing.assert_close(e, x)
 
 
 def test_training_forward_runs_the_chains_and_the_loss_is_the_surrogate():
-    from capsrun.models.capsrbm import RBMLoss
-
     torch.manual_seed(0)
-    model = CapsuleRBM(in_channels=1, image_size=8, patch=4, hidden_caps=4, hidden_dim=2, persistent=True, chains=6)
-    x = torch.rand(4, 1, 8, 8)
+    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=3, hidden_dim=2, chains=6, cd_steps=2)
+    x = torch.rand(6, 1, 8, 8)
     out = model.train()(x)
     losses = RBMLoss()(out, x)
     torch.testing.assert_close(losses["total"], out.free_energy.mean() - out.model_free_energy.mean())
-    assert set(losses) == {
-        "total",
-        "reconstruction",
-        "free_energy/data",
-        "free_energy/model",
-        "hidden/on",
-        "chain/acceptance",
-    }
+    assert out.reconstruction is None and 0 < float(out.acceptance) <= 1
     assert bool(model.chains_started) and set(model.chains.unique().tolist()) <= {0.0, 1.0}
-    before = model.chains.clone()
-    model(x)
-    assert not torch.equal(before[:4], model.chains[:4]) and torch.equal(before[4:], model.chains[4:])
-    evaluation = RBMLoss()(model.eval()(x), x)
-    assert "total" not in evaluation and out.scores is None
-    with pytest.raises(ValueError, match="persistent chains"):
-        model.train()(torch.rand(7, 1, 8, 8))
+    out = model.eval()(x)
+    losses = RBMLoss()(out, x)
+    assert "total" not in losses and out.reconstruction.shape == x.shape
+    assert losses["log_likelihood/pseudo"] < 0 and 0 < losses["hidden/on"] < 1
 
 
-# --- continuous visible units (v in [0, 1], MALA on the free energy) ----------------------------
-
-
-def _tiny_continuous(step_size: float = 2.0) -> CapsuleRBM:
-    """4 pixels in [0, 1]: p(v) integrates on a grid over the unit box."""
-    model = _tiny()
-    model.visible, model.step_size = "continuous", step_size
-    with torch.no_grad():
-        model.hidden.weight.mul_(3)  # a density with some shape, not only the biases'
-    return model
-
-
-def _box_grid(points: int = 32) -> torch.Tensor:
-    """Midpoints of a ``points``^4 grid over [0, 1]^4, ``[points^4, 1, 2, 2]``."""
-    g = (torch.arange(points, dtype=torch.float64) + 0.5) / points
-    return torch.cartesian_prod(g, g, g, g).view(-1, 1, 2, 2)
-
-
-def _moments(v: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """E[v_k] and E[v_0 v_k] under ``weights`` (a distribution over rows) or the empirical one."""
-    flat = v.flatten(1)
-    feats = torch.cat([flat, flat[:, :1] * flat], 1)
-    return feats.mean(0) if weights is None else weights @ feats
-
-
-def test_langevin_chains_sample_the_continuous_model_distribution():
-    model = _tiny_continuous()
-    grid = _box_grid()
-    with torch.no_grad():
-        exact = _moments(grid, torch.softmax(-model.free_energy(grid), 0))
-    torch.manual_seed(1)
-    v, acceptance = model.gibbs(torch.rand(8000, 1, 2, 2, dtype=torch.float64), 150)
-    assert 0.2 < acceptance < 0.9  # a step large enough that the MH test rejects
-    assert 0 < v.min() and v.max() < 1
-    assert (_moments(v) - exact).abs().max() < 0.012  # ~3 standard errors
-    # the unadjusted algorithm (mh=False) is biased at this step size: the MH test is what fixes it
-    torch.manual_seed(1)
-    biased, _ = model.gibbs(torch.rand(8000, 1, 2, 2, dtype=torch.float64), 150, mh=False)
-    assert (_moments(biased) - exact).abs().max() > 0.03  # measured: 0.06
-
-
-def test_gradient_estimator_matches_the_exact_gradient_for_continuous_units():
-    model = _tiny_continuous()
-    data = torch.tensor([[0.9, 0.1, 0.8, 0.2], [0.7, 0.6, 0.1, 0.0], [1.0, 0.3, 0.5, 0.5]], dtype=torch.float64)
-    data = data.view(-1, 1, 2, 2)
-    params = list(model.parameters())
-    grid = _box_grid(24)  # log Z by the midpoint rule: its constant cell volume drops out of the gradient
-    loglik = -model.free_energy(data).mean() - torch.logsumexp(-model.free_energy(grid), 0)
-    exact = torch.cat([g.flatten() for g in torch.autograd.grad(loglik, params)])
-    torch.manual_seed(2)
-    v_model, _ = model.gibbs(torch.rand(8000, 1, 2, 2, dtype=torch.float64), 150)
-    estimate = -torch.cat([g.flatten() for g in torch.autograd.grad(model.surrogate_loss(data, v_model), params)])
-    relative = (estimate - exact).norm() / exact.norm()
-    assert relative < 0.05, relative.item()
-
-
-def test_continuous_units_keep_grey_levels_and_reconstruct_inside_the_box():
-    torch.manual_seed(0)
-    model = CapsuleRBM(in_channels=1, image_size=8, patch=4, hidden_caps=4, hidden_dim=2, visible="continuous")
-    x = torch.rand(3, 1, 8, 8)
-    assert torch.equal(model.visible_states(x), x) and set(model.binarize(x).unique().tolist()) <= {0.0, 1.0}
-    rec = model.reconstruct(x)
-    assert rec.shape == x.shape and 0 <= rec.min() and rec.max() <= 1
-    # the truncated-exponential mean: g = 0 gives 1/2, large |g| the edge it favours
-    g = torch.tensor([-50.0, -1.0, 0.0, 1e-5, 1.0, 50.0])
-    model._proposal_logits = lambda v, z, t: (None, g)
-    mean = model.reconstruct(torch.zeros(1, 1, 8, 8))
-    expected = [1 / 50, 1 / (1 - torch.e) + 1, 0.5, 0.5, 1 / (1 - 1 / torch.e) - 1, 1 - 1 / 50]
-    torch.testing.assert_close(mean, torch.tensor(expected), atol=1e-5, rtol=1e-4)
-    noise = model.noise(5, torch.Generator().manual_seed(0))
-    assert noise.shape == (5, 1, 8, 8) and len(noise.unique()) > 2
-    with pytest.raises(ValueError, match="visible must be"):
-        CapsuleRBM(image_size=8, patch=4, visible="gaussian")
-
-
-@pytest.mark.parametrize("visible", ["binary", "continuous"])
-def test_visible_biases_from_the_first_batch_give_each_pixel_the_data_mean(visible):
-    from capsrun.models.capsrbm import _box_mean
-
-    torch.manual_seed(0)
-    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2, visible=visible, persistent=True, chains=8)
-    x = torch.rand(7, 1, 8, 8) * torch.linspace(0, 1, 64).view(1, 1, 8, 8)  # pixel 0 is off in every image
-    v = model.visible_states(x)
-    p = (v.flatten(1).sum(0) + 0.5) / 8  # smoothed: a pixel off in the whole batch keeps a finite bias
+def test_visible_biases_from_the_first_batch_give_each_pixel_the_data_mean():
+    model = RBM(image_size=2, hidden=2, chains=4)
+    x = torch.tensor([[1.0, 0, 1, 1], [1, 0, 0, 1], [1, 0, 1, 0], [1, 0, 0, 0]]).view(4, 1, 2, 2)
     model.train()(x)
-    a = model.visible_bias.detach().double()
-    marginal = torch.sigmoid(a) if visible == "binary" else _box_mean(a)
-    torch.testing.assert_close(marginal, p.double(), atol=1e-6, rtol=1e-5)
-    assert a[0] < -2.5 and torch.isfinite(a).all()  # p_0 = 1/16: logit -2.7, box -16
-    model.train()(torch.ones(7, 1, 8, 8))  # only the first batch sets them
-    torch.testing.assert_close(model.visible_bias.detach().double(), a)
-    fresh = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2, data_init=False)
-    fresh.train()(x)
-    assert torch.equal(fresh.visible_bias.detach(), torch.zeros(64))
+    expected = torch.logit(torch.tensor([4.5, 0.5, 2.5, 2.5]) / 5)
+    torch.testing.assert_close(model.visible_bias.detach(), expected)
+    model.train()(torch.zeros_like(x))  # only once
+    torch.testing.assert_close(model.visible_bias.detach(), expected, atol=0.1, rtol=0)
 
 
-def test_checkpoints_from_before_data_init_load_with_their_biases_kept():
-    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2)
-    state = {k: v for k, v in model.state_dict().items() if k != "bias_from_data"}
-    state["visible_bias"] = torch.full((64,), -3.0)
-    fresh = CapsuleRBM(image_size=8, patch=4, hidden_caps=2, hidden_dim=2)
-    fresh.load_state_dict(state)
-    fresh.train()(torch.rand(4, 1, 8, 8))  # a resumed run must not overwrite trained biases
-    assert bool(fresh.bias_from_data) and torch.equal(fresh.visible_bias.detach(), torch.full((64,), -3.0))
+def test_pseudo_likelihood_is_exact_for_one_pixel():
+    """For a 1-pixel model, V log sigmoid(F(flip) - F(v)) is log p(v) exactly."""
+    model = RBM(image_size=1, hidden=2, weight_std=1.0, persistent=False).double()
+    v = torch.tensor([[[[1.0]]], [[[0.0]]]], dtype=torch.float64)
+    with torch.no_grad():
+        exact = -model.free_energy(v) - torch.logsumexp(-model.free_energy(v), 0)
+        torch.testing.assert_close(model.pseudo_likelihood(v, model.encode(v)), exact)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="multiple of patch"):
+        CapsuleRBM(image_size=28, patch=5)
+    with pytest.raises(ValueError, match="agreement_bound"):
+        CapsuleRBM(agreement_bound=0)
+    with pytest.raises(ValueError, match="cd_steps"):
+        RBM(cd_steps=0)
+    with pytest.raises(ValueError, match="chain_init"):
+        RBM(chain_init="prior")

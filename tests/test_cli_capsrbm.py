@@ -1,4 +1,5 @@
-"""End-to-end: ``capsrun train model=capsrbm`` and ``capsrun sample`` on MNIST-format fixtures."""
+"""End-to-end: ``capsrun train model=rbm|capsrbm``, ``capsrun eval`` (AIS) and ``capsrun sample``
+on MNIST-format fixtures."""
 
 from __future__ import annotations
 
@@ -11,34 +12,50 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from capsrun import build
-from conftest import ok, run_capsrun, write_idx, write_mnist
+from capsrun.datasets import load_split
+from conftest import TINY, ok, run_capsrun, write_idx, write_mnist
 
 pytestmark = pytest.mark.slow
 
-RBM = [
-    "model=capsrbm",
-    "model.net.hidden_caps=16",
-    "model.net.hidden_dim=4",
-    "model.net.patch=7",
-    "model.net.weight_std=0.1",
+SMALL = {
+    "rbm": ["model=rbm", "model.net.hidden=32"],
+    "capsrbm": ["model=capsrbm", "model.net.hidden_caps=8", "model.net.hidden_dim=4"],
+}
+COMMON = [
+    "optimizer=sgd",
+    "optimizer.lr=0.05",
+    "dataset.max_shift=0",
     "trainer.batch_size=32",
     "trainer.eval_batch_size=100",
     "trainer.log_every=5",
     "trainer.progress=false",
-    "model.samples.chains=4",
-    "model.samples.gibbs_steps=5",
-    "optimizer.lr=0.01",
-    "model.net.data_init=false",  # the learning checks below then measure what the gradient learned
+    "model.samples.chains=16",
+    "model.samples.gibbs_steps=20",
+    "ais.runs=20",
+    "ais.temperatures=300",
+    "ais.base_images=320",
 ]
 
 
 @pytest.fixture(scope="module")
-def rbm_run(mnist_root, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("rbm") / "run"
-    args = [*RBM, "model.persistent=true", "trainer.epochs=6", f"hydra.run.dir={run}"]
-    ok(run_capsrun("train", *args, cwd=run.parent, data_root=mnist_root))
-    return run
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("energy")
+
+
+@pytest.fixture(scope="module")
+def classifier(work, mnist_root) -> Path:
+    run = work / "classifier"
+    ok(run_capsrun("train", *TINY, "trainer.epochs=3", f"hydra.run.dir={run}", cwd=work, data_root=mnist_root))
+    return run / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="module", params=["rbm", "capsrbm"])
+def energy_run(request, work, mnist_root, classifier) -> tuple[str, Path]:
+    name = request.param
+    run = work / name
+    args = [*SMALL[name], *COMMON, "trainer.epochs=4", f"eval_classifier={classifier}", "sample_quality.real_images=100"]
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run}", cwd=work, data_root=mnist_root))
+    return name, run
 
 
 def _scalars(run: Path, tag: str) -> list[float]:
@@ -47,61 +64,119 @@ def _scalars(run: Path, tag: str) -> list[float]:
     return [e.value for e in ea.Scalars(tag)]
 
 
-def _model(path: Path, trained: bool):
-    ckpt = torch.load(path, weights_only=True)
-    from omegaconf import OmegaConf
-
-    torch.manual_seed(0)
-    model = build.model(OmegaConf.create(ckpt["config"]))
-    if trained:
-        model.load_state_dict(ckpt["model"])
-    return model.eval()
-
-
-def test_rbm_learns_the_data_against_an_untrained_model(rbm_run, mnist_root):
-    """Held-out images get a lower free energy than random bits, by far more after training."""
-    from capsrun.datasets import load_split
-
-    images, _ = load_split("mnist", mnist_root, train=False, download=False)
-    test = (images[:100].float() / 255 > 0.5).float()
-    noise = torch.bernoulli(torch.full_like(test, 0.5), generator=torch.Generator().manual_seed(0))
-    gaps = {}
-    with torch.no_grad():
-        for trained in (False, True):
-            model = _model(rbm_run / "checkpoints" / "last.pt", trained)
-            gaps[trained] = (model.free_energy(noise).mean() - model.free_energy(test).mean()).item()
-    assert gaps[True] > gaps[False] + 10.0, gaps
-    recon = _scalars(rbm_run, "test/loss/reconstruction")
-    assert recon[-1] < 0.8 * recon[0], recon
+def _base_rate_log_likelihood(root: Path) -> float:
+    """Mean test log p(v) of the independent-pixel model fitted to the training images: exact."""
+    train, _ = load_split("mnist", root, train=True, download=False)
+    test, _ = load_split("mnist", root, train=False, download=False)
+    v_train = (train.float() / 255 > 0.5).float().flatten(1)
+    v_test = (test.float() / 255 > 0.5).float().flatten(1)
+    p = (v_train.sum(0) + 0.5) / (len(v_train) + 1)
+    return float((v_test * p.log() + (1 - v_test) * (1 - p).log()).sum(1).mean())
 
 
-def test_rbm_logs_its_monitors_and_keeps_its_persistent_chains(rbm_run):
-    ea = event_accumulator.EventAccumulator(str(rbm_run))
+def test_energy_models_learn_beyond_the_base_rate_model(energy_run, mnist_root):
+    """The AIS test log-likelihood after training beats the exact one of independent pixels."""
+    _, run = energy_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    base = _base_rate_log_likelihood(mnist_root)
+    assert metrics["test/log_likelihood"] > base + 10, (metrics["test/log_likelihood"], base)
+    assert metrics["ais/log_w_std"] < 5 and metrics["ais/runs"] == 20 and metrics["ais/temperatures"] == 300
+    assert metrics["test/log_likelihood"] < 0
+
+
+def test_energy_models_log_their_monitors_and_sample_quality(energy_run):
+    name, run = energy_run
+    ea = event_accumulator.EventAccumulator(str(run))
     ea.Reload()
     tags = ea.Tags()
     for tag in (
         "train/loss/total",
         "train/free_energy/data",
-        "test/free_energy/data",
         "train/free_energy/model",
-        "train/hidden/on",
         "train/chain/acceptance",
+        "test/log_likelihood/pseudo",
+        "test/log_likelihood",
         "samples/acceptance",
-        "best/test/loss/reconstruction",
+        "samples/recognised",
+        "samples/frechet_distance",
+        "samples/class_share/0",
     ):
         assert tag in tags["scalars"], tag
     assert not any(t.endswith("accuracy") for t in tags["scalars"])  # no labels, no accuracy
-    assert "samples/gibbs" in tags["images"] and "test/reconstructions" in tags["images"]
-    acceptance = _scalars(rbm_run, "train/chain/acceptance")
-    assert all(0 < a <= 1 for a in acceptance)
-    state = torch.load(rbm_run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "samples/gibbs" in tags["images"] and "samples/gibbs_mean" in tags["images"]
+    shares = [_scalars(run, f"samples/class_share/{k}")[-1] for k in range(10)]
+    assert sum(shares) == pytest.approx(100.0)
+    assert len(_scalars(run, "samples/recognised")) == 4  # every epoch (sample_quality.every_epochs=1)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["chains"].shape == (32, 1, 28, 28) and bool(state["chains_started"])
     assert set(state["chains"].unique().tolist()) <= {0.0, 1.0}
-    metrics = json.loads((rbm_run / "metrics.json").read_text())
-    assert metrics["best/test/loss/reconstruction"] == pytest.approx(min(_scalars(rbm_run, "test/loss/reconstruction")))
+    if name == "rbm":
+        assert _scalars(run, "train/chain/acceptance") == pytest.approx([1.0] * len(_scalars(run, "train/loss/total")))
 
 
-def test_rbm_never_reads_the_labels(tmp_path):
+def test_eval_estimates_the_log_likelihood_by_ais(energy_run, mnist_root, work):
+    _, run = energy_run
+    out = work / f"eval_{run.name}"
+    args = [f"checkpoint={run}/checkpoints/last.pt", "ais.runs=20", "ais.temperatures=300", f"hydra.run.dir={out}"]
+    result = ok(run_capsrun("eval", *args, "trainer.progress=false", cwd=work, data_root=mnist_root))
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((run / "metrics.json").read_text())
+    # the same checkpoint, the same AIS settings and seed: the same estimate as at the end of training
+    assert metrics["test/log_likelihood"] == pytest.approx(trained["test/log_likelihood"], abs=1e-3)
+    assert "log-likelihood" in result.stderr
+
+
+def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, work, classifier):
+    _, run = energy_run
+    out = work / f"samples_{run.name}"
+    args = [
+        f"checkpoint={run}/checkpoints/best.pt",
+        "num_samples=9",
+        "gibbs_steps=30",
+        f"eval_classifier={classifier}",
+        "sample_quality.real_images=100",
+        f"hydra.run.dir={out}",
+    ]
+    ok(run_capsrun("sample", *args, cwd=work, data_root=mnist_root))
+    for png in ("gibbs", "gibbs_mean", "chain"):
+        image = np.asarray(Image.open(out / f"{png}.png"))
+        assert image.ndim == 3 and image.shape[0] > 28
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (9, 1, 28, 28) and samples.dtype == torch.float32
+    assert set(samples.unique().tolist()) <= {0.0, 1.0}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["samples/acceptance"] <= 1
+    assert 0 <= metrics["samples/recognised"] <= 100 and metrics["samples/frechet_distance"] >= 0
+    assert sum(metrics[f"samples/class_share/{k}"] for k in range(10)) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("sample", ["init=prior"], "init must be noise or data"),
+        ("sample", ["gibbs_steps=-5"], "gibbs_steps must be an integer >= 1"),
+        ("sample", ["temperature=0"], "temperature must be a number > 0"),
+        ("sample", ["sample_quality.confidence=1.5"], "sample_quality.confidence must be a number in (0, 1)"),
+        ("eval", ["ais.temperatures=1"], "ais.temperatures must be an integer >= 2"),
+        ("eval", ["ais.runs=0"], "ais.runs must be an integer >= 1"),
+        ("eval", ["ais.base_images=-1"], "ais.base_images must be an integer >= 1"),
+    ],
+)
+def test_bad_sampling_and_ais_settings_are_one_line(energy_run, mnist_root, work, command, args, message):
+    _, run = energy_run
+    result = run_capsrun(command, f"checkpoint={run}/checkpoints/best.pt", *args, cwd=work, data_root=mnist_root)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_bad_training_ais_settings_fail_before_training(mnist_root, tmp_path):
+    result = run_capsrun("train", *SMALL["rbm"], *COMMON, "ais.temperatures=0", cwd=tmp_path, data_root=mnist_root)
+    assert result.returncode == 2 and "ais.temperatures must be an integer >= 2" in result.stderr
+    assert not list(tmp_path.rglob("last.pt"))
+
+
+def test_capsule_rbm_never_reads_the_labels(tmp_path):
     """Two data roots that differ only in their labels train to the same weights."""
     roots = []
     for name, seed in (("a", None), ("b", 7)):
@@ -113,71 +188,7 @@ def test_rbm_never_reads_the_labels(tmp_path):
     weights = []
     for root in roots:
         run = root / "run"
-        ok(run_capsrun("train", *RBM, "trainer.epochs=1", f"hydra.run.dir={run}", cwd=root, data_root=root))
+        args = [*SMALL["capsrbm"], *COMMON, "trainer.epochs=1", "ais.at_end=false", f"hydra.run.dir={run}"]
+        ok(run_capsrun("train", *args, cwd=root, data_root=root))
         weights.append(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-
-
-def test_sample_runs_chains_and_writes_grids(rbm_run, mnist_root, tmp_path):
-    out = tmp_path / "samples"
-    ckpt = rbm_run / "checkpoints" / "best.pt"
-    args = [f"checkpoint={ckpt}", "num_samples=9", "gibbs_steps=16", "init=data", f"hydra.run.dir={out}"]
-    ok(run_capsrun("sample", *args, cwd=tmp_path, data_root=mnist_root))
-    for name in ("gibbs", "gibbs_mean", "chain"):
-        image = np.asarray(Image.open(out / f"{name}.png"))
-        assert image.ndim == 3 and image.shape[0] > 28
-    gibbs = np.asarray(Image.open(out / "gibbs.png"))[2:30, 2:30, 0]  # the first sample, inside the padding
-    assert set(np.unique(gibbs).tolist()) <= {0, 255}  # binary visible states
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 < metrics["samples/acceptance"] <= 1
-    assert metrics["test/free_energy/data"] < metrics["samples/free_energy"] + 1e6  # finite numbers
-    chain = np.asarray(Image.open(out / "chain.png"))
-    assert chain.shape[1] == 9 * 28 + 10 * 2  # start + 8 snapshots per row
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["init=prior"], "init must be noise or data"),
-        (["gibbs_steps=0"], "gibbs_steps must be an integer >= 1"),
-        (["flips=0"], "flips must be null or a number > 0"),
-        (["step_size=-1"], "step_size must be null or a number > 0"),
-    ],
-)
-def test_sample_errors_are_one_line(rbm_run, mnist_root, tmp_path, args, message):
-    ckpt = rbm_run / "checkpoints" / "best.pt"
-    result = run_capsrun("sample", f"checkpoint={ckpt}", *args, cwd=tmp_path, data_root=mnist_root)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-
-
-def test_continuous_visible_units_train_and_sample_grey_images(mnist_root, tmp_path):
-    """``model.net.visible=continuous``: grey levels in, Langevin chains, grey levels out."""
-    run, out = tmp_path / "run", tmp_path / "samples"
-    cont = [*RBM, "model.net.visible=continuous", "model.net.step_size=2", "model.persistent=true"]
-    ok(
-        run_capsrun(
-            "train",
-            *cont,
-            "trainer.epochs=1",
-            "trainer.log_every=1",
-            "data.train_limit=96",
-            f"hydra.run.dir={run}",
-            cwd=tmp_path,
-            data_root=mnist_root,
-        )
-    )
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert len(state["chains"].unique()) > 1000 and 0 < state["chains"].min() and state["chains"].max() < 1
-    acceptance = _scalars(run, "train/chain/acceptance")
-    assert 0 < min(acceptance) and sum(acceptance) < len(acceptance)  # the MH test rejects some proposals
-    ckpt = run / "checkpoints" / "last.pt"
-    args = [f"checkpoint={ckpt}", "num_samples=4", "gibbs_steps=8", "step_size=1.5", f"hydra.run.dir={out}"]
-    ok(run_capsrun("sample", *args, cwd=tmp_path, data_root=mnist_root))
-    sample = np.asarray(Image.open(out / "gibbs.png"))[2:30, 2:30, 0]
-    assert len(np.unique(sample)) > 10  # grey levels, not bits
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 < metrics["samples/acceptance"] < 1
-    bad = run_capsrun("train", *RBM, "model.net.visible=gaussian", cwd=tmp_path, data_root=mnist_root)
-    assert bad.returncode == 2 and "visible must be binary or continuous" in bad.stderr.strip().splitlines()[-1]

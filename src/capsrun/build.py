@@ -218,8 +218,16 @@ def classifier(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConf
     return net.eval(), cfg.dataset
 
 
-def scheduler(cfg: DictConfig, opt: torch.optim.Optimizer):
-    return _instantiate(cfg.scheduler, "lr schedule")(opt)
+def scheduler(cfg: DictConfig, opt: torch.optim.Optimizer, total_steps: int | None = None):
+    """The lr schedule of ``cfg.scheduler``; one that declares ``total_steps: ???`` gets the
+    run's number of optimizer steps, ``total_steps``."""
+    node = cfg.scheduler
+    extra = {}
+    if "total_steps" in node.keys() and OmegaConf.is_missing(node, "total_steps"):
+        if total_steps is None:
+            raise ConfigError("scheduler.total_steps is ??? and this command does not know the run's length")
+        extra["total_steps"] = total_steps
+    return _instantiate(node, "lr schedule", **extra)(opt)
 
 
 def diagnostics_level(cfg: DictConfig) -> str:

@@ -22,6 +22,8 @@ from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
 log = logging.getLogger("capsrun")
 
+ENERGY_MODELS = ("rbm", "capsrbm")  # model.name of the energy models: no classes, log-likelihood by AIS
+
 
 class StopOnSignal:
     """SIGINT/SIGTERM ask training to stop after the current step (and save); a second one aborts."""
@@ -114,7 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model = speed.to_channels_last(model)
     objective = build.objective(cfg).to(dev)
     opts = build.optimizers(cfg, model, objective)
-    sched = build.scheduler(cfg, opts[0])
+    sched = build.scheduler(cfg, opts[0], total_steps=cfg.trainer.epochs * len(loaders.train))
     hooks = _sample_hooks(cfg, model, classifier, loaders)
     health = build.health_monitor(cfg, loaders.tests["test"])
     train_model, train_loader, test_loaders = model, loaders.train, loaders.tests
@@ -205,25 +207,46 @@ def _classifier(cfg: DictConfig, dev: torch.device, dataset: DictConfig):
 
 def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
     """For a model that generates: the sample grid every epoch, and with ``eval_classifier`` the
-    sample-quality metrics (every epoch, or after the last with ``sample_quality.every_epoch=false``)."""
+    sample-quality metrics (every ``sample_quality.every_epochs`` epochs and after the last); for
+    an energy model also its AIS test log-likelihood after the last epoch (``ais.at_end``)."""
+    sq = cfg.sample_quality
+    every = build._positive_int(cfg, "sample_quality.every_epochs", minimum=0, example="1")
     if sampling.can_sample_chains(model):
-        spec = cfg.model.get("samples") or {}
-        return [
-            sampling.GibbsSamples(
-                model.image_shape, chains=spec.get("chains", 32), steps=spec.get("gibbs_steps", 200), seed=cfg.seed
+        chains = build._positive_int(cfg, "model.samples.chains", example="100")
+        steps = build._positive_int(cfg, "model.samples.gibbs_steps", example="1000")
+        confidence = _confidence(sq.confidence, "sample_quality.confidence")
+        real = None
+        if classifier is None:
+            log.info("sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>", cfg.dataset.name)
+        else:
+            real = model.visible_states(sampling.first_images(loaders.tests["test"], sq.real_images))
+        hooks: list = [
+            sampling.ChainSamples(
+                model.image_shape,
+                chains=chains,
+                steps=steps,
+                seed=cfg.seed,
+                classifier=classifier,
+                real_images=real,
+                num_classes=cfg.dataset.num_classes,
+                every_epochs=every,
+                confidence=confidence,
             )
         ]
+        if cfg.ais.at_end:
+            settings = _ais_settings(cfg)
+            hooks.append(lambda m, epoch, last: _log_likelihood(m, loaders, settings, cfg.trainer.progress) if last else {})
+        return hooks
     if not sampling.can_generate(model):
         if classifier is not None:
             log.warning("eval_classifier is ignored: %s does not generate images", cfg.model.name)
         return []
-    sq = cfg.sample_quality
     if classifier is None:
         log.info(
             "sample quality skipped: no classifier; set eval_classifier=<best.pt of a capsnet trained on %s>",
             cfg.dataset.name,
         )
-    real = None if classifier is None else sampling.real_features_reference(loaders.tests["test"], sq.real_images)
+    real = None if classifier is None else sampling.first_images(loaders.tests["test"], sq.real_images)
     return [
         sampling.SampleQuality(
             cfg.dataset.num_classes,
@@ -231,10 +254,58 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
             real,
             per_class=sq.per_class,
             grid_per_class=sq.grid_per_class,
-            every_epoch=sq.every_epoch,
+            every_epochs=every,
             seed=cfg.seed,
         )
     ]
+
+
+def _confidence(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ConfigError(f"{key} must be a number in (0, 1), got {value!r}; e.g. {key}=0.9")
+    return float(value)
+
+
+def _ais_settings(cfg: DictConfig) -> dict[str, int]:
+    """``ais.*`` checked: runs >= 1, temperatures >= 2 (0 and 1), base_images >= 1, an int seed."""
+    return {
+        "runs": build._positive_int(cfg, "ais.runs", example="100"),
+        "temperatures": build._positive_int(cfg, "ais.temperatures", minimum=2, example="10000"),
+        "base_images": build._positive_int(cfg, "ais.base_images", example="10000"),
+        "seed": build._positive_int(cfg, "ais.seed", minimum=0, example="0"),
+    }
+
+
+def _log_likelihood(model, loaders, settings: dict[str, int], progress: bool) -> dict[str, float]:
+    """The AIS test log-likelihood (and of every other test split) of an energy model, in nats;
+    the base-rate model from the first ``base_images`` training images (:mod:`capsrun.ais`)."""
+    from capsrun import ais
+    from capsrun.train import unpack
+
+    if loaders.train is None:
+        raise ConfigError("AIS needs the training images for its base-rate model")
+    base = ais.base_rate(model.visible_states(sampling.first_images(loaders.train, settings["base_images"])))
+    base = base.to(next(model.parameters()).device)
+    log.info("AIS: %d runs x %d temperatures ...", settings["runs"], settings["temperatures"])
+    result = ais.log_partition(
+        model, base, settings["temperatures"], settings["runs"], seed=settings["seed"], progress=progress
+    )
+    metrics: dict[str, float] = {}
+    for name, loader in loaders.tests.items():
+        mean_f, n = ais.mean_free_energy(model, (unpack(b)[0] for b in loader.epoch(0)))
+        metrics.update(ais.log_likelihood_metrics(result, mean_f, prefix=name))
+        log.info(
+            "%s log-likelihood %.2f nats per image on %d images (AIS log Z %.2f, std of log weights %.2f, "
+            "%d runs x %d temperatures)",
+            name,
+            metrics[f"{name}/log_likelihood"],
+            n,
+            result.log_z,
+            result.log_w_std,
+            result.runs,
+            result.temperatures,
+        )
+    return metrics
 
 
 def _eval_dataset(cfg: DictConfig, trained: DictConfig) -> DictConfig:
@@ -273,7 +344,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     run_cfg.dataset = dataset
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
     build.validate_train(run_cfg)
-    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
+    energy = run_cfg.model.name in ENERGY_MODELS
+    if energy and len(paths) > 1:
+        raise ConfigError(f"an ensemble needs class scores; {run_cfg.model.name} has none: give one checkpoint")
+    ais_settings = _ais_settings(cfg) if energy else None  # checked before any data is read
+    # the base-rate model of AIS comes from training images
+    loaders = build.loaders(run_cfg, dev, train=energy, eval_batch_size=cfg.trainer.batch_size)
     models, metrics = [], {}
     for i, (path, ckpt, c) in enumerate(zip(paths, ckpts, configs)):
         c.dataset = dataset
@@ -287,14 +363,18 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         for name, loader in loaders.tests.items():
             result = evaluate(model, build.objective(c), loader, progress=cfg.trainer.progress, prefix=name)
             metrics.update({member + k: v for k, v in result.metrics.items()})
+            shown = f"{name}/accuracy" if f"{name}/accuracy" in result.metrics else f"{name}/log_likelihood/pseudo"
             log.info(
-                "%s (epoch %d): %s accuracy %.2f%% on %d images",
+                "%s (epoch %d): %s %s %.2f on %d images",
                 path,
                 ckpt["epoch"],
                 name,
-                result.metrics[f"{name}/accuracy"],
+                shown.split("/", 1)[1],
+                result.metrics[shown],
                 loader.num_examples,
             )
+        if energy:
+            metrics.update(_log_likelihood(model, loaders, ais_settings, cfg.trainer.progress))
     if len(models) > 1:
         for name, loader in loaders.tests.items():
             metrics.update(evaluate_ensemble(models, loader, prefix=name))
@@ -381,7 +461,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
                     run_cfg.dataset.name,
                 )
             else:
-                real = sampling.real_features_reference(loaders.tests["test"], cfg.sample_quality.real_images)
+                real = sampling.first_images(loaders.tests["test"], cfg.sample_quality.real_images)
                 quality = sampling.SampleQuality(
                     classes, classifier, real, per_class=cfg.sample_quality.per_class, seed=cfg.seed
                 )
@@ -512,48 +592,48 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.device, path: Path, epoch: int) -> dict:
-    """``capsrun sample`` for an energy model (the capsule RBM): Gibbs chains from noise or data."""
+    """``capsrun sample`` for an energy model (the RBM, the capsule RBM): chains of the model's own
+    sampler from noise or data; grids, ``samples.pt`` (the final states, float [N, C, H, W] in
+    [0, 1]) and, with ``eval_classifier``, how a CapsNet sees them."""
     from capsrun.tblog import TBLogger
-    from capsrun.train import unpack
 
     for key in ("num_samples", "gibbs_steps"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=64")
+            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=100")
     if cfg.init not in ("noise", "data"):
         raise ConfigError(f"init must be noise or data, got {cfg.init!r}; e.g. init=noise")
-    if not cfg.temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {cfg.temperature!r}; e.g. temperature=1.0")
-    flips = cfg.get("flips")
-    if flips is not None:  # the proposal's pixels per step, for sampling only (the model's own otherwise)
-        if isinstance(flips, bool) or not isinstance(flips, (int, float)) or not flips > 0:
-            raise ConfigError(f"flips must be null or a number > 0, got {flips!r}; e.g. flips=1")
-        model.flips = float(flips)
-    step_size = cfg.get("step_size")
-    if step_size is not None:  # the Langevin step of continuous visible units, for sampling only
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
-            raise ConfigError(f"step_size must be null or a number > 0, got {step_size!r}; e.g. step_size=0.05")
-        model.step_size = float(step_size)
+    temperature = cfg.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ConfigError(f"temperature must be a number > 0, got {temperature!r}; e.g. temperature=1.0")
+    confidence = _confidence(cfg.sample_quality.confidence, "sample_quality.confidence")
+    classifier = _classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
     model.eval()
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
-    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.num_samples)
-    test_x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0]
+    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
+    test = loaders.tests["test"]
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "data":
-        start = model.visible_states(test_x[: cfg.num_samples])
+        start = model.visible_states(sampling.first_images(test, cfg.num_samples))
     else:
         start = model.noise(cfg.num_samples, gen).to(dev)
-    log.info("%d chains from %s, %d Gibbs steps ...", len(start), cfg.init, cfg.gibbs_steps)
+    log.info("%d chains from %s, %d steps ...", len(start), cfg.init, cfg.gibbs_steps)
     v, snaps, acceptance = sampling.gibbs_chains(
-        model, start, cfg.gibbs_steps, snapshots=8, mh=cfg.mh, temperature=cfg.temperature, seed=cfg.seed
+        model, start, cfg.gibbs_steps, snapshots=8, mh=cfg.mh, temperature=float(temperature), seed=cfg.seed
     )
-    with torch.no_grad():
+    real = model.visible_states(sampling.first_images(test, cfg.sample_quality.real_images))
+    with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         metrics = {
             "samples/acceptance": acceptance,
             "samples/free_energy": model.free_energy(v).mean().item(),
-            "test/free_energy/data": model.free_energy(model.visible_states(test_x)).mean().item(),
+            "test/free_energy/data": model.free_energy(real[:1000]).mean().item(),
         }
         mean = model.reconstruct(v)
+    if classifier is not None:
+        _, real_features, _ = sampling.classifier_outputs(classifier, real)
+        metrics.update(
+            sampling.unconditional_quality(classifier, v, real_features, run_cfg.dataset.num_classes, confidence)
+        )
     nrow = max(int(len(v) ** 0.5), 1)
     rows = min(len(v), 8)
     chain = torch.stack([start[:rows], *(s[:rows] for s in snaps)], 1).flatten(0, 1)  # row i: chain i
@@ -569,13 +649,23 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         tb.scalars(metrics, 0)
     finally:
         tb.close()
+    samples = v.detach().float().cpu().clamp(0, 1).contiguous()
+    checkpoint.atomic_write(out_dir / "samples.pt", lambda f: torch.save(samples, f))
     checkpoint.save_json(out_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    quality = ""
+    if classifier is not None:
+        shares = [metrics[f"samples/class_share/{k}"] for k in range(run_cfg.dataset.num_classes)]
+        quality = (
+            f"; {metrics['samples/recognised']:.1f}% recognised with confidence > {confidence}, "
+            f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.2f}"
+        )
     log.info(
-        "acceptance %.3f, free energy of samples %.2f vs test data %.2f; gibbs.png, gibbs_mean.png, chain.png "
-        "from %s (epoch %d) in %s",
+        "acceptance %.3f, free energy of samples %.2f vs test data %.2f%s; gibbs.png, gibbs_mean.png, chain.png, "
+        "samples.pt from %s (epoch %d) in %s",
         acceptance,
         metrics["samples/free_energy"],
         metrics["test/free_energy/data"],
+        quality,
         path,
         epoch,
         out_dir,
@@ -622,7 +712,10 @@ def _bench_settings(cfg: DictConfig, dev: torch.device) -> list:
             raise ConfigError(f"precisions: {p!r} is not one of {', '.join(speed.PRECISIONS)}")
     settings = []
     for name in cfg.models:
-        routed = "routing_iterations" in _bench_config(cfg, name, 3, 128).model.net
+        # routed: the model's iterations follow routing.iterations (the capsule RBM fixes its own)
+        routed = _bench_config(cfg, name, 3, 128).model.net.get("routing_iterations") == 3 and (
+            _bench_config(cfg, name, 1, 128).model.net.get("routing_iterations") == 1
+        )
         for iterations in cfg.iterations if routed else [None]:
             for size in cfg.batch_sizes:
                 group = [Setting(name, iterations, size)]

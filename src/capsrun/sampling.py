@@ -101,14 +101,37 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: int = 500):
-    """The classifier's predicted classes [N] and features (flattened class capsules) [N, F]."""
+    """The classifier's predicted classes [N], features (flattened class capsules) [N, F] and
+    confidence [N]: the length of the longest class capsule (arXiv:1710.09829 Sec. 3: a capsule's
+    length is the probability that its entity is present)."""
     classifier.eval()
-    preds, feats = [], []
+    preds, feats, confidence = [], [], []
     for chunk in images.split(batch_size):
         out = classifier(chunk)
-        preds.append(out.scores.argmax(dim=-1))
+        top = out.scores.float().max(dim=-1)
+        preds.append(top.indices)
+        confidence.append(top.values)
         feats.append(out.digit_caps.flatten(1).float())
-    return torch.cat(preds), torch.cat(feats)
+    return torch.cat(preds), torch.cat(feats), torch.cat(confidence)
+
+
+def unconditional_quality(
+    classifier: nn.Module,
+    samples: torch.Tensor,
+    real_features: torch.Tensor,
+    num_classes: int,
+    confidence: float = 0.9,
+) -> dict[str, float]:
+    """How a classifier trained on real data sees unconditional ``samples`` [N, C, H, W] in [0, 1]:
+    ``samples/recognised`` (% with confidence > ``confidence``), ``samples/class_share/<k>`` (% of
+    the samples predicted as class k: the class histogram) and ``samples/frechet_distance`` to
+    ``real_features`` in the classifier's capsule space (:func:`frechet_distance`)."""
+    preds, feats, conf = classifier_outputs(classifier, samples)
+    counts = torch.bincount(preds.cpu(), minlength=num_classes).float()
+    metrics = {"samples/recognised": 100.0 * (conf > confidence).float().mean().item()}
+    metrics.update({f"samples/class_share/{k}": 100.0 * float(c) / len(samples) for k, c in enumerate(counts)})
+    metrics["samples/frechet_distance"] = frechet_distance(real_features, feats)
+    return metrics
 
 
 class SampleQuality:
@@ -117,7 +140,8 @@ class SampleQuality:
     ``classifier``: a CapsNet trained on the real data (``None``: only the sample grid is logged);
     ``real_images`` [N, C, H, W]: held-out real images whose classifier features are the reference;
     ``per_class``: samples per class for the metrics; ``grid_per_class``: for the TensorBoard grid;
-    ``every_epoch``: False measures only after the last epoch (the grid is logged every epoch).
+    ``every_epochs``: measure after every N-th epoch and the last; 0: after the last only (the
+    grid is logged every epoch).
     Returns ``samples/classifier_accuracy`` (%), ``samples/frechet_distance`` and the grid under
     ``images`` -> ``samples/class_conditional``.
     """
@@ -129,22 +153,22 @@ class SampleQuality:
         real_images: torch.Tensor | None = None,
         per_class: int = 100,
         grid_per_class: int = 8,
-        every_epoch: bool = True,
+        every_epochs: int = 1,
         seed: int = 0,
     ):
         self.num_classes, self.classifier, self.per_class = num_classes, classifier, per_class
-        self.grid_per_class, self.every_epoch, self.seed = grid_per_class, every_epoch, seed
+        self.grid_per_class, self.every_epochs, self.seed = grid_per_class, every_epochs, seed
         self.real_features = None
         if classifier is not None:
             if real_images is None:
                 raise ValueError("SampleQuality needs real_images with a classifier")
-            _, self.real_features = classifier_outputs(classifier, real_images)
+            _, self.real_features, _ = classifier_outputs(classifier, real_images)
 
     def measure(self, model: nn.Module) -> dict[str, float]:
         """Classifier accuracy on, and Frechet distance of, ``per_class`` samples of each class."""
         gen = torch.Generator().manual_seed(self.seed)  # the same noise every epoch: comparable
         images, classes = class_conditional(model, self.num_classes, self.per_class, gen)
-        preds, feats = classifier_outputs(self.classifier, images)
+        preds, feats, _ = classifier_outputs(self.classifier, images)
         return {
             "samples/classifier_accuracy": 100.0 * (preds == classes).float().mean().item(),
             "samples/frechet_distance": frechet_distance(self.real_features, feats),
@@ -155,15 +179,15 @@ class SampleQuality:
         gen = torch.Generator().manual_seed(self.seed + 1)
         images, _ = class_conditional(model, self.num_classes, self.grid_per_class, gen)
         result: dict = {"images": {"samples/class_conditional": grid(images, self.grid_per_class)}}
-        if self.classifier is not None and (self.every_epoch or last):
+        if self.classifier is not None and _due(epoch, last, self.every_epochs):
             result.update(self.measure(model))
         model.train(was_training)
         return result
 
 
-def real_features_reference(loader, limit: int) -> torch.Tensor:
-    """The first ``limit`` test images of a loader, [N, C, H, W] (the reference for
-    :class:`SampleQuality`)."""
+def first_images(loader, limit: int) -> torch.Tensor:
+    """The first ``limit`` images of a loader's epoch 0, [N, C, H, W] (the reference images for
+    sample quality, the base-rate model of AIS)."""
     from capsrun.train import unpack
 
     chunks, n = [], 0
@@ -218,20 +242,56 @@ def gibbs_chains(
     return v, taken, acceptance / max(steps, 1)
 
 
-class GibbsSamples:
-    """An epoch hook for an energy model: ``chains`` chains from uniform noise, ``steps`` Gibbs
-    steps, logged as the grid ``samples/gibbs`` and ``samples/acceptance``, ``samples/free_energy``."""
+def _due(epoch: int, last: bool, every: int) -> bool:
+    """Whether a measurement every ``every`` epochs (0: the last only) is due after ``epoch``."""
+    return last or (every > 0 and epoch % every == 0)
 
-    def __init__(self, image_shape: tuple[int, int, int], chains: int = 32, steps: int = 200, seed: int = 0):
+
+class ChainSamples:
+    """An epoch hook for an energy model: ``chains`` chains from uniform noise run ``steps`` steps
+    of the model's own sampler; logged as the grid ``samples/gibbs`` (the states) and
+    ``samples/gibbs_mean`` (p(v = 1 | h) of one more up-down pass), ``samples/acceptance`` and
+    ``samples/free_energy``; with a ``classifier`` (a CapsNet trained on the real data) and the
+    features of ``real_images`` [N, C, H, W] (binarised, as the model sees them), every
+    ``every_epochs`` epochs and after the last, :func:`unconditional_quality` of the samples."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        chains: int = 100,
+        steps: int = 1000,
+        seed: int = 0,
+        classifier: nn.Module | None = None,
+        real_images: torch.Tensor | None = None,
+        num_classes: int = 10,
+        every_epochs: int = 1,
+        confidence: float = 0.9,
+    ):
         self.image_shape, self.chains, self.steps, self.seed = image_shape, chains, steps, seed
+        self.classifier, self.num_classes, self.every_epochs, self.confidence = (
+            classifier,
+            num_classes,
+            every_epochs,
+            confidence,
+        )
+        self.real_features = None
+        if classifier is not None:
+            if real_images is None:
+                raise ValueError("ChainSamples needs real_images with a classifier")
+            _, self.real_features, _ = classifier_outputs(classifier, real_images)
 
     def __call__(self, model: nn.Module, epoch: int, last: bool) -> dict:
         dev = next(model.parameters()).device
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)  # the same start every epoch: comparable
         start = model.noise(self.chains, gen).to(dev)
         v, _, acceptance = gibbs_chains(model, start, self.steps, seed=self.seed + epoch)
-        return {
-            "samples/acceptance": acceptance,
-            "samples/free_energy": model.free_energy(v).mean().item(),
-            "images": {"samples/gibbs": grid(v, int(self.chains**0.5) or 1)},
-        }
+        nrow = int(len(v) ** 0.5) or 1
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            result: dict = {
+                "samples/acceptance": acceptance,
+                "samples/free_energy": model.free_energy(v).mean().item(),
+                "images": {"samples/gibbs": grid(v, nrow), "samples/gibbs_mean": grid(model.reconstruct(v), nrow)},
+            }
+        if self.classifier is not None and _due(epoch, last, self.every_epochs):
+            result.update(unconditional_quality(self.classifier, v, self.real_features, self.num_classes, self.confidence))
+        return result

@@ -62,6 +62,30 @@ def exponential_decay(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
 
 
+class LinearDecay:
+    """``lr = lr0 * (1 - (1 - final) * step / total_steps)``, then ``final * lr0``: the decay to
+    (near) zero that persistent contrastive divergence needs, since its chains must keep up with
+    a model that moves ever less (Tieleman, ICML 2008, Sec. 4)."""
+
+    def __init__(self, total_steps: int, final: float = 0.0):
+        self.total_steps, self.final = total_steps, final
+
+    def __call__(self, step: int) -> float:
+        return 1 - (1 - self.final) * min(step, self.total_steps) / self.total_steps
+
+
+def linear_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int, final: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler for :class:`LinearDecay`; ``total_steps`` is filled in from
+    ``trainer.epochs`` and the training split when the config leaves it ``???``."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= final <= 1:
+        raise ValueError(f"final must be in [0, 1], got {final}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearDecay(total_steps, final))
+
+
 class Meter:
     """Sums of per-batch losses (weighted by batch size) and correct predictions, on the device."""
 
