@@ -46,7 +46,7 @@ pass per step (the state's routing is carried).
 Gradient: d log p(v) / d theta = -dF(v)/d theta + E_model[dF/d theta], through the routing,
 estimated by CD-k or PCD chains (:class:`~capsrun.models.energy.EnergyModel`).
 
-Shapes (MNIST, patch 7): x [B, 1, 28, 28] -> visible capsules [B, 16, 49] -> votes
+Shapes (MNIST, patch 7, as experiment=capsrbm_mnist): x [B, 1, 28, 28] -> visible capsules [B, 16, 49] -> votes
 [B, 16, N, D] -> couplings [B, 16, N], s [B, N, D] -> p(z | v) [B, N]; F(v) [B].
 """
 
@@ -102,7 +102,7 @@ class CapsuleRBM(EnergyModel):
         in_channels: int = 1,
         image_size: int = 28,
         num_classes: int | None = None,  # unused: the model never sees labels
-        patch: int = 7,
+        patch: int = 4,
         hidden_caps: int = 50,
         hidden_dim: int = 10,
         routing_iterations: int = 2,
