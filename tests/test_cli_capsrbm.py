@@ -157,6 +157,7 @@ def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, w
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 < metrics["samples/acceptance"] <= 1
     assert 0 <= metrics["samples/recognised"] <= 100 and metrics["samples/frechet_distance"] >= 0
+    assert 0 <= metrics["samples/recognised_real"] <= 100
     assert sum(metrics[f"samples/class_share/{k}"] for k in range(10)) == pytest.approx(100.0)
 
 

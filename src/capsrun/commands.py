@@ -630,9 +630,11 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         }
         mean = model.reconstruct(v)
     if classifier is not None:
-        _, real_features, _ = sampling.classifier_outputs(classifier, real)
+        _, real_features, real_confidence = sampling.classifier_outputs(classifier, real)
         metrics.update(
-            sampling.unconditional_quality(classifier, v, real_features, run_cfg.dataset.num_classes, confidence)
+            sampling.unconditional_quality(
+                classifier, v, (real_features, real_confidence), run_cfg.dataset.num_classes, confidence
+            )
         )
     nrow = max(int(len(v) ** 0.5), 1)
     rows = min(len(v), 8)
@@ -656,7 +658,8 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     if classifier is not None:
         shares = [metrics[f"samples/class_share/{k}"] for k in range(run_cfg.dataset.num_classes)]
         quality = (
-            f"; {metrics['samples/recognised']:.1f}% recognised with confidence > {confidence}, "
+            f"; {metrics['samples/recognised']:.1f}% recognised with confidence > {confidence} "
+            f"(binarised test images: {metrics['samples/recognised_real']:.1f}%), "
             f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.2f}"
         )
     log.info(

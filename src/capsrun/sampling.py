@@ -127,17 +127,24 @@ def classifier_outputs(classifier: nn.Module, images: torch.Tensor, batch_size: 
 def unconditional_quality(
     classifier: nn.Module,
     samples: torch.Tensor,
-    real_features: torch.Tensor,
+    real: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     confidence: float = 0.9,
 ) -> dict[str, float]:
     """How a classifier trained on real data sees unconditional ``samples`` [N, C, H, W] in [0, 1]:
     ``samples/recognised`` (% with confidence > ``confidence``), ``samples/class_share/<k>`` (% of
-    the samples predicted as class k: the class histogram) and ``samples/frechet_distance`` to
-    ``real_features`` in the classifier's capsule space (:func:`frechet_distance`)."""
+    the samples predicted as class k: the class histogram), ``samples/frechet_distance`` to the
+    real images' features in the classifier's capsule space (:func:`frechet_distance`), and
+    ``samples/recognised_real``: the share of the real images themselves that pass, what a weak
+    classifier's ``recognised`` should be read against. ``real``: (features [M, F], confidence [M])
+    of the real images, from :func:`classifier_outputs`."""
+    real_features, real_confidence = real
     preds, feats, conf = classifier_outputs(classifier, samples)
     counts = torch.bincount(preds.cpu(), minlength=num_classes).float()
-    metrics = {"samples/recognised": 100.0 * (conf > confidence).float().mean().item()}
+    metrics = {
+        "samples/recognised": 100.0 * (conf > confidence).float().mean().item(),
+        "samples/recognised_real": 100.0 * (real_confidence > confidence).float().mean().item(),
+    }
     metrics.update({f"samples/class_share/{k}": 100.0 * float(c) / len(samples) for k, c in enumerate(counts)})
     metrics["samples/frechet_distance"] = frechet_distance(real_features, feats)
     return metrics
@@ -283,11 +290,12 @@ class ChainSamples:
             every_epochs,
             confidence,
         )
-        self.real_features = None
+        self.real = None
         if classifier is not None:
             if real_images is None:
                 raise ValueError("ChainSamples needs real_images with a classifier")
-            _, self.real_features, _ = classifier_outputs(classifier, real_images)
+            _, features, conf = classifier_outputs(classifier, real_images)
+            self.real = (features, conf)
 
     def __call__(self, model: nn.Module, epoch: int, last: bool) -> dict:
         dev = next(model.parameters()).device
@@ -302,5 +310,5 @@ class ChainSamples:
                 "images": {"samples/gibbs": grid(v, nrow), "samples/gibbs_mean": grid(model.reconstruct(v), nrow)},
             }
         if self.classifier is not None and _due(epoch, last, self.every_epochs):
-            result.update(unconditional_quality(self.classifier, v, self.real_features, self.num_classes, self.confidence))
+            result.update(unconditional_quality(self.classifier, v, self.real, self.num_classes, self.confidence))
         return result
