@@ -29,7 +29,12 @@ def _tiny_rbm() -> RBM:
 def _tiny_capsrbm(iterations: int = 2) -> CapsuleRBM:
     torch.manual_seed(0)
     model = CapsuleRBM(
-        image_size=3, patch=1, hidden_caps=3, hidden_dim=2, routing_iterations=iterations, weight_std=0.7,
+        image_size=3,
+        patch=1,
+        hidden_caps=3,
+        hidden_dim=2,
+        routing_iterations=iterations,
+        weight_std=0.7,
         persistent=False,
     )
     with torch.no_grad():

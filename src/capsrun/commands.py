@@ -217,7 +217,9 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
         confidence = _confidence(sq.confidence, "sample_quality.confidence")
         real = None
         if classifier is None:
-            log.info("sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>", cfg.dataset.name)
+            log.info(
+                "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>", cfg.dataset.name
+            )
         else:
             real = model.visible_states(sampling.first_images(loaders.tests["test"], sq.real_images))
         hooks: list = [
@@ -234,8 +236,12 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
             )
         ]
         if cfg.ais.at_end:
-            settings = _ais_settings(cfg)
-            hooks.append(lambda m, epoch, last: _log_likelihood(m, loaders, settings, cfg.trainer.progress) if last else {})
+            settings, progress = _ais_settings(cfg), cfg.trainer.progress
+
+            def log_likelihood(m, epoch: int, last: bool) -> dict:
+                return _log_likelihood(m, loaders, settings, progress) if last else {}
+
+            hooks.append(log_likelihood)
         return hooks
     if not sampling.can_generate(model):
         if classifier is not None:
