@@ -173,9 +173,9 @@ class CapsuleRBM(EnergyModel):
     def log_hidden_states(self) -> float:
         return self.caps * math.log1p(2.0**self.dim)  # per capsule: off, or on with 2^D poses
 
-    def hidden_prob(self, v: torch.Tensor) -> torch.Tensor:
+    def firing(self, enc: Routed) -> torch.Tensor:
         """p(z_j = 1 | v) ``[B, N]``: the probability that capsule j fires."""
-        return torch.sigmoid(self.evidence(self.encode(v).s))
+        return torch.sigmoid(self.evidence(enc.s))
 
     def sample_hidden(self, enc: Routed, beta: float = 1.0) -> torch.Tensor:
         """z_j h_j ~ p_beta(z, h | v) ``[B, N, D]`` (zero where the switch is off)."""

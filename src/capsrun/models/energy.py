@@ -92,8 +92,12 @@ class EnergyModel(nn.Module):
         """One step of the chain that leaves p_beta invariant: ``(v', encode(v'), acceptance [B])``."""
         raise NotImplementedError
 
-    def hidden_prob(self, v: torch.Tensor) -> torch.Tensor:
+    def firing(self, enc: Any) -> torch.Tensor:
+        """p(hidden unit / capsule on | v) ``[B, N]`` from :meth:`encode`'s output."""
         raise NotImplementedError
+
+    def hidden_prob(self, v: torch.Tensor) -> torch.Tensor:
+        return self.firing(self.encode(v))
 
     def log_hidden_states(self) -> float:
         """log of the number of hidden configurations: the hidden part of log Z at beta = 0."""
@@ -205,11 +209,11 @@ class EnergyModel(nn.Module):
             enc = self.encode(both)
             f = self.free_energy_at(both, enc)
             with torch.no_grad():
-                prob = self.hidden_prob(v)
+                prob = self.firing(enc)[: len(v)]
             return RBMOutput(prob, f[: len(v)], model_free_energy=f[len(v) :], acceptance=acceptance)
         enc = self.encode(v)
         return RBMOutput(
-            self.hidden_prob(v),
+            self.firing(enc),
             self.free_energy_at(v, enc),
             reconstruction=self.reconstruct(v),
             pseudo_likelihood=self.pseudo_likelihood(v, enc),

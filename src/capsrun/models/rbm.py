@@ -60,8 +60,8 @@ class RBM(EnergyModel):
     def log_hidden_states(self) -> float:
         return len(self.hidden_bias) * math.log(2)
 
-    def hidden_prob(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.encode(v))
+    def firing(self, enc: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(enc)
 
     def _visible_prob(self, h: torch.Tensor, beta: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
         """p_beta(v = 1 | h) ``[B, V]``."""
