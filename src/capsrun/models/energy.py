@@ -156,7 +156,6 @@ class EnergyModel(nn.Module):
         the free energies of training and held-out images compare)."""
         return (x > 0.5).to(x.dtype)
 
-    binarize = visible_states
 
     @torch.no_grad()
     def init_visible_bias(self, v: torch.Tensor) -> None:
