@@ -155,7 +155,8 @@ def test_resume_from_a_checkpoint_of_another_model(mnist_root, tmp_path):
         cwd=tmp_path,
         data_root=mnist_root,
     )
-    _assert_clean_error(result, "does not fit the configured model", "trainer.resume=never")
+    expected = "was trained with model.net.primary_types=4, this run has model.net.primary_types=2"
+    _assert_clean_error(result, expected, "another hydra.run.dir")
 
 
 @pytest.mark.parametrize("argv, needle", [(["frobnicate"], "unknown command 'frobnicate'"), ([], "usage")])

@@ -67,10 +67,12 @@ def test_sharded_loader_partitions_every_global_batch():
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], metrics: dict) -> None:
+    """A finished run as capsrun train leaves it: overrides, config and metrics of its last epoch."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"trainer": {"epochs": 5}}))
+    (run / "metrics.json").write_text(json.dumps({"epoch": 5, **metrics}))
 
 
 def test_report_groups_seeds_and_gives_mean_and_spread(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +12,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import datasets
-from capsrun.errors import ConfigError
+from capsrun import checkpoint, datasets
+from capsrun.errors import CheckpointError, ConfigError
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1, example: str = "3") -> int:
@@ -30,9 +32,17 @@ def _optional_limit(cfg: DictConfig, key: str) -> int | None:
     return value
 
 
+MAX_ROUTING_ITERATIONS = 100  # beyond this a run only burns time: the couplings have long converged
+
+
 def validate_train(cfg: DictConfig) -> None:
     """Check the values a user types most, with a one-line fix for each."""
-    _positive_int(cfg, "routing.iterations")
+    iterations = _positive_int(cfg, "routing.iterations")
+    if iterations > MAX_ROUTING_ITERATIONS:
+        raise ConfigError(
+            f"routing.iterations={iterations} is more than {MAX_ROUTING_ITERATIONS}: each iteration is a full pass "
+            "over the votes and the couplings settle within a few (arXiv:1710.09829 uses 3); e.g. routing.iterations=3"
+        )
     _positive_int(cfg, "trainer.epochs", example="10")
     _positive_int(cfg, "trainer.batch_size", example="128")
     _positive_int(cfg, "trainer.eval_batch_size", example="512")
@@ -123,6 +133,10 @@ def loaders(
     The dataset config's keys beyond its shape are the protocol's options (``max_shift``, ...)."""
     ds = cfg.dataset
     options = {k: v for k, v in OmegaConf.to_container(ds, resolve=True).items() if k not in _SHAPE_KEYS}
+    unknown = sorted(set(options) - datasets.options(ds.name)) if ds.name in datasets.DATASETS else []
+    if unknown:
+        known = ", ".join(sorted(datasets.options(ds.name)))
+        raise ConfigError(f"dataset.{unknown[0]} is not a setting of {ds.name}; its settings: {known}")
     return datasets.make_loaders(
         ds.name,
         data_root(cfg),
@@ -162,25 +176,254 @@ def hidden_caps(cfg: DictConfig) -> list[int]:
     return [width] * depth
 
 
-def model(cfg: DictConfig) -> torch.nn.Module:
-    """The network of ``cfg.model.net``, sized by ``cfg.dataset``."""
+def _registry() -> dict[str, tuple[type, type]]:
+    """The models capsrun builds, ``model.name`` -> (network class, loss class): the only way from
+    a checkpoint back to a model. A checkpoint's stored config names a model; the class comes from
+    here, never from an import path (``_target_``) read from the file."""
+    from capsrun import losses
+    from capsrun.models import baseline_cnn, capsnet, capsrbm, deep_capsnet, energy, rbm, vcaps
+
+    return {
+        "baseline_cnn": (baseline_cnn.BaselineCNN, baseline_cnn.CrossEntropyObjective),
+        "baseline_cnn_multi": (baseline_cnn.BaselineCNNMulti, baseline_cnn.CrossEntropyObjective),
+        "capsnet": (capsnet.CapsNet, losses.CapsNetLoss),
+        "deep_capsnet": (deep_capsnet.DeepCapsNet, losses.CapsNetLoss),
+        "vcaps": (vcaps.VariationalCapsNet, vcaps.VCapsLoss),
+        "rbm": (rbm.RBM, energy.RBMLoss),
+        "capsrbm": (capsrbm.CapsuleRBM, energy.RBMLoss),
+    }
+
+
+def _plain(value: Any) -> bool:
+    """Settings a registered class takes: numbers, strings, booleans, None and lists of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _parameters(cls: type) -> list[str]:
+    """The named parameters of ``cls``; where its ``__init__`` passes ``**kwargs`` on to its base
+    class (the deep CapsNet to CapsNet), the base's as well."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _settings(cls: type, node: DictConfig, what: str, error: type[Exception], fill: tuple[str, ...] = ()) -> dict:
+    """The settings of ``node`` for ``cls``, checked: ``_target_`` may only name ``cls`` itself,
+    every other key must be one of its parameters and hold plain data (nothing Hydra would
+    instantiate). ``fill``: keys the dataset sets (``in_channels``, ...), left out here."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(settings, dict):
+        raise error(f"the {what} config is not a mapping")
+    settings = {k: v for k, v in settings.items() if k not in fill}
+    target = settings.pop("_target_", None)
+    expected = f"{cls.__module__}.{cls.__qualname__}"
+    if target is not None and target != expected:
+        raise error(f"the {what} config names {target!r}, but capsrun builds this model with {expected}")
+    accepted = _parameters(cls)
+    for key, value in settings.items():
+        if key not in accepted or key.startswith("_"):
+            known = ", ".join(k for k in accepted if k not in fill)
+            raise error(f"the {what} has no setting {key!r}; its settings are: {known}")
+        if not _plain(value):
+            shown = repr(value)[:80]
+            raise error(f"the {what} setting {key!r} must be a number, string, boolean or list, got {shown}")
+    return settings
+
+
+def _construct(cls: type, node: DictConfig, what: str, error: type[Exception], **fill: Any) -> Any:
+    """``cls(**settings)`` with :func:`_settings` and ``fill`` (the sizes set by the dataset)."""
+    settings = {**_settings(cls, node, what, error, tuple(fill)), **fill}
+    try:
+        with warnings.catch_warnings():  # a zero-sized layer is reported below, in one line
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            built = cls(**settings)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise error(f"cannot build the {what} from its config: {' '.join(str(e).split())[:200]}") from None
+    empty = next(((n, tuple(p.shape)) for n, p in built.named_parameters() if p.numel() == 0), None)
+    if empty is not None:
+        raise error(f"the {what} has an empty layer ({empty[0]} of shape {list(empty[1])}): a size setting is 0")
+    return built
+
+
+def model(cfg: DictConfig, trusted: bool = True) -> torch.nn.Module:
+    """The network of ``cfg.model.net``, sized by ``cfg.dataset``. A registered ``model.name``
+    (:func:`_registry`) is built from capsrun's own class with its settings checked; any other name
+    only from a ``trusted`` config (the user's own ``conf/``, through Hydra's ``instantiate``),
+    never from a checkpoint's (``trusted=False``)."""
     ds = cfg.dataset
     fill = "hidden_caps" in cfg.model.net.keys() and OmegaConf.is_missing(cfg.model.net, "hidden_caps")
     extra = {"hidden_caps": hidden_caps(cfg)} if fill else {}
-    return _instantiate(
-        cfg.model.net, "model", in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes, **extra
-    )
+    sizes = dict(in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes, **extra)
+    registry = _registry()
+    error = ConfigError if trusted else CheckpointError
+    if cfg.model.name in registry:
+        return _construct(registry[cfg.model.name][0], cfg.model.net, f"{cfg.model.name} model", error, **sizes)
+    if not trusted:
+        raise error(f"model {cfg.model.name!r} is not one of capsrun's models ({', '.join(_registry())})")
+    return _instantiate(cfg.model.net, "model", **sizes)
 
 
-def objective(cfg: DictConfig) -> torch.nn.Module:
-    """The loss of ``cfg.model.loss``; a loss with its own network (a discriminator) declares
-    ``in_channels: ???`` and gets it from the dataset."""
+def check_images(cfg: DictConfig, loaders: datasets.Loaders) -> None:
+    """The images the loaders make have the shape the model is built for: ``dataset.crop`` or
+    ``dataset.canvas`` change the image size, ``dataset.image_size`` sizes the model."""
+    from capsrun.train import unpack
+
+    ds = cfg.dataset
+    expected = (ds.channels, ds.image_size, ds.image_size)
+    sources = [("test", loaders.tests["test"])] + ([("train", loaders.train)] if loaders.train is not None else [])
+    for split, loader in sources:
+        shape = tuple(unpack(next(iter(loader.epoch(0))))[0].shape[1:])
+        if shape != expected:
+            c, h, w = shape
+            raise ConfigError(
+                f"{ds.name}'s {split} images are {c}x{h}x{w}, but dataset.image_size={ds.image_size} and "
+                f"dataset.channels={ds.channels} size the model; settings such as dataset.crop or dataset.canvas "
+                f"change the image size: set dataset.image_size={h} with them"
+            )
+
+
+def check_input(net: torch.nn.Module, cfg: DictConfig) -> None:
+    """One forward pass of two blank images of the dataset's shape, so that a model that cannot
+    take them (kernels larger than the image, a layer size that does not fit) fails in one line
+    before training starts. The RNG and the model's mode are left as they were."""
+    ds = cfg.dataset
+    param = next(net.parameters(), None)
+    x = torch.zeros(2, ds.channels, ds.image_size, ds.image_size, device=None if param is None else param.device)
+    was_training = net.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            net.eval()(x)
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"the {cfg.model.name} model cannot take {ds.name}'s {ds.channels}x{ds.image_size}x{ds.image_size} "
+            f"images ({first}); check the model.net sizes against the dataset"
+        ) from None
+    finally:
+        net.train(was_training)
+
+
+def objective(cfg: DictConfig, trusted: bool = True) -> torch.nn.Module:
+    """The loss of ``cfg.model.loss``, from the registry as :func:`model`; a loss with its own
+    network (a discriminator) declares ``in_channels: ???`` and gets it from the dataset."""
     extra = {"in_channels": cfg.dataset.channels} if "in_channels" in cfg.model.loss.keys() else {}
+    registry = _registry()
+    if cfg.model.name in registry:
+        error = ConfigError if trusted else CheckpointError
+        return _construct(registry[cfg.model.name][1], cfg.model.loss, f"{cfg.model.name} loss", error, **extra)
+    if not trusted:
+        raise CheckpointError(f"model {cfg.model.name!r} is not one of capsrun's models ({', '.join(_registry())})")
     return _instantiate(cfg.model.loss, "loss", **extra)
 
 
+_SIZE_KEYS = ("in_channels", "image_size", "num_classes", "hidden_caps")
+_CHECKPOINT_HINT = "point to a checkpoints/last.pt or best.pt written by capsrun train"
+
+
+def _interpolations(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_interpolations(k) or _interpolations(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_interpolations(v) for v in value)
+    return isinstance(value, str) and "${" in value
+
+
+def stored_config(ckpt: dict[str, Any], path: Path) -> DictConfig:
+    """The run config a checkpoint carries, checked to be what capsrun writes: a resolved mapping
+    (no interpolations) naming a registered model and a known dataset."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: its stored config {why}; {_CHECKPOINT_HINT}")
+
+    raw = ckpt.get("config")
+    if not isinstance(raw, dict):
+        raise bad("is not a mapping")
+    if _interpolations(raw):
+        raise bad("holds ${...} interpolations (capsrun stores resolved configs)")
+    try:
+        cfg = OmegaConf.create(raw)
+    except Exception as e:  # omegaconf raises its own error types for odd keys and values
+        raise bad(f"cannot be read ({type(e).__name__})") from None
+    name = OmegaConf.select(cfg, "model.name")
+    if name not in _registry():
+        raise bad(f"names model {name!r}, not one of capsrun's models ({', '.join(_registry())})")
+    for node in ("model.net", "model.loss", "dataset", "data", "trainer"):
+        if not isinstance(OmegaConf.select(cfg, node), DictConfig):
+            raise bad(f"has no {node} section")
+    if cfg.dataset.get("name") not in datasets.DATASETS:
+        raise bad(f"names dataset {cfg.dataset.get('name')!r}, not one of {', '.join(datasets.DATASETS)}")
+    for key in _SHAPE_KEYS[1:]:
+        value = cfg.dataset.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(f"has dataset.{key}={value!r}")
+    options = set(cfg.dataset.keys()) - set(_SHAPE_KEYS)
+    unknown = options - datasets.options(cfg.dataset.name)
+    if unknown:
+        raise bad(f"has dataset settings {sorted(unknown)} that {cfg.dataset.name} does not take")
+    net_class, loss_class = _registry()[name]
+    try:
+        _settings(net_class, cfg.model.net, f"{name} model", CheckpointError, _SIZE_KEYS)
+        _settings(loss_class, cfg.model.loss, f"{name} loss", CheckpointError, ("in_channels",))
+    except CheckpointError as e:
+        raise bad(f"is not capsrun's: {e}") from None
+    except Exception as e:  # an interpolation to a missing key and the like
+        raise bad(f"cannot be resolved ({type(e).__name__})") from None
+    return cfg
+
+
+def from_checkpoint(
+    path: Path, dev: torch.device, dataset: DictConfig | None = None
+) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
+    """The one way back from a checkpoint to a model: ``(model, its run config, the checkpoint)``.
+    The model comes from :func:`_registry` (never from an import path in the file), its settings
+    checked against its class, its weights loaded strictly. ``dataset``: evaluate on another
+    dataset config of the same shape."""
+    ckpt = checkpoint.load(path, map_location=dev)
+    cfg = stored_config(ckpt, path)
+    if dataset is not None:
+        cfg.dataset = dataset
+    net = model(cfg, trusted=False).to(dev)
+    state = ckpt["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its model weights are not a mapping of tensors; {_CHECKPOINT_HINT}")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    return net, cfg, ckpt
+
+
+def _settings_error(group: str, e: Exception) -> ConfigError:
+    """A value the optimizer or the lr schedule refused: one line naming the group, e.g.
+    ``optimizer: Invalid learning rate: -0.1``."""
+    text = " ".join(str(e).split())[:200] or type(e).__name__
+    return ConfigError(f"{group}: {text}; check the {group}.* values (capsrun train --cfg job)")
+
+
 def optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    return _instantiate(cfg.optimizer, "optimizer")(params)
+    """``cfg.optimizer`` over ``params``; a value it refuses (``lr=-0.1``, ``betas=[2,3]``,
+    ``lr=fast``) is a :class:`ConfigError`."""
+    return _optimizer(cfg.optimizer, params, "optimizer", "optimizer")
+
+
+def _optimizer(node: DictConfig, params, what: str, group: str) -> torch.optim.Optimizer:
+    for key in ("lr", "weight_decay", "momentum", "eps"):
+        value = node.get(key)
+        if key in node and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{group}.{key} must be a number, got {value!r}; e.g. {group}.{key}=0.001")
+    try:
+        return _instantiate(node, what)(params)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise _settings_error(group, e) from None
 
 
 def optimizers(cfg: DictConfig, net: torch.nn.Module, loss: torch.nn.Module) -> list[torch.optim.Optimizer]:
@@ -192,27 +435,18 @@ def optimizers(cfg: DictConfig, net: torch.nn.Module, loss: torch.nn.Module) -> 
         node = cfg.model.get("adversary_optimizer")
         if node is None:
             raise ConfigError(f"model {cfg.model.name}: its loss has parameters but no model.adversary_optimizer")
-        opts.append(_instantiate(node, "adversary optimizer")(own))
+        opts.append(_optimizer(node, own, "adversary optimizer", "model.adversary_optimizer"))
     return opts
 
 
 def classifier(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConfig]:
-    """A trained CapsNet for sample quality, rebuilt from the config stored in its checkpoint, and
-    the dataset config it was trained on. Its class capsules are the feature space."""
-    from capsrun import checkpoint
-    from capsrun.errors import CheckpointError
-
+    """A trained CapsNet for sample quality (:func:`from_checkpoint`) and the dataset config it
+    was trained on. Its class capsules are the feature space."""
     if not path.is_file():
         raise ConfigError(
             f"eval_classifier={path}: no such file; give the best.pt of a CapsNet trained on this dataset"
         )
-    ckpt = checkpoint.load(path, map_location=dev)
-    cfg = OmegaConf.create(ckpt["config"])
-    net = model(cfg).to(dev)
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+    net, cfg, _ = from_checkpoint(path, dev)
     if cfg.model.name != "capsnet":
         raise ConfigError(f"eval_classifier={path} is a {cfg.model.name}; sample quality needs a capsnet checkpoint")
     return net.eval(), cfg.dataset
@@ -227,7 +461,10 @@ def scheduler(cfg: DictConfig, opt: torch.optim.Optimizer, total_steps: int | No
         if total_steps is None:
             raise ConfigError("scheduler.total_steps is ??? and this command does not know the run's length")
         extra["total_steps"] = total_steps
-    return _instantiate(node, "lr schedule", **extra)(opt)
+    try:
+        return _instantiate(node, "lr schedule", **extra)(opt)
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise _settings_error("scheduler", e) from None
 
 
 def diagnostics_level(cfg: DictConfig) -> str:

@@ -79,9 +79,10 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
-def _check_overrides(command: str, args: list[str]) -> None:
+def _check_overrides(command: str, args: list[str]):
     """Catch unknown group options and bad override syntax before Hydra does, in one line;
-    for a single run, also compose the config once so a typo in a key is reported the same way."""
+    for a single run, also compose the config once so a typo in a key is reported the same way.
+    Returns that config (with its ``hydra`` node), or None for sweeps and Hydra's own flags."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -103,10 +104,10 @@ def _check_overrides(command: str, args: list[str]) -> None:
             if value not in options and not (group == "experiment" and value == "null"):
                 fail(f"unknown {group} {value!r}; choose one of: {', '.join(options)} (e.g. {group}={options[0]})")
     if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
-        return  # sweeps are checked per job; flags like --help/--cfg are Hydra's to handle
+        return None  # sweeps are checked per job; flags like --help/--cfg are Hydra's to handle
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name=command):
-            compose(config_name=command, overrides=kv)
+            return compose(config_name=command, overrides=kv, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         text = f"{e}\n{e.__cause__ or ''}"
         first = text.strip().splitlines()[0].rstrip(".")
@@ -117,6 +118,35 @@ def _check_overrides(command: str, args: list[str]) -> None:
                 f"or add a new key with +{key}=..."
             )
         fail("; ".join(line.strip() for line in text.splitlines()[:3] if line.strip()))
+
+
+def _claim_run_dir(cfg, args: list[str]) -> None:
+    """Before Hydra writes its own files (``.hydra/``, ``train.log``) into the run dir: check that
+    it can be written, and, when the user named it (``hydra.run.dir=``), hold its lock
+    (:func:`capsrun.rundir.lock`) so that a second run there is refused before it touches anything."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from capsrun import rundir
+    from capsrun.errors import ConfigError
+
+    try:
+        path = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).absolute()
+    except OmegaConfBaseException:
+        return
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK) or not existing.is_dir():
+        why = "permission denied" if existing.is_dir() else "not a directory"
+        fail(f"cannot create the run dir {path} ({why} at {existing}); choose another hydra.run.dir")
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        from capsrun import commands
+
+        try:
+            rundir.lock(path)
+            # a refused resume must not leave this run's config in the other run's .hydra/
+            commands.check_resume(cfg, path, commands.resume_path(cfg.trainer.resume, path))
+        except ConfigError as e:
+            fail(str(e))
 
 
 def _check_plugins(args: list[str]) -> None:
@@ -158,7 +188,33 @@ def _optimized(cfg, result):
     return float(result[key])
 
 
+def abort(signum: int = 2) -> None:
+    """Leave now, in one line, with exit code 128 + ``signum``: what Ctrl-C does outside the
+    training loop (start-up, ``capsrun eval``) and a second Ctrl-C inside it. Immediate, because a
+    KeyboardInterrupt raised inside Hydra or OmegaConf surfaces as unrelated errors; nothing is
+    lost by it: every file capsrun writes is written to a temporary file and renamed."""
+    try:
+        sys.stdout.flush()
+        print("capsrun: interrupted; files already written are complete (checkpoints are atomic)", file=sys.stderr)
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``capsrun``: Ctrl-C at any moment (start-up, ``eval``, a second one during training) ends
+    in one line and exit 130; the files written so far are whole (atomic writes)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job keeps ignoring it
+        signal.signal(signal.SIGINT, lambda signum, frame: abort(signum))
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        abort(signal.SIGINT)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
@@ -179,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
             else a
             for a in rest
         ]
-    _check_overrides(command, rest)
+    composed = _check_overrides(command, rest)
+    if command == "train" and composed is not None and int(os.environ.get("RANK", "0")) == 0:
+        _claim_run_dir(composed, rest)
     rest = _distributed_overrides(command, rest)
 
     import hydra

@@ -16,8 +16,8 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import build, checkpoint, distributed, sampling, speed
-from capsrun.errors import CheckpointError, ConfigError
+from capsrun import build, checkpoint, distributed, rundir, sampling, speed
+from capsrun.errors import ConfigError
 from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
 log = logging.getLogger("capsrun")
@@ -34,7 +34,9 @@ class StopOnSignal:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            from capsrun.cli import abort
+
+            abort(signum)
         self.signum = signum
         log.warning("%s: saving a checkpoint after this step (send it again to abort)", signal.Signals(signum).name)
 
@@ -77,7 +79,7 @@ def _swept_hparams(cfg: DictConfig) -> dict[str, Any]:
     return hp
 
 
-def _resume_path(spec: Any, run_dir: Path) -> Path | None:
+def resume_path(spec: Any, run_dir: Path) -> Path | None:
     if spec in (None, "never", False):
         return None
     if spec == "auto":
@@ -87,6 +89,38 @@ def _resume_path(spec: Any, run_dir: Path) -> Path | None:
     if not path.is_file():
         raise ConfigError(f"trainer.resume={spec}: no such checkpoint; use auto, never or a path to a .pt file")
     return path
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> None:
+    """A resume continues the same run: the settings that decide its result (:data:`rundir.FIXED`)
+    must match the checkpoint's; a longer or shorter ``trainer.epochs`` is applied with a warning.
+    ``trainer.resume=never`` does not overwrite a run dir that already holds a run."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume_from is None:
+        if last.is_file():
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoints/last.pt) and trainer.resume={cfg.trainer.resume}: "
+                "continue it with trainer.resume=auto, or start over in another hydra.run.dir (nothing was overwritten)"
+            )
+        return
+    saved = checkpoint.load(resume_from)
+    current = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    conflicts = rundir.resume_conflicts(saved["config"], current)
+    if conflicts:
+        key, old, new = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more settings)" if len(conflicts) > 1 else ""
+        raise ConfigError(
+            f"{resume_from} was trained with {key}={old}, this run has {key}={new}{more}; resume with the "
+            "checkpoint's settings, or start a new run in another hydra.run.dir"
+        )
+    trained = rundir.select(saved["config"], "trainer.epochs")
+    if trained != cfg.trainer.epochs:
+        log.warning(
+            "resuming a run configured for %s epochs (at epoch %d) as one of %d epochs",
+            trained,
+            saved["epoch"],
+            cfg.trainer.epochs,
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -106,11 +140,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not world.is_main:
             log.setLevel(logging.WARNING)
     run_dir = distributed.broadcast(_run_dir()) if world.distributed else _run_dir()  # rank 0's
-    resume_from = _resume_path(cfg.trainer.resume, run_dir)
+    if world.is_main:  # before anything is read or written: one process per run dir
+        rundir.lock(run_dir)
+        rundir.clean_stale(run_dir)
+        rundir.writable(run_dir / "checkpoints", "checkpoints folder")
+    resume_from = resume_path(cfg.trainer.resume, run_dir)
+    if world.is_main:
+        check_resume(cfg, run_dir, resume_from)
     classifier = _classifier(cfg, dev, cfg.dataset)  # before any data is read: a wrong one fails fast
     torch.manual_seed(cfg.seed)
     loaders = build.loaders(cfg, dev)
+    build.check_images(cfg, loaders)
     model = build.model(cfg).to(dev)
+    build.check_input(model, cfg)
     precision = build.precision(cfg)
     if speed.use_channels_last(cfg.trainer.channels_last, precision):
         model = speed.to_channels_last(model)
@@ -341,7 +383,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     paths = [Path(to_absolute_path(str(p))) for p in specs]
     dev = build.device(cfg.trainer.device)
     ckpts = [checkpoint.load(p, map_location=dev) for p in paths]
-    configs = [OmegaConf.create(c["config"]) for c in ckpts]
+    configs = [build.stored_config(c, p) for c, p in zip(ckpts, paths)]
     dataset = _eval_dataset(cfg, configs[0].dataset)
     for path, c in zip(paths[1:], configs[1:]):
         if c.dataset.name != configs[0].dataset.name:
@@ -359,15 +401,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     models, metrics = [], {}
     for i, (path, ckpt, c) in enumerate(zip(paths, ckpts, configs)):
         c.dataset = dataset
-        model = build.model(c).to(dev)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
+        model, _, _ = build.from_checkpoint(path, dev, dataset)
         models.append(model)
         member = "" if len(paths) == 1 else f"member/{i}/"
+        objective = build.objective(c, trusted=False)
         for name, loader in loaders.tests.items():
-            result = evaluate(model, build.objective(c), loader, progress=cfg.trainer.progress, prefix=name)
+            result = evaluate(model, objective, loader, progress=cfg.trainer.progress, prefix=name)
             metrics.update({member + k: v for k, v in result.metrics.items()})
             shown = f"{name}/accuracy" if f"{name}/accuracy" in result.metrics else f"{name}/log_likelihood/pseudo"
             log.info(
@@ -395,16 +434,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
 
 def _trained_model(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
-    """The model of a checkpoint, rebuilt from the config stored in it, its config and the
+    """The model of a checkpoint (:func:`capsrun.build.from_checkpoint`), its config and the
     checkpoint itself."""
-    ckpt = checkpoint.load(path, map_location=dev)
-    run_cfg = OmegaConf.create(ckpt["config"])
-    model = build.model(run_cfg).to(dev)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match its own config ({str(e).splitlines()[0][:160]})") from None
-    return model, run_cfg, ckpt
+    return build.from_checkpoint(path, dev)
 
 
 def _save_png(path: Path, image: torch.Tensor) -> None:
@@ -572,7 +604,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         )
         # gradient norms of the training loss on the first batch, as training would see them
         bx, by, target = batches[0]
-        objective = build.objective(run_cfg).to(dev)
+        objective = build.objective(run_cfg, trusted=False).to(dev)
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             objective(model(bx, by), target, by)["total"].backward()

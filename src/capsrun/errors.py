@@ -1,6 +1,21 @@
 """Errors a user can fix. The CLI prints them as one line and exits with code 2."""
 
 
+def permission_denied(e: BaseException) -> bool:
+    """Whether ``e`` is the OS refusing access (not a missing or damaged file)."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM)
+
+
+def unreadable(path, e: OSError, fix: str) -> str:
+    """One line for a file the OS would not read: permission denied says so (and not "download it
+    again"); anything else names the OS's reason and ``fix``."""
+    if permission_denied(e):
+        return f"cannot read {path}: permission denied; make it readable (chmod a+r {path})"
+    return f"cannot read {path} ({e.strerror or brief(e)}); {fix}"
+
+
 def brief(e: BaseException) -> str:
     """An exception as a short single line, to embed in a one-line error message."""
     return " ".join(str(e).split())[:160] or type(e).__name__
@@ -20,3 +35,7 @@ class DatasetError(CapsrunError):
 
 class CheckpointError(CapsrunError):
     """A checkpoint is missing, unreadable or not a capsrun checkpoint."""
+
+
+class OutputError(CapsrunError):
+    """A result could not be written (a full disk, permissions); the previous file is intact."""

@@ -30,20 +30,52 @@ def _value(text: str):
         return text
 
 
-def load_runs(root: Path) -> list[dict]:
-    """``[{"params": {key: value}, "metrics": {...}, "dir": Path}]`` of every finished run below ``root``."""
+def _finished(run_dir: Path, metrics_path: Path) -> tuple[dict | None, str]:
+    """A finished run's ``(metrics, "")``, or ``(None, why it is skipped)``: a half-written or
+    foreign ``metrics.json``, unreadable overrides, or a run still short of its epochs."""
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"its metrics.json is not readable JSON ({type(e).__name__})"
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("epoch"), int):
+        return None, "its metrics.json is not one capsrun train writes (no epoch count)"
+    config_path = run_dir / ".hydra" / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None, "its .hydra/config.yaml is not readable"
+    epochs = (config or {}).get("trainer", {}).get("epochs") if isinstance(config, dict) else None
+    if isinstance(epochs, int) and metrics["epoch"] < epochs:
+        return None, f"unfinished (epoch {metrics['epoch']} of {epochs})"
+    return metrics, ""
+
+
+def load_runs(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
+    """``[{"params": {key: value}, "metrics": {...}, "dir": Path}]`` of every finished run below
+    ``root``; the others are appended to ``skipped`` as ``(run dir, why)``."""
     runs = []
     for metrics_path in sorted(root.rglob("metrics.json")):
         run_dir = metrics_path.parent
         overrides_path = run_dir / ".hydra" / "overrides.yaml"
         if not overrides_path.is_file():
             continue
+        metrics, why = _finished(run_dir, metrics_path)
+        try:
+            overrides = yaml.safe_load(overrides_path.read_text()) or []
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            metrics, why = None, "its .hydra/overrides.yaml is not readable"
+        if metrics is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+            metrics, why = None, "its .hydra/overrides.yaml is not a list of overrides"
+        if metrics is None:
+            if skipped is not None:
+                skipped.append((run_dir, why))
+            continue
         params = {}
-        for o in yaml.safe_load(overrides_path.read_text()) or []:
+        for o in overrides:
             key, _, value = o.lstrip("+~").partition("=")
             if not key.startswith(IGNORED):
                 params[key] = _value(value)
-        runs.append({"params": params, "metrics": json.loads(metrics_path.read_text()), "dir": run_dir})
+        runs.append({"params": params, "metrics": metrics, "dir": run_dir})
     return runs
 
 
@@ -150,7 +182,10 @@ def main(argv: list[str]) -> int:
 
     if not args.dir.is_dir():
         return fail(f"{args.dir}: no such directory; give a multirun dir such as outputs/multirun/<date>/<time>")
-    runs = load_runs(args.dir)
+    skipped: list[tuple[Path, str]] = []
+    runs = load_runs(args.dir, skipped)
+    for run_dir, why in skipped:
+        print(f"capsrun report: warning: skipped {run_dir}: {why}", file=sys.stderr)
     if not runs:
         return fail(f"no finished runs (metrics.json with .hydra/overrides.yaml) under {args.dir}")
     available = sorted({m for r in runs for m in r["metrics"] if isinstance(r["metrics"][m], (int, float))})
@@ -177,5 +212,6 @@ def main(argv: list[str]) -> int:
     if x_key is not None and plot_metric is not None:
         plot(keys, rows, x_key, plot_metric, out / "report.png")
         written.append("report.png")
-    print(f"{len(runs)} runs in {len(rows)} groups; wrote {', '.join(written)} in {out}")
+    left = f" ({len(skipped)} skipped: unfinished or unreadable)" if skipped else ""
+    print(f"{len(runs)} finished runs in {len(rows)} groups{left}; wrote {', '.join(written)} in {out}")
     return 0

@@ -71,5 +71,9 @@ class TBLogger:
         for summary in hparams_summary(clean, metrics):
             self.writer.file_writer.add_summary(summary)
 
+    def flush(self) -> None:
+        """Put every event so far on disk (before a checkpoint records them as written)."""
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()

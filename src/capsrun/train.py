@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from capsrun import checkpoint, distributed, speed
 from capsrun.datasets import BatchLoader
-from capsrun.errors import CheckpointError
+from capsrun.errors import CapsrunError, CheckpointError
 from capsrun.tblog import TBLogger
 
 log = logging.getLogger("capsrun")
@@ -49,6 +49,14 @@ class ExponentialDecay:
         return factor
 
 
+_EXPONENTIAL_RANGES = {
+    "decay_rate": "a number in (0, 1]",
+    "decay_steps": "a number > 0",
+    "min_lr": "a number >= 0",
+    "warmup_steps": "an integer >= 0",
+}
+
+
 def exponential_decay(
     optimizer: torch.optim.Optimizer,
     decay_rate: float = 0.96,
@@ -57,6 +65,14 @@ def exponential_decay(
     warmup_steps: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step scheduler for :class:`ExponentialDecay`; call ``step()`` after every batch."""
+    for name, value, ok in (
+        ("decay_rate", decay_rate, isinstance(decay_rate, (int, float)) and 0 < decay_rate <= 1),
+        ("decay_steps", decay_steps, isinstance(decay_steps, (int, float)) and decay_steps > 0),
+        ("min_lr", min_lr, isinstance(min_lr, (int, float)) and min_lr >= 0),
+        ("warmup_steps", warmup_steps, isinstance(warmup_steps, int) and warmup_steps >= 0),
+    ):
+        if isinstance(value, bool) or not ok:
+            raise ValueError(f"{name} must be {_EXPONENTIAL_RANGES[name]}, got {value!r}")
     lr0 = optimizer.param_groups[0]["lr"]
     decay = ExponentialDecay(decay_rate, decay_steps, min_lr / lr0, warmup_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
@@ -183,6 +199,40 @@ class Interrupted(Exception):
     """Training stopped on request (SIGINT/SIGTERM) after saving ``last.pt``."""
 
 
+class Diverged(CapsrunError):
+    """The loss or the weights became NaN or infinite; nothing non-finite was saved."""
+
+
+def finite_model(model: nn.Module) -> bool:
+    """Whether every parameter and floating buffer of ``model`` is finite (one host sync)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first step whose total loss was NaN or infinite and that loss,
+    without a host sync per step; :meth:`check` reads it (at log intervals and epoch ends) and
+    raises :class:`Diverged` with the step, the loss and the fix."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+
+    def update(self, total: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(total.detach().float()) & (self.step < 0)
+        self.step = torch.where(bad, torch.full_like(self.step, step), self.step)
+        self.loss = torch.where(bad, total.detach().float(), self.loss)
+
+    def check(self, lr: float) -> None:
+        step = int(self.step)
+        if step >= 0:
+            raise Diverged(
+                f"the training loss became {float(self.loss)} at step {step}; nothing non-finite was saved "
+                f"(last.pt holds the last finite epoch); try a lower optimizer.lr (now {lr:g}) or "
+                "trainer.precision=fp32"
+            )
+
+
 def train_one_epoch(
     model: nn.Module,
     objective: nn.Module,
@@ -195,6 +245,7 @@ def train_one_epoch(
     bar: tqdm | None = None,
     sync_grads: Callable[[], None] | None = None,
     precision: str = "fp32",
+    watch: NonFiniteWatch | None = None,
 ) -> bool:
     """Train from ``state.batch`` to the end of epoch ``state.epoch``; ``on_step`` runs after
     every step and returns True to stop early. Returns whether the epoch was completed.
@@ -203,7 +254,8 @@ def train_one_epoch(
     one backward pass of ``total`` feeds them all, ``scheduler`` sets the first one's lr.
     ``sync_grads`` runs between backward and the optimizer steps (averaging the gradients of
     parameters that DistributedDataParallel does not own, across ranks). ``precision``: see
-    :mod:`capsrun.speed` (the forward pass and the losses run under its autocast)."""
+    :mod:`capsrun.speed` (the forward pass and the losses run under its autocast). ``watch``: a
+    :class:`NonFiniteWatch` that each step's total loss is shown to."""
     model.train()
     for batch in loader.epoch(state.epoch, start=state.batch):
         x, y, target = unpack(batch)
@@ -212,6 +264,8 @@ def train_one_epoch(
             losses = objective(out, target, y)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
+        if watch is not None:
+            watch.update(losses["total"], state.step + 1)
         losses["total"].backward()
         if sync_grads is not None:
             sync_grads()
@@ -382,6 +436,27 @@ def _summary(metrics: dict[str, float], results: dict, split: str, name: str) ->
     return f"{part('train')}  {part('test')} {best}{others}"
 
 
+def _warn_if_collapsed(result: EvalResult, metrics: dict[str, float], split: str, epoch: int) -> None:
+    """A classifier that predicts one class for nearly every test image, or scores at chance, has
+    collapsed without a NaN (saturated capsules, a too-high lr): worth a line in the log."""
+    scores = result.scores
+    if scores is None or scores.dim() != 2 or scores.shape[1] < 2 or len(scores) < 20:
+        return
+    classes = scores.shape[1]
+    share = torch.bincount(scores.argmax(1), minlength=classes).max().item() / len(scores)
+    accuracy = metrics.get(f"{split}/accuracy")
+    chance = 100.0 / classes
+    if share >= 0.9 or (epoch >= 2 and accuracy is not None and accuracy <= 1.2 * chance):
+        log.warning(
+            "epoch %d: the model predicts one class for %.0f%% of the test images (accuracy %s, chance %.0f%%): "
+            "it may have collapsed; a lower optimizer.lr usually helps",
+            epoch,
+            100 * share,
+            "n/a" if accuracy is None else f"{accuracy:.1f}%",
+            chance,
+        )
+
+
 def fit(
     model: nn.Module,
     objective: nn.Module,
@@ -420,10 +495,12 @@ def fit(
     rank trains and evaluates its shard; only rank 0 runs
     the hooks and writes logs and checkpoints; the ranks decide to stop together.
 
-    Writes ``checkpoints/last.pt`` every epoch (and on interrupt), ``checkpoints/best.pt`` when
-    the validation accuracy (``"val"`` in ``test_loaders``), else the test accuracy, improves,
-    and ``metrics.json`` keyed by TensorBoard tags. Raises
-    :class:`Interrupted` when ``should_stop`` turns true, after saving ``last.pt``.
+    After each epoch writes, in this order, ``checkpoints/best.pt`` when the selection score
+    (the objective's ``monitor`` on ``"val"`` when there is one, else on ``"test"``) improves and
+    is finite, ``metrics.json`` keyed by TensorBoard tags, and ``checkpoints/last.pt`` last, so
+    that ``last.pt`` is the record of a completed epoch; ``metrics.json`` once more at the end.
+    Raises :class:`Interrupted` when ``should_stop`` turns true, after saving ``last.pt``, and
+    :class:`Diverged` when the loss or the weights become non-finite, without saving them.
     """
     device = next(model.parameters()).device
     ckpt_dir = run_dir / "checkpoints"
@@ -451,13 +528,17 @@ def fit(
         }
 
     main = world.is_main
-    tb = TBLogger(run_dir, purge_step=state.step if resume_from is not None else None) if main else _NoLog()
+    # a resume drops the events a killed run wrote after its checkpoint's step and keeps that step's
+    # own; a fresh start drops those of an attempt killed before its first checkpoint
+    tb = TBLogger(run_dir, purge_step=state.step + 1 if resume_from is not None else 0) if main else _NoLog()
+    watch = NonFiniteWatch(device)
     sync_grads = _grad_averager(objective) if world.distributed else None
     if resume_from is None:
         tb.config(config)
 
     def on_step() -> bool:
         if state.step % log_every == 0:  # the only per-interval host-device sync
+            watch.check(scheduler.get_last_lr()[0])
             metrics = {**interval_meter.compute("train"), "lr": scheduler.get_last_lr()[0]}
             interval_meter.reset()
             tb.scalars(metrics, state.step)
@@ -498,10 +579,18 @@ def fit(
                 bar,
                 sync_grads,
                 precision,
+                watch,
             )
             bar.close()
+            watch.check(scheduler.get_last_lr()[0])
+            if not finite_model(model):
+                raise Diverged(
+                    f"the weights became NaN or infinite in epoch {state.epoch + 1} (the loss stayed finite); "
+                    f"nothing non-finite was saved; try a lower optimizer.lr (now {scheduler.get_last_lr()[0]:g})"
+                )
             if not done:
                 if main:
+                    tb.flush()  # the events up to this step are kept on resume: on disk before last.pt
                     checkpoint.save(ckpt_dir / "last.pt", snapshot())
                 raise Interrupted(
                     f"stopped at epoch {state.epoch + 1}, batch {state.batch}; saved {ckpt_dir / 'last.pt'}"
@@ -537,8 +626,10 @@ def fit(
             name, mode = getattr(objective, "monitor", ("accuracy", "max"))
             value = metrics[f"{split}/{name}"]
             score = value if mode == "max" else -value
-            improved = state.epoch == 1 or score > state.best_accuracy
-            state.best_accuracy = score if improved else state.best_accuracy
+            # a non-finite score never makes best.pt; the first finite one does
+            first = state.epoch == 1 or not math.isfinite(state.best_accuracy)
+            improved = math.isfinite(score) and (first or score > state.best_accuracy)
+            state.best_accuracy = score if improved or state.epoch == 1 else state.best_accuracy
             metrics[f"best/{split}/{name}"] = state.best_accuracy if mode == "max" else -state.best_accuracy
             metrics["epoch"] = state.epoch
             state.last_metrics = metrics
@@ -548,15 +639,21 @@ def fit(
             for tag, image in hook_images.items():
                 tb.image(tag, image, state.step)
             if main:
-                checkpoint.save(ckpt_dir / "last.pt", snapshot())
+                # last.pt is the record of a completed epoch, so it is written last: a kill before it
+                # replays the epoch from the previous last.pt, which rewrites the same files
+                tb.flush()
                 if improved:
                     checkpoint.save(ckpt_dir / "best.pt", snapshot())
                 checkpoint.save_json(run_dir / "metrics.json", metrics)
+                checkpoint.save(ckpt_dir / "last.pt", snapshot())
+            _warn_if_collapsed(result, metrics, split, state.epoch)
             summary = _summary(metrics, results, split, name)
             log.info(
                 "epoch %d/%d  %s  %.1f s (+ %.1f s eval)", state.epoch, epochs, summary, train_seconds, eval_seconds
             )
         tb.hparams(hparams, {k: v for k, v in metrics.items() if not k.startswith(("train/", "time/", "epoch"))})
+        if main:  # also when a resume found the run finished (a kill after its last last.pt)
+            checkpoint.save_json(run_dir / "metrics.json", metrics)
     finally:
         if bar is not None:
             bar.close()

@@ -224,3 +224,11 @@ __all__ = [
     "random_shift",
     "subset",
 ]
+
+
+def options(name: str) -> set[str]:
+    """The protocol options dataset ``name`` takes (its config keys beyond name and shape)."""
+    import inspect
+
+    params = inspect.signature(_BUILDERS[name]).parameters
+    return {k for k, p in list(params.items())[7:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -28,13 +28,14 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from capsrun.datasets.loader import random_shift
-from capsrun.errors import DatasetError, brief
+from capsrun.errors import DatasetError, brief, unreadable
 
 URL = "https://www.cs.toronto.edu/~tijmen/affNIST/32x/transformed/test.mat.zip"
 FOLDER = "affNIST"
@@ -50,6 +51,8 @@ def _loadmat(source, name: str) -> dict:
         raise DatasetError("affnist: reading .mat files needs scipy; pip install scipy") from None
     try:
         return loadmat(source)
+    except OSError as e:
+        raise DatasetError("affnist: " + unreadable(name, e, "check the file and the disk")) from None
     except Exception as e:  # a cut or damaged .mat fails in many ways (ValueError, TypeError, zlib.error ...)
         raise DatasetError(
             f"affnist: cannot read {name} ({brief(e)}); it is truncated or not a MATLAB file: "
@@ -105,7 +108,9 @@ def read_affnist_mat(path: str | Path, pixel_order: str = "row") -> tuple[torch.
                         f"delete it and download it again ({URL})"
                     )
                 data = zf.read(members[0])  # reading to the end checks the CRC
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except OSError as e:
+            raise DatasetError("affnist: " + unreadable(path, e, "check the file and the disk")) from None
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
             raise DatasetError(
                 f"affnist: {path} is truncated or corrupt ({brief(e)}); delete it and download it again ({URL})"
             ) from None

@@ -16,8 +16,10 @@ from the authors' code (TensorFlow's cifar10 tutorial pipeline), not from the pa
 unconfirmed, hence arguments. Deliberate deviation: the draws come from an explicit
 ``torch.Generator`` and are made per image for a whole batch at once, so a run is reproducible.
 
-The batches are pickles, and unpickling can run code: read only files from the official archive
-(torchvision makes the same trade-off).
+The batches are pickles, and unpickling an arbitrary pickle can run code, so they are read with a
+restricted unpickler (:class:`_BatchUnpickler`) that admits only what the official files hold: a dict
+of a numpy uint8 array, lists, ints and strings. Anything else (a crafted file naming ``os.system``,
+say) is refused by name before any of it is built.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsrun.errors import DatasetError, brief
+from capsrun.errors import DatasetError, brief, unreadable
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -56,6 +58,32 @@ def _field(entry: dict, key: str):
     raise KeyError(key)
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Admits only the globals a CIFAR10 batch needs: numpy's array reconstruction (under numpy 1
+    and 2 module names) and ``_codecs.encode``, which Python 3 protocol-2 pickles use for bytes."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global that no CIFAR10 batch holds."""
+
+
 def read_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickle batch as ``(images uint8 [n, 3, 32, 32], labels int64 [n])``.
 
@@ -65,9 +93,14 @@ def read_batch(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+    except _Refused as e:
+        raise DatasetError(
+            f"cifar10: {path} names {e}, which no CIFAR10 batch holds; refused without loading it "
+            f"(a crafted pickle can run code); {_FIX}"
+        ) from None
     except OSError as e:
-        raise DatasetError(f"cifar10: cannot read {path} ({e.strerror or brief(e)}); {_FIX}") from None
+        raise DatasetError("cifar10: " + unreadable(path, e, _FIX)) from None
     except Exception as e:  # a cut or damaged pickle fails in many ways: EOFError, UnpicklingError, ...
         raise DatasetError(f"cifar10: {path} is truncated or corrupt ({type(e).__name__}); {_FIX}") from None
     if not isinstance(entry, dict):

@@ -7,12 +7,13 @@ sizes, then the data in C order. Files may be gzip-compressed (``.gz``).
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from capsrun.errors import DatasetError
+from capsrun.errors import DatasetError, brief, unreadable
 
 _TYPES = {
     0x08: np.dtype(np.uint8),
@@ -31,9 +32,14 @@ def read_idx(path: str | Path) -> torch.Tensor:
     """
     path = Path(path)
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DatasetError(f"cannot read {path}: {e}; delete it and download it again") from None
+        data = path.read_bytes()
+    except OSError as e:  # the file itself cannot be read: its permissions, not its content
+        raise DatasetError(unreadable(path, e, "check the file and the disk")) from None
+    try:
+        raw = gzip.decompress(data) if path.suffix == ".gz" else data
+    except (OSError, EOFError, zlib.error) as e:  # a bad header, a cut stream, a corrupt deflate block
+        why = f"{path} is not a readable gzip file ({brief(e)})"
+        raise DatasetError(f"{why}; delete it and download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
         raise DatasetError(f"{path} is not an IDX file (bad magic number); delete it and download it again")
     dtype, ndim = _TYPES[raw[2]], raw[3]

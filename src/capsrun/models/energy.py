@@ -156,7 +156,6 @@ class EnergyModel(nn.Module):
         the free energies of training and held-out images compare)."""
         return (x > 0.5).to(x.dtype)
 
-
     @torch.no_grad()
     def init_visible_bias(self, v: torch.Tensor) -> None:
         """a_k = logit(p_k), p_k = (sum_b v_bk + 1/2) / (B + 1): the visible biases alone give every

@@ -1,0 +1,112 @@
+"""One run per run dir: an exclusive lock, stale temporary files, the settings a resume must keep.
+
+Two ``capsrun train`` processes in one ``hydra.run.dir`` would interleave their checkpoints and
+event files; the first takes an exclusive ``flock`` on ``<run dir>/.capsrun.lock`` for its
+lifetime (the kernel drops it when the process dies, however it dies), the second is refused. A
+resumed run must be the run it continues: :func:`resume_conflicts` names what differs between the
+checkpoint's config and this one among the settings that decide the result.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from capsrun.errors import ConfigError
+
+log = logging.getLogger("capsrun")
+
+LOCK = ".capsrun.lock"
+_held: dict[Path, int] = {}  # run dir -> the open lock file of this process
+
+# What decides a run's result and cannot change between a checkpoint and its resume. The number
+# of epochs can (a longer run continues the same schedule), and so can logging and speed settings.
+FIXED = (
+    "seed",
+    "model",
+    "dataset",
+    "optimizer",
+    "scheduler",
+    "routing",
+    "trainer.batch_size",
+    "data.train_limit",
+    "data.val_split",
+)
+
+
+def writable(path: Path, what: str) -> None:
+    """Create ``path`` (a directory) if needed and check that a file can be written in it, before
+    any work is done: one line naming the problem otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".capsrun-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = "permission denied" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else e.strerror or str(e)
+        raise ConfigError(f"cannot write to the {what} {path} ({reason}); choose another hydra.run.dir") from None
+
+
+def lock(run_dir: Path) -> None:
+    """Hold ``run_dir`` for this process; :class:`ConfigError` if another process holds it."""
+    import fcntl
+
+    run_dir = run_dir.resolve()
+    if run_dir in _held:
+        return
+    writable(run_dir, "run dir")
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(
+            f"run dir {run_dir} is in use by another capsrun process (pid {holder}); wait for it to finish, "
+            "or give this run its own hydra.run.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[run_dir] = fd
+
+
+def clean_stale(run_dir: Path) -> int:
+    """Remove the temporary files of writes a killed process left half done (``.<name>.*.tmp``
+    from :func:`capsrun.checkpoint.atomic_write`) in ``run_dir`` and its ``checkpoints/``; only
+    while holding the lock, when no other process can be writing them. Returns how many."""
+    removed = 0
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+            stale.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left in %s", removed, run_dir)
+    return removed
+
+
+def select(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _differences(a: Any, b: Any, key: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [key]
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint's value, this run's value)`` for each :data:`FIXED` setting that differs
+    between two resolved configs."""
+    found = []
+    for root in FIXED:
+        for key in _differences(select(saved, root), select(current, root), root):
+            found.append((key, select(saved, key), select(current, key)))
+    return found
