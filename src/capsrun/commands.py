@@ -455,8 +455,8 @@ def sample(cfg: DictConfig) -> dict[str, float]:
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("no checkpoint given; use capsrun sample checkpoint=<run dir>/checkpoints/best.pt")
-    for key in ("samples_per_class", "inputs", "variations"):
-        value = cfg[key]
+    for key in ("samples_per_class", "inputs", "variations", "num_samples", "gibbs_steps"):
+        value = cfg[key]  # every setting checked, also those this checkpoint's model does not use
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key} must be an integer >= 1, got {value!r}; e.g. {key}=8")
     if not cfg.perturb.step > 0 or not cfg.perturb.range >= 0:
