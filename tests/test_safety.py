@@ -25,7 +25,7 @@ from conftest import compose_config
 # --- the registry ----------------------------------------------------------------------------------
 
 
-def _stored(model: str = "capsnet", **overrides) -> dict:
+def _stored(model: str = "capsnet") -> dict:
     cfg = compose_config("train", f"model={model}")
     return OmegaConf.to_container(cfg, resolve=True)
 
