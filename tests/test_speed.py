@@ -135,3 +135,20 @@ def test_bad_speed_settings_are_config_errors(override, message):
     cfg = compose_config("train", override)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         build.validate_train(cfg)
+
+
+@pytest.mark.parametrize("name", ["capsnet", "deep_capsnet"])
+def test_capsule_lengths_are_fp32_when_the_capsules_are_bf16(name):
+    """The class scores (capsule lengths) are computed in fp32 even when the capsules are bf16 (as
+    CUDA autocast makes them): the margin loss compares them with m+ = 0.9, and bf16 (8 bits of
+    mantissa) cannot resolve 0.9 from 0.9035."""
+    from conftest import compose_config
+
+    cfg = compose_config("train", f"model={name}", "model.net.conv1_channels=16", "model.net.primary_types=4")
+    net = build.model(cfg).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out = net(torch.rand(2, 1, 28, 28, dtype=torch.bfloat16))
+    assert out.digit_caps.dtype == torch.bfloat16
+    assert out.lengths.dtype == torch.float32
+    expected = out.digit_caps.float().pow(2).sum(-1).add(1e-8).sqrt()
+    assert torch.equal(out.lengths, expected)

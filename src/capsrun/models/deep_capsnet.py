@@ -66,7 +66,7 @@ class DeepCapsNet(CapsNet):
             u = layer(u).v
         routed = self.digit_caps(u)
         v = routed.v
-        lengths = torch.sqrt(v.pow(2).sum(-1) + 1e-8)
+        lengths = torch.sqrt(v.float().pow(2).sum(-1) + 1e-8)  # fp32 under bf16 autocast, as CapsNet
         reconstruction = None
         if self.decoder is not None:
             reconstruction = self.reconstruct(v, lengths.argmax(dim=-1) if labels is None else labels)
