@@ -180,3 +180,10 @@ def test_hydra_flags_still_work(tmp_path):
     assert helped.returncode == 0 and "model: baseline_cnn, baseline_cnn_multi, capsnet" in helped.stdout
     assert not (Path(tmp_path) / "outputs").exists()  # --cfg / --help start no run
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_version(tmp_path):
+    from capsrun import __version__
+
+    result = run_capsrun("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"capsrun {__version__}", result.stderr

@@ -83,15 +83,16 @@ def test_report_groups_seeds_and_gives_mean_and_spread(tmp_path, capsys):
     assert report.main([str(tmp_path), "--metrics", "test/accuracy,time/epoch_seconds"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["routing.iterations", "runs", "test/accuracy", "time/epoch_seconds"]
-    assert out[1].split()[:5] == ["1", "2", "98.5", "±", "0.5"]
-    spread = statistics.pstdev([99.5, 99.1])
+    assert out[1].split()[:5] == ["1", "2", "98.5", "±", "0.71"]  # sample std of 98, 99: 0.5 * sqrt(2)
+    spread = statistics.stdev([99.5, 99.1])
     assert out[2].split()[:5] == ["3", "2", "99.3", "±", f"{spread:.2g}"]
     csv_rows = (tmp_path / "report.csv").read_text().splitlines()
     assert (
-        csv_rows[0]
-        == "routing.iterations,runs,test/accuracy,test/accuracy std,time/epoch_seconds,time/epoch_seconds std"
+        csv_rows[0] == "routing.iterations,runs,test/accuracy,test/accuracy sample std,time/epoch_seconds,"
+        "time/epoch_seconds sample std"
     )
-    assert csv_rows[1].startswith("1,2,98.5,0.5,2.0,0.0")
+    assert csv_rows[1].startswith("1,2,98.5,0.7071067811865476,2.0,0.0")
+    assert "sample standard deviation" in out[3]
     assert (tmp_path / "report.md").read_text().startswith("| routing.iterations | runs | test/accuracy |")
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

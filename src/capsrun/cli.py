@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 USAGE = """\
-usage: capsrun <command> [overrides...] [hydra flags]
+usage: capsrun <command> [overrides...] [hydra flags]    (capsrun --version)
 
 commands:
   train    build, train, evaluate and log one run; -m sweeps (one run dir per job)
@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from capsrun import __version__
+
+        print(f"capsrun {__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         sys.exit(0 if argv else EXIT_USAGE)

@@ -99,9 +99,13 @@ def summarise(runs: list[dict], metrics: list[str]) -> tuple[list[str], list[dic
         for m in metrics:
             xs = [float(r["metrics"][m]) for r in g["runs"] if isinstance(r["metrics"].get(m), (int, float))]
             if xs:
-                row["metrics"][m] = (statistics.fmean(xs), statistics.pstdev(xs) if len(xs) > 1 else 0.0, len(xs))
+                row["metrics"][m] = (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs))
         rows.append(row)
     return keys, rows
+
+
+# papers quote the sample standard deviation over seeds; for 3 seeds the population one is 18 % smaller
+SPREAD = "mean ± sample standard deviation over the runs of a row (n - 1 in the denominator)"
 
 
 def _cell(stat: tuple[float, float, int] | None) -> str:
@@ -119,15 +123,16 @@ def table(keys: list[str], rows: list[dict], metrics: list[str], markdown: bool 
     ]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join([*lines, *("| " + " | ".join(b) + " |" for b in body)]) + "\n"
+        return "\n".join([*lines, *("| " + " | ".join(b) + " |" for b in body), "", SPREAD]) + "\n"
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, *body])
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
+    return "\n".join([*lines, SPREAD])
 
 
 def to_csv(keys: list[str], rows: list[dict], metrics: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow([*keys, "runs", *(f"{m}{s}" for m in metrics for s in ("", " std"))])
+    writer.writerow([*keys, "runs", *(f"{m}{s}" for m in metrics for s in ("", " sample std"))])
     for r in rows:
         stats = [r["metrics"].get(m) for m in metrics]
         cells = [x for s in stats for x in (("", "") if s is None else (s[0], s[1]))]
