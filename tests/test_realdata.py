@@ -19,40 +19,37 @@ pytestmark = [
 ]
 
 
-def _link_mnist(tmp_path: Path) -> None:
+def _train(tmp_path: Path, *overrides: str) -> dict:
+    """``capsrun train`` on the real files (linked into a data root of its own, no download);
+    the run's metrics.json."""
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for f in Path(REAL).iterdir():
         if "idx" in f.name:
             (raw / f.name).symlink_to(f.resolve())
+    run = tmp_path / "run"
+    args = ["train", *overrides, "trainer.progress=false", "data.download=false", f"hydra.run.dir={run}"]
+    result = run_capsrun(*args, cwd=tmp_path, data_root=tmp_path / "data", timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads((run / "metrics.json").read_text())
 
 
 def test_small_capsnet_learns_real_mnist(tmp_path):
-    _link_mnist(tmp_path)
-    result = run_capsrun(
-        "train",
+    metrics = _train(
+        tmp_path,
         "model.net.conv1_channels=32",
         "model.net.primary_types=8",
         "data.train_limit=6000",
         "data.test_limit=2000",
         "trainer.epochs=2",
-        "trainer.progress=false",
-        "data.download=false",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-        data_root=tmp_path / "data",
-        timeout=600,
     )
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # a 2-epoch run of a 1.9M-parameter CapsNet on 6,000 real digits; chance is 10 %
     assert metrics["test/accuracy"] > 92.0, metrics
 
 
 def test_small_vcaps_learns_real_mnist(tmp_path):
-    _link_mnist(tmp_path)
-    result = run_capsrun(
-        "train",
+    metrics = _train(
+        tmp_path,
         "model=vcaps",
         "model.adversarial_weight=0.01",
         "model.net.conv1_channels=32",
@@ -60,15 +57,7 @@ def test_small_vcaps_learns_real_mnist(tmp_path):
         "data.train_limit=6000",
         "data.test_limit=2000",
         "trainer.epochs=3",
-        "trainer.progress=false",
-        "data.download=false",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-        data_root=tmp_path / "data",
-        timeout=600,
     )
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # measured 84.5 % here (3 epochs, 6,000 real digits, classification by smallest KL); chance 10 %
     assert metrics["test/accuracy"] > 70.0, metrics
     assert metrics["test/kl/present"] < metrics["test/kl/absent"]
@@ -77,9 +66,8 @@ def test_small_vcaps_learns_real_mnist(tmp_path):
 def test_capsule_rbm_learns_real_mnist_beyond_the_base_rate(tmp_path):
     """The capsule RBM's AIS test log-likelihood after 300 updates on 10,000 real digits, against
     the base-rate model's exact -206 nats (../shared/spec/capsrbm-research.md)."""
-    _link_mnist(tmp_path)
-    result = run_capsrun(
-        "train",
+    metrics = _train(
+        tmp_path,
         "experiment=capsrbm_mnist",
         "trainer.epochs=3",
         "data.train_limit=10000",
@@ -88,14 +76,6 @@ def test_capsule_rbm_learns_real_mnist_beyond_the_base_rate(tmp_path):
         "model.samples.gibbs_steps=50",
         "ais.runs=50",
         "ais.temperatures=2000",
-        "trainer.progress=false",
-        "data.download=false",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-        data_root=tmp_path / "data",
-        timeout=600,
     )
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["test/log_likelihood"] > -150.0, metrics  # measured here: -135.2 (std of log w 1.4)
     assert metrics["ais/log_w_std"] < 5.0, metrics
