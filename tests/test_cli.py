@@ -188,3 +188,13 @@ def test_multirun_makes_one_dir_per_job(mnist_root, tmp_path):
         assert "test/accuracy" in json.loads((job / "metrics.json").read_text())
         ckpt = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
         assert ckpt["config"]["model"]["net"]["routing_iterations"] == iterations
+        # HParams: of the many overrides, the swept one is listed first and marked as differing
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        ea = _events(job)
+        records = {t: plugin_data_pb2.HParamsPluginData.FromString(c) for t, c in ea.PluginTagToContent("hparams").items()}
+        infos = records["_hparams_/experiment"].experiment.hparam_infos
+        assert [(h.name, h.differs) for h in infos][:2] == [("routing.iterations", True), ("model.net.conv1_channels", False)]
+        start = records["_hparams_/session_start_info"].session_start_info
+        assert start.group_name == f"routing.iterations={iterations} (sweep/{job.name})"
+        assert records["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS

@@ -207,7 +207,7 @@ def test_a_run_that_diverges_keeps_the_last_finite_checkpoints(tmp_path):
             epochs=3,
             run_dir=tmp_path,
             config={},
-            hparams={},
+            trial=Trial("toy", {}),
             log_every=100,
             progress=False,
         )

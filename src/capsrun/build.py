@@ -271,6 +271,26 @@ def model(cfg: DictConfig, trusted: bool = True) -> torch.nn.Module:
     return _instantiate(cfg.model.net, "model", **sizes)
 
 
+def shown_config(cfg: DictConfig, total_steps: int | None = None) -> dict:
+    """``cfg`` as plain data with every value resolved and the ``???`` that capsrun fills in code
+    filled as it fills them (the network's sizes from the dataset, ``scheduler.total_steps``), for
+    people to read (TensorBoard's Text tab); what is still unknown stays ``???``."""
+    shown = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    ds = cfg.dataset
+    sizes = {"in_channels": ds.channels, "image_size": ds.image_size, "num_classes": ds.num_classes}
+    net, loss = shown.get("model", {}).get("net", {}), shown.get("model", {}).get("loss", {})
+    for key, value in sizes.items():
+        if net.get(key) == "???":
+            net[key] = value
+    if net.get("hidden_caps") == "???":
+        net["hidden_caps"] = hidden_caps(cfg)
+    if loss.get("in_channels") == "???":
+        loss["in_channels"] = ds.channels
+    if total_steps is not None and shown.get("scheduler", {}).get("total_steps") == "???":
+        shown["scheduler"]["total_steps"] = total_steps
+    return shown
+
+
 def check_images(cfg: DictConfig, loaders: datasets.Loaders) -> None:
     """The images the loaders make have the shape the model is built for: ``dataset.crop`` or
     ``dataset.canvas`` change the image size, ``dataset.image_size`` sizes the model."""

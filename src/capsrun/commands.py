@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsrun import build, checkpoint, distributed, rundir, sampling, speed
 from capsrun.errors import ConfigError
+from capsrun.tblog import Trial
 from capsrun.train import Interrupted, evaluate, evaluate_ensemble, fit
 
 log = logging.getLogger("capsrun")
@@ -57,9 +58,43 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _swept_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The values that distinguish this run: a few always, plus every command-line override."""
-    hp: dict[str, Any] = {
+def _sweep_keys() -> set[str] | None:
+    """The keys a multirun sweeps: those given several values on the command line
+    (``routing.iterations=1,3``, ``range(...)``) and a sweeper's search space
+    (``hydra.sweeper.params``); None for a single run or when the command line is not at hand
+    (a job started by a remote launcher)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    keys = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and a[0] != "-"])
+    except Exception:  # an argument the parser does not take: fall back to every override
+        return keys or None
+    keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys or None
+
+
+def _trial(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Trial:
+    """The run as TensorBoard's HParams tab shows it: every command-line override, then the
+    settings that always tell runs apart. The keys a multirun sweeps (:func:`_sweep_keys`; in a
+    single run every override) are listed first and marked as differing, so TensorBoard ticks
+    them. Named by its overrides and run dir."""
+    overridden: dict[str, Any] = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("hydra.") or key in ("trainer.resume", "trainer.progress"):
+            continue
+        try:
+            overridden[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            overridden[key] = value
+    sweep = _sweep_keys()
+    swept = [k for k in overridden if sweep is None or k in sweep]
+    always = {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "routing.iterations": cfg.routing.iterations,
@@ -68,15 +103,13 @@ def _swept_hparams(cfg: DictConfig) -> dict[str, Any]:
         "trainer.batch_size": cfg.trainer.batch_size,
         "optimizer.lr": cfg.optimizer.lr,
     }
-    for override in HydraConfig.get().overrides.task:
-        key, _, value = override.lstrip("+~").partition("=")
-        if key.startswith("hydra.") or key in ("trainer.resume", "trainer.progress"):
-            continue
-        try:
-            hp[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            hp[key] = value
-    return hp
+    shown = " ".join(f"{k}={overridden[k]}" for k in swept) or "defaults"  # the values that tell the runs apart
+    return Trial(
+        name=f"{shown} ({run_dir.parent.name}/{run_dir.name})",
+        hparams={**overridden, **{k: v for k, v in always.items() if k not in overridden}},
+        swept=tuple(swept),
+        config=config,
+    )
 
 
 def resume_path(spec: Any, run_dir: Path) -> Path | None:
@@ -202,7 +235,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 epochs=cfg.trainer.epochs,
                 run_dir=run_dir,
                 config=OmegaConf.to_container(cfg, resolve=True),
-                hparams=_swept_hparams(cfg),
+                trial=_trial(cfg, run_dir, build.shown_config(cfg, cfg.trainer.epochs * len(loaders.train))),
                 resume_from=resume_from,
                 log_every=cfg.trainer.log_every,
                 num_images=cfg.trainer.num_images,

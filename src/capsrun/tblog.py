@@ -1,25 +1,118 @@
 """The one TensorBoard writer of a run. Tags are namespaced: ``train/loss/margin``,
-``test/accuracy``, ``routing/digit_caps/coupling``."""
+``test/accuracy``, ``routing/digit_caps/coupling``; training means per epoch under
+``train/epoch/...`` beside the per-interval ``train/...``.
+
+HParams: the trial (its hyperparameters and the metrics it will log) is written when a run
+starts and its end status when it ends, so TensorBoard's HParams tab has a row for running and
+interrupted runs too. TensorBoard keeps the *first* record of each hparams tag in a run and
+ticks the first five hyperparameters of the experiment after sorting those marked ``differs``
+first, so the swept keys are marked ``differs`` and each record is written once.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 from torchvision.utils import make_grid
 
 
-def two_colour_overlay(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-    """The input in dim grey with reconstruction 1 in red and reconstruction 2 in green over it, as
-    in Fig. 5 of arXiv:1710.09829. ``images`` ``[n, 1, H, W]``, ``reconstructions``
-    ``[n, 2, 1, H, W]`` -> RGB ``[n, 3, H, W]`` in [0, 1]."""
-    grey = 0.35 * images
-    red, green = reconstructions[:, 0], reconstructions[:, 1]
-    return torch.cat([grey + red, grey + green, grey], dim=1).clamp(0, 1)
+@dataclass
+class Trial:
+    """One run as TensorBoard's HParams and Text tabs show it: ``name`` (the overrides),
+    ``hparams`` (name -> value), ``swept`` (the names given on the command line: listed and ticked
+    first), ``metrics`` (the scalar tags to show as columns), ``config`` (the run's whole config,
+    every value resolved, the sizes set from the dataset filled in)."""
+
+    name: str
+    hparams: dict[str, Any]
+    swept: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    config: dict[str, Any] | None = None
+    start_time: float = field(default_factory=time.time)
+
+
+def _hparam_value(value: Any) -> tuple[Any, int]:
+    """A value TensorBoard can store and its data type (lists and None become strings)."""
+    if isinstance(value, bool):
+        return value, api_pb2.DATA_TYPE_BOOL
+    if isinstance(value, (int, float)):
+        return float(value), api_pb2.DATA_TYPE_FLOAT64
+    return value if isinstance(value, str) else str(value), api_pb2.DATA_TYPE_STRING
+
+
+def _plugin_summary(tag: str, **data) -> Summary:
+    content = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **data)
+    meta = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+
+def trial_summaries(trial: Trial) -> list[Summary]:
+    """The experiment (hyperparameter and metric columns) and the session start of ``trial``."""
+    start = plugin_data_pb2.SessionStartInfo(group_name=trial.name, start_time_secs=trial.start_time)
+    infos = []
+    order = [k for k in trial.swept if k in trial.hparams] + [k for k in trial.hparams if k not in trial.swept]
+    for key in order:
+        value, kind = _hparam_value(trial.hparams[key])
+        if kind == api_pb2.DATA_TYPE_BOOL:
+            start.hparams[key].bool_value = value
+        elif kind == api_pb2.DATA_TYPE_FLOAT64:
+            start.hparams[key].number_value = value
+        else:
+            start.hparams[key].string_value = value
+        infos.append(api_pb2.HParamInfo(name=key, type=kind, differs=key in trial.swept))
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=tag) for tag in trial.metrics]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics, time_created_secs=trial.start_time)
+    return [
+        _plugin_summary(metadata.EXPERIMENT_TAG, experiment=experiment),
+        _plugin_summary(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+    ]
+
+
+def end_summary(status: str) -> Summary:
+    """The session end: ``status`` is ``"success"``, ``"failure"`` or ``"aborted"``."""
+    end = plugin_data_pb2.SessionEndInfo(
+        status=api_pb2.Status.Value(f"STATUS_{status.upper()}"), end_time_secs=time.time()
+    )
+    return _plugin_summary(metadata.SESSION_END_INFO_TAG, session_end_info=end)
+
+
+def loss_layout(splits: tuple[str, ...], monitor: str) -> dict:
+    """Custom scalars (``SummaryWriter.add_custom_scalars``): the training loss (per epoch and per
+    interval) and every evaluated split's on one chart; the selection metric of each on another."""
+    tags = "|".join(["train/epoch", "train", *splits])
+    return {
+        "capsrun": {
+            "loss: train and test": ["Multiline", [rf"^({tags})/loss/total$"]],
+            f"{monitor}: every split": ["Multiline", [rf"^({tags}|best/\w+)/{monitor}$"]],
+        }
+    }
+
+
+def captioned(grid: torch.Tensor, true: list[int], predicted: list[int], cell: int) -> torch.Tensor:
+    """``grid`` ``[3, H, W]`` with two text rows below it: under each column the true class and,
+    below that, the predicted one, red where it is wrong. ``cell``: a column's width in pixels."""
+    from PIL import Image, ImageDraw
+
+    _, height, width = grid.shape
+    strip = Image.new("RGB", (width, 24), (40, 40, 40))
+    draw = ImageDraw.Draw(strip)
+    for i, (t, p) in enumerate(zip(true, predicted)):
+        x = 2 + i * cell + max(cell - 6 * len(str(t)), 0) // 2 - 1
+        draw.text((x, 1), str(t), fill=(255, 255, 255))
+        draw.text((x, 12), str(p), fill=(255, 255, 255) if p == t else (255, 70, 70))
+    text = torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
+    return torch.cat([grid.float(), text], dim=1)
 
 
 class TBLogger:
@@ -32,18 +125,23 @@ class TBLogger:
             self.writer.add_scalar(tag, value, step)
 
     def config(self, config: dict[str, Any]) -> None:
+        """The run's config, as YAML, in the Text tab."""
         text = yaml.safe_dump(config, sort_keys=False)
         # four-space indent: a Markdown code block in TensorBoard's text tab
         self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
 
     def evaluation(self, result, step: int) -> None:
-        """Inputs above their reconstructions, capsule lengths and routing couplings."""
+        """Inputs above their reconstructions (with the true and predicted class under each
+        column, for one object per image), capsule lengths and routing couplings."""
         if result.reconstructions is not None:
             images, recon = result.images, result.reconstructions.to(result.images.dtype)
             if recon.dim() == 5:  # two objects per image (MultiMNIST): Fig. 5's colours
                 recon = two_colour_overlay(images, recon)
                 images = images.expand(-1, 3, -1, -1)
             grid = make_grid(torch.cat([images, recon]), nrow=images.shape[0], padding=2, pad_value=0.5)
+            if result.labels is not None and result.labels.dim() == 1 and result.scores is not None:
+                predicted = result.scores[: len(result.labels)].argmax(-1)
+                grid = captioned(grid, result.labels.tolist(), predicted.tolist(), images.shape[-1] + 2)
             self.writer.add_image("test/reconstructions", grid, step)
         if result.coupling is not None:  # a capsule model: scores are capsule lengths (-KL for vcaps)
             self.writer.add_histogram("test/digit_caps/length", result.scores, step)
@@ -64,12 +162,16 @@ class TBLogger:
         for tag, image in health.images.items():
             self.image(f"health/{tag}", image, step)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """One HParams entry for the run, in the run's own event file (not a sub-run), so a
-        multirun compares in TensorBoard's HParams tab."""
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-        for summary in hparams_summary(clean, metrics):
+    def start(self, trial: Trial, layout: dict | None = None) -> None:
+        """What a fresh run writes first: its HParams row and the custom-scalars layout."""
+        for summary in trial_summaries(trial):
             self.writer.file_writer.add_summary(summary)
+        if layout is not None:
+            self.writer.add_custom_scalars(layout)
+
+    def end(self, status: str) -> None:
+        """The run's HParams status (:func:`end_summary`), once, when it has ended for good."""
+        self.writer.file_writer.add_summary(end_summary(status))
 
     def flush(self) -> None:
         """Put every event so far on disk (before a checkpoint records them as written)."""
@@ -77,3 +179,4 @@ class TBLogger:
 
     def close(self) -> None:
         self.writer.close()
+

@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from capsrun import checkpoint, distributed, speed
 from capsrun.datasets import BatchLoader
 from capsrun.errors import CapsrunError, CheckpointError
-from capsrun.tblog import TBLogger
+from capsrun.tblog import TBLogger, Trial, loss_layout
 
 log = logging.getLogger("capsrun")
 
@@ -292,6 +292,7 @@ class EvalResult:
     reconstructions: torch.Tensor | None
     scores: torch.Tensor | None  # [N, classes]: capsule lengths for capsule models; None without labels
     coupling: torch.Tensor | None  # couplings of the first batch's first examples [n, in_caps, classes]
+    labels: torch.Tensor | None = None  # the first test labels [n] ([n, 2] for two objects)
 
 
 @torch.no_grad()
@@ -327,17 +328,19 @@ def evaluate(
                 x[:num_images],
                 None if reconstruction is None else reconstruction[:num_images],
                 None if coupling is None else coupling[:32].float().cpu(),
+                y[:num_images].cpu(),
             )
     metrics = meter.compute(prefix)
     if f"{prefix}/accuracy" in metrics:
         metrics[f"{prefix}/error"] = 100.0 - metrics[f"{prefix}/accuracy"]
-    images, reconstructions, coupling = first
+    images, reconstructions, coupling, labels = first
     return EvalResult(
         metrics,
         images.float().cpu(),
         None if reconstructions is None else reconstructions.float().cpu(),
         torch.cat(scores).float().cpu() if scores else None,
         coupling,
+        labels,
     )
 
 
@@ -468,7 +471,7 @@ def fit(
     epochs: int,
     run_dir: Path,
     config: dict[str, Any],
-    hparams: dict[str, Any],
+    trial: Trial,
     resume_from: Path | None = None,
     log_every: int = 50,
     num_images: int = 8,
@@ -533,8 +536,14 @@ def fit(
     tb = TBLogger(run_dir, purge_step=state.step + 1 if resume_from is not None else 0) if main else _NoLog()
     watch = NonFiniteWatch(device)
     sync_grads = _grad_averager(objective) if world.distributed else None
-    if resume_from is None:
-        tb.config(config)
+    name, mode = getattr(objective, "monitor", ("accuracy", "max"))
+    split = "val" if "val" in test_loaders else "test"  # the split best.pt is chosen on
+    if resume_from is None:  # a resumed run keeps the records its first start wrote
+        declared = [f"{s}/{name}" for s in test_loaders] + [f"best/{split}/{name}"]
+        declared += [f"{s}/error" for s in test_loaders if name == "accuracy"] + [f"{s}/loss/total" for s in test_loaders]
+        declared = [t for t in dict.fromkeys(declared) if t not in trial.metrics]
+        tb.start(replace(trial, metrics=(*trial.metrics, *declared)), loss_layout(tuple(test_loaders), name))
+        tb.config(trial.config if trial.config is not None else config)
 
     def on_step() -> bool:
         if state.step % log_every == 0:  # the only per-interval host-device sync
@@ -622,8 +631,6 @@ def fit(
             state.batch = 0
             epoch_meter.reset()
             # best.pt is chosen on the validation set when there is one: never tune on the test set
-            split = "val" if "val" in results else "test"
-            name, mode = getattr(objective, "monitor", ("accuracy", "max"))
             value = metrics[f"{split}/{name}"]
             score = value if mode == "max" else -value
             # a non-finite score never makes best.pt; the first finite one does
@@ -635,6 +642,8 @@ def fit(
             state.last_metrics = metrics
             tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, state.step)
             tb.scalars({"epoch": state.epoch}, state.step)
+            # the epoch's training means too, so that a run shorter than log_every steps has a curve
+            tb.scalars({f"train/epoch/{k[len('train/') :]}": v for k, v in train_metrics.items()}, state.step)
             tb.evaluation(result, state.step)
             for tag, image in hook_images.items():
                 tb.image(tag, image, state.step)
@@ -651,9 +660,14 @@ def fit(
             log.info(
                 "epoch %d/%d  %s  %.1f s (+ %.1f s eval)", state.epoch, epochs, summary, train_seconds, eval_seconds
             )
-        tb.hparams(hparams, {k: v for k, v in metrics.items() if not k.startswith(("train/", "time/", "epoch"))})
+        tb.end("success")
         if main:  # also when a resume found the run finished (a kill after its last last.pt)
             checkpoint.save_json(run_dir / "metrics.json", metrics)
+    except Interrupted:
+        raise  # resumable: no end status yet (TensorBoard keeps the first one written)
+    except BaseException:
+        tb.end("failure")
+        raise
     finally:
         if bar is not None:
             bar.close()
