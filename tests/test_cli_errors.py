@@ -35,7 +35,10 @@ def _assert_clean_error(result, *needles: str) -> None:
         ("model=nope", "unknown model 'nope'; choose one of: baseline_cnn, baseline_cnn_multi, capsnet"),
         ("dataset=nope", "unknown dataset 'nope'"),
         ("experiment=nope", "unknown experiment 'nope'"),
-        ("trainer.epoch=3", "trainer.epoch"),
+        ("trainer.epoch=3", "there is no key 'trainer.epoch' (did you mean trainer.epochs?)"),
+        ("model=capsnett", "unknown model 'capsnett' (did you mean model=capsnet?)"),
+        ("dataset=mnsit", "unknown dataset 'mnsit' (did you mean dataset=mnist?)"),
+        ("+model.net.dgit_dim=4", "digit_dim"),
         ("trainer.precision=fp16", "trainer.precision must be one of fp32, tf32, bf16, got 'fp16'"),
     ],
 )
@@ -159,7 +162,10 @@ def test_resume_from_a_checkpoint_of_another_model(mnist_root, tmp_path):
     _assert_clean_error(result, expected, "another hydra.run.dir")
 
 
-@pytest.mark.parametrize("argv, needle", [(["frobnicate"], "unknown command 'frobnicate'"), ([], "usage")])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [(["frobnicate"], "unknown command 'frobnicate'"), (["trian"], "unknown command 'trian' (did you mean train?)"), ([], "usage")],
+)
 def test_unknown_command(argv, needle, tmp_path):
     result = run_capsrun(*argv, cwd=tmp_path)
     assert result.returncode == 2

@@ -102,7 +102,7 @@ def _check_overrides(command: str, args: list[str]):
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         for value in values:
             if value not in options and not (group == "experiment" and value == "null"):
-                fail(f"unknown {group} {value!r}; choose one of: {', '.join(options)} (e.g. {group}={options[0]})")
+                fail(f"unknown {group} {value!r}{_did_you_mean(value, options, f'{group}=')}; choose one of: {', '.join(options)}")
     if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
         return None  # sweeps are checked per job; flags like --help/--cfg are Hydra's to handle
     try:
@@ -113,11 +113,39 @@ def _check_overrides(command: str, args: list[str]):
         first = text.strip().splitlines()[0].rstrip(".")
         if first.startswith("Could not override") and "not in struct" in text:
             key = first.split("'")[1]
+            try:  # the keys there are, for a suggestion: the config without this override
+                with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name=command):
+                    rest = [a for a in kv if a.partition("=")[0].lstrip("+~") != key]
+                    known = _keys(compose(config_name=command, overrides=rest))
+            except (HydraException, OmegaConfBaseException):
+                known = []
             fail(
-                f"{first}: there is no key {key!r}; check its spelling against `capsrun {command} --cfg job`, "
-                f"or add a new key with +{key}=..."
+                f"{first}: there is no key {key!r}{_did_you_mean(key, known)}; check its spelling against "
+                f"`capsrun {command} --cfg job`, or add a new key with +{key}=..."
             )
         fail("; ".join(line.strip() for line in text.splitlines()[:3] if line.strip()))
+
+
+def _did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """`` (did you mean X?)`` for the closest of ``choices`` to a mistyped ``word``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cfg`` (``routing.iterations``, ...)."""
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            keys += _keys(node, path + ".")
+    return keys
 
 
 def _claim_run_dir(cfg, args: list[str]) -> None:
@@ -188,6 +216,53 @@ def _optimized(cfg, result):
     return float(result[key])
 
 
+BASH_COMPLETION = """\
+# capsrun's tab completion for bash (zsh: autoload -U bashcompinit && bashcompinit first).
+# Install for this shell: eval "$(capsrun -sc install=bash)"
+_capsrun_completion()
+{
+    local words=($COMP_LINE)
+    local word=${words[$COMP_CWORD]}
+    local choices
+    choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE capsrun -sc query=bash 2>/dev/null)
+    COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$word"))
+}
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o nospace -o default -F _capsrun_completion capsrun
+"""
+
+
+def _completion(argv: list[str]) -> None:
+    """``capsrun [command] -sc install=bash|uninstall=bash|query=bash``. One script completes
+    every command (Hydra's own registers ``capsrun train`` as two names and then queries
+    ``capsrun -sc``); a query completes the command name, then hands the rest of the line to
+    that command's Hydra app, which completes groups, options and keys from ``conf/``."""
+    i = next(i for i, a in enumerate(argv) if a in ("-sc", "--shell-completion", "--shell_completion"))
+    action, _, shell = (argv[i + 1] if i + 1 < len(argv) else "").partition("=")
+    if shell != "bash" or action not in ("install", "uninstall", "query"):
+        fail("shell completion: use capsrun -sc install=bash (zsh: run bashcompinit first), uninstall=bash or query=bash")
+    if action == "install":
+        print(BASH_COMPLETION, end="")
+        sys.exit(0)
+    if action == "uninstall":
+        print("complete -r capsrun 2>/dev/null; unset -f _capsrun_completion")
+        sys.exit(0)
+    words = os.environ.get("COMP_LINE", "").split()[1:]  # the words after `capsrun`
+    line = os.environ.get("COMP_LINE", "")
+    if not words or (len(words) == 1 and not line.endswith(" ")):
+        print(" ".join(COMMANDS))
+        sys.exit(0)
+    command = words[0]
+    if command not in COMMANDS or command == "report":  # report takes a folder: the shell completes it
+        sys.exit(0)
+    import hydra
+
+    os.environ["COMP_LINE"] = "capsrun " + line.split(command, 1)[1].lstrip()  # Hydra strips one app name
+    sys.argv = ["capsrun", "-sc", "query=bash"]
+    hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command)(lambda cfg: None)()
+    sys.exit(0)
+
+
 def abort(signum: int = 2) -> None:
     """Leave now, in one line, with exit code 128 + ``signum``: what Ctrl-C does outside the
     training loop (start-up, ``capsrun eval``) and a second Ctrl-C inside it. Immediate, because a
@@ -221,12 +296,14 @@ def _main(argv: list[str] | None = None) -> None:
 
         print(f"capsrun {__version__}")
         sys.exit(0)
+    if any(a in ("-sc", "--shell-completion", "--shell_completion") for a in argv):
+        _completion(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         sys.exit(0 if argv else EXIT_USAGE)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)} (capsrun --help)")
+        fail(f"unknown command {command!r}{_did_you_mean(command, COMMANDS)}; commands: {', '.join(COMMANDS)} (capsrun --help)")
     if command == "report":
         from capsrun import report
 

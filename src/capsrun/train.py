@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from capsrun import checkpoint, distributed, speed
 from capsrun.datasets import BatchLoader
@@ -406,6 +407,54 @@ class _NoLog:
         return lambda *args, **kwargs: None
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` as people say it: ``45 s``, ``12 min``, ``3 h 20 min``, ``2.5 days``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes:02d} min"
+    return f"{seconds / 86400:.1f} days"
+
+
+class RunClock:
+    """Says once how long the rest of the run will take, from the first timed steps: the first
+    ``skip`` steps (warm-up, compilation) are not timed, then steps are timed until
+    ``min_seconds`` have passed or ``max_steps`` were made. One device sync, at that point."""
+
+    def __init__(self, remaining_steps: int, batch_size: float, device: torch.device, skip: int = 2,
+                 min_seconds: float = 5.0, max_steps: int = 50):
+        self.remaining, self.batch_size, self.device = remaining_steps, batch_size, device
+        self.skip, self.min_seconds, self.max_steps = skip, min_seconds, max_steps
+        self.steps, self.t0, self.said = 0, 0.0, remaining_steps <= skip
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def step(self) -> str | None:
+        """Call after every optimizer step; returns the estimate once, when it is made."""
+        if self.said:
+            return None
+        self.steps += 1
+        if self.steps == self.skip:
+            self.t0 = self._now()
+            return None
+        timed = self.steps - self.skip
+        if timed <= 0 or (timed < self.max_steps and time.perf_counter() - self.t0 < self.min_seconds):
+            return None
+        per_step = (self._now() - self.t0) / timed
+        self.said = True
+        left = self.remaining - self.steps
+        return (
+            f"timed {timed} steps: {per_step:.3g} s a step ({self.batch_size / per_step:,.0f} images/s); "
+            f"the remaining {left:,} steps take about {duration(left * per_step)}, plus evaluation after each epoch"
+        )
+
+
 def _grad_averager(objective: nn.Module) -> Callable[[], None] | None:
     """Average across ranks the gradients of the objective's own parameters (the VCaps
     discriminator), which DistributedDataParallel on the model does not see."""
@@ -545,7 +594,12 @@ def fit(
         tb.start(replace(trial, metrics=(*trial.metrics, *declared)), loss_layout(tuple(test_loaders), name))
         tb.config(trial.config if trial.config is not None else config)
 
+    clock = RunClock(epochs * len(train_loader) - state.step, train_loader.num_examples / len(train_loader), device)
+
     def on_step() -> bool:
+        said = clock.step()
+        if said is not None and main:
+            log.info(said)
         if state.step % log_every == 0:  # the only per-interval host-device sync
             watch.check(scheduler.get_last_lr()[0])
             metrics = {**interval_meter.compute("train"), "lr": scheduler.get_last_lr()[0]}
@@ -565,6 +619,8 @@ def fit(
 
     metrics: dict[str, float] = dict(state.last_metrics)
     bar = None
+    redirect = logging_redirect_tqdm()  # log lines above the progress bar, not through it
+    redirect.__enter__()
     try:
         while state.epoch < epochs:
             t0 = time.perf_counter()
@@ -672,4 +728,5 @@ def fit(
         if bar is not None:
             bar.close()
         tb.close()
+        redirect.__exit__(None, None, None)
     return metrics
