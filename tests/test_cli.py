@@ -50,6 +50,23 @@ def test_run_dir_layout(trained_run):
         assert ckpt["config"]["routing"]["iterations"] == 3
         assert ckpt["config"]["model"]["net"]["conv1_channels"] == 16
     assert not list((trained_run / "checkpoints").glob("*.tmp")), "temporary checkpoint files left behind"
+    # best.pt holds what eval and sample need, last.pt also what a resume needs
+    best = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "rng", "meters"}.isdisjoint(best) and {"optimizer", "rng"} <= set(last)
+    assert best["metrics"]["test/accuracy"] == best["metrics"]["best/test/accuracy"]
+    sizes = {n: (trained_run / "checkpoints" / n).stat().st_size for n in ("best.pt", "last.pt")}
+    assert sizes["best.pt"] < 0.4 * sizes["last.pt"], sizes  # Adam keeps two moments per weight
+
+
+def test_resume_from_a_best_pt_says_to_use_last_pt(trained_run, mnist_root, tmp_path):
+    best = trained_run / "checkpoints" / "best.pt"
+    result = run_capsrun(
+        "train", *TINY, "trainer.epochs=4", f"trainer.resume={best}", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path, data_root=mnist_root,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("holds the weights only (a best.pt, for eval and sample); resume from the run's checkpoints/last.pt")
 
 
 def test_tensorboard_has_scalars_images_histograms_hparams(trained_run):

@@ -378,6 +378,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def restore(path: Path, model, objective, optimizers, scheduler, meters: list[Meter], device) -> TrainState:
     """Load a checkpoint into the objects and return the state to continue from."""
     ckpt = checkpoint.load(path, map_location=device)
+    if "optimizer" not in ckpt:
+        raise CheckpointError(
+            f"{path} holds the weights only (a best.pt, for eval and sample); resume from the run's "
+            "checkpoints/last.pt"
+        )
     try:
         model.load_state_dict(ckpt["model"])
         objective.load_state_dict(ckpt.get("objective", {}))
@@ -579,6 +584,16 @@ def fit(
             "config": config,
         }
 
+    def weights() -> dict[str, Any]:
+        """best.pt: what eval, sample and analyze read (no optimizer state, a third of last.pt's size)."""
+        return {
+            "model": model.state_dict(),
+            "objective": objective.state_dict(),
+            "epoch": state.epoch,
+            "config": config,
+            "metrics": dict(state.last_metrics),
+        }
+
     main = world.is_main
     # a resume drops the events a killed run wrote after its checkpoint's step and keeps that step's
     # own; a fresh start drops those of an attempt killed before its first checkpoint
@@ -708,7 +723,7 @@ def fit(
                 # replays the epoch from the previous last.pt, which rewrites the same files
                 tb.flush()
                 if improved:
-                    checkpoint.save(ckpt_dir / "best.pt", snapshot())
+                    checkpoint.save(ckpt_dir / "best.pt", weights())
                 checkpoint.save_json(run_dir / "metrics.json", metrics)
                 checkpoint.save(ckpt_dir / "last.pt", snapshot())
             _warn_if_collapsed(result, metrics, split, state.epoch)
