@@ -123,3 +123,19 @@ def test_slurm_launcher_and_optuna_search_compose():
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
         assert cfg.optimized_metric == "best/val/accuracy" and cfg.data.val_split == 5000
         assert set(cfg.hydra.sweeper.params) >= {"optimizer.lr", "routing.iterations"}
+
+
+def test_report_plot_has_integer_ticks_a_title_and_sample_std_error_bars(tmp_path):
+    acc = {(1, 0): 98.0, (1, 1): 99.0, (2, 0): 99.2, (2, 1): 99.4, (3, 0): 99.5, (3, 1): 99.1}
+    for i, ((it, seed), a) in enumerate(acc.items()):
+        _fake_run(tmp_path, str(i), [f"routing.iterations={it}", f"seed={seed}"], {"test/accuracy": a})
+    keys, rows = report.summarise(report.load_runs(tmp_path), ["test/accuracy"])
+    fig = report.figure(keys, rows, "routing.iterations", "test/accuracy", "multirun/2026-12-01/10-00-00")
+    ax = fig.axes[0]
+    assert list(ax.get_xticks()) == [1, 2, 3]  # the values run, no 1.5 or 2.5
+    assert ax.get_title().startswith("test/accuracy against routing.iterations\nmultirun/2026-12-01/10-00-00")
+    assert "mean ± sample std over 2 runs a point" in ax.get_title()
+    (bars,) = [c for c in ax.containers]  # one errorbar line: means and sample-std bars
+    assert list(bars.lines[0].get_ydata()) == pytest.approx([98.5, 99.3, 99.3])
+    segments = bars.lines[2][0].get_segments()
+    assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * statistics.stdev(v) for v in ([98, 99], [99.2, 99.4], [99.5, 99.1])])

@@ -140,13 +140,15 @@ def to_csv(keys: list[str], rows: list[dict], metrics: list[str]) -> str:
     return out.getvalue()
 
 
-def plot(keys: list[str], rows: list[dict], x_key: str, metric: str, path: Path) -> None:
-    """``metric`` (mean, spread as error bars) against ``x_key``; one line per value of the other
-    swept parameters."""
+def figure(keys: list[str], rows: list[dict], x_key: str, metric: str, sweep: str):
+    """``metric`` (mean, sample standard deviation as error bars) against ``x_key``; one line per
+    value of the other swept parameters; a title naming the metric and the sweep; integer
+    settings get integer ticks, at the values that were run when they are few."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     others = [k for k in keys if k != x_key]
     lines: dict[str, list] = {}
@@ -161,12 +163,29 @@ def plot(keys: list[str], rows: list[dict], x_key: str, metric: str, path: Path)
         pts.sort(key=lambda p: p[0] if numeric else str(p[0]))
         xs = [p[0] if numeric else str(p[0]) for p in pts]
         ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label)
+    values = sorted({p[0] for pts in lines.values() for p in pts}) if numeric else []
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if len(values) <= 12:
+            ax.set_xticks(values)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    runs = sorted({r["metrics"][metric][2] for r in rows if metric in r["metrics"]})
+    per_point = str(runs[0]) if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
+    ax.set_title(f"{metric} against {x_key}\n{sweep}: mean ± sample std over {per_point} runs a point", fontsize="medium")
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     if len(lines) > 1:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(keys: list[str], rows: list[dict], x_key: str, metric: str, path: Path, sweep: str = "") -> None:
+    """:func:`figure`, saved as ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(keys, rows, x_key, metric, sweep or path.parent.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -215,7 +234,7 @@ def main(argv: list[str]) -> int:
     written = ["report.md", "report.csv"]
     x_key = args.x or (keys[0] if keys else None)
     if x_key is not None and plot_metric is not None:
-        plot(keys, rows, x_key, plot_metric, out / "report.png")
+        plot(keys, rows, x_key, plot_metric, out / "report.png", sweep=str(args.dir))
         written.append("report.png")
     left = f" ({len(skipped)} skipped: unfinished or unreadable)" if skipped else ""
     print(f"{len(runs)} finished runs in {len(rows)} groups{left}; wrote {', '.join(written)} in {out}")
