@@ -34,7 +34,7 @@ def test_bench_table_and_ratios(tmp_path):
     result = ok(
         run_capsrun(
             "bench", "models=[capsnet]", "iterations=[1,3]", "batch_sizes=[8]", "precisions=[fp32,tf32,bf16]",
-            "compile=[false]", "warmup=1", "steps=2", f"overrides={overrides}", "trainer.progress=false",
+            "compile=[false]", "warmup=1", "steps=2", "repeats=3", f"overrides={overrides}", "trainer.progress=false",
             f"hydra.run.dir={out}", cwd=tmp_path,
         )
     )  # fmt: skip
@@ -56,6 +56,43 @@ def test_bench_table_and_ratios(tmp_path):
     assert "device: CPU" in table and "torch " in table and "command: `capsrun bench" in table
     assert table.count("| capsnet (reference) |") == 2 and table.count("| capsnet |") == 2
     assert "| capsnet (reference) | 1 | 8 | fp32 | off | off |" in result.stdout
+    assert all(r["train_spread"] >= 0 and r["eval_spread"] >= 0 for r in rows)
+    assert "3 blocks of 2 timed steps" in table and "| spread |" in table
+    log = result.stdout + result.stderr
+    assert "capsnet, 1 routing iterations, batch 8, bf16, channels-last: train " in log and "Setting(" not in log
+
+
+def test_time_steps_runs_warmup_then_repeated_blocks():
+    from capsrun.bench import time_steps
+
+    calls = []
+    timing = time_steps(lambda: calls.append(1), warmup=2, steps=4, repeats=5)
+    assert len(calls) >= 2 + 4 * 5  # and torch.utils.benchmark's own warm-up before each block
+    assert len(timing.times) == 5  # one per-step time per block
+    assert timing.median > 0 and timing.iqr >= 0
+
+
+def test_bench_warns_when_the_blocks_disagree(monkeypatch, caplog):
+    import logging
+
+    from capsrun import bench, commands
+
+    def noisy(setting, *args, **kwargs):
+        return bench.Measurement(setting, 100.0, 200.0, None, train_spread=0.4, eval_spread=0.02)
+
+    monkeypatch.setattr(bench, "measure", noisy)
+    cfg = compose_config("bench", "models=[capsnet]", "iterations=[1]", "batch_sizes=[2]", "precisions=[fp32]",
+                         "compile=[false]", "overrides=[" + ",".join(f'"{o}"' for o in TINY_NET) + "]")
+    from hydra import initialize_config_dir
+    from tqdm import tqdm
+
+    from capsrun.cli import conf_dir
+
+    with caplog.at_level(logging.WARNING, logger="capsrun"), initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        settings = commands._bench_settings(cfg, torch.device("cpu"))
+        commands._bench_all(cfg, torch.device("cpu"), settings, 0, 1, 3, tqdm)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("capsnet, 1 routing iterations, batch 2, fp32: the timed blocks differ by 40%")
 
 
 def test_bench_bad_input_is_one_line(tmp_path):

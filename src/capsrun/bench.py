@@ -9,15 +9,17 @@ Pure measurement, no config: :mod:`capsrun.commands` builds the models (the same
 - eval: the forward pass in eval mode without gradients, as ``capsrun eval`` runs it.
 
 Warm-up steps (compilation, cuDNN autotuning, the optimizer's first-step state) are excluded.
-On CUDA the timed steps are bracketed by CUDA events (device time, no per-step host sync); on a
-CPU by ``time.perf_counter``. Peak memory is ``torch.cuda.max_memory_allocated`` over the
-timed training steps (CUDA only).
+Then ``repeats`` blocks of ``steps`` steps are timed by ``torch.utils.benchmark.Timer`` (which
+runs a short warm-up of its own before each block, synchronises the device at each block's ends,
+and here keeps the process's thread count); a
+figure is the median over the blocks, its spread the interquartile range relative to the median.
+Peak memory is ``torch.cuda.max_memory_allocated`` over the timed training steps (CUDA only).
 """
 
 from __future__ import annotations
 
+import logging
 import platform
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -48,6 +50,11 @@ class Setting:
         """Settings with the same group share one reference."""
         return (self.model, self.iterations, self.batch_size)
 
+    def __str__(self) -> str:
+        routing = f", {self.iterations} routing iterations" if self.iterations else ""
+        extras = [x for x, on in (("compiled", self.compile), ("channels-last", self.channels_last)) if on]
+        return f"{self.model}{routing}, batch {self.batch_size}, {self.precision}{''.join(', ' + x for x in extras)}"
+
 
 @dataclass
 class Measurement:
@@ -55,6 +62,8 @@ class Measurement:
     train_images_per_second: float
     eval_images_per_second: float
     peak_memory_mib: float | None
+    train_spread: float = 0.0  # interquartile range over the median of the timed blocks
+    eval_spread: float = 0.0
     train_ratio: float = 1.0  # over the reference of the same group
     eval_ratio: float = 1.0
 
@@ -75,29 +84,19 @@ def synthetic_batch(
     return x.to(device), y.to(device), x.to(device), x.to(device)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def time_steps(step: Callable[[], None], warmup: int, steps: int, repeats: int):
+    """``repeats`` blocks of ``steps`` calls of ``step``, after ``warmup`` untimed ones, as one
+    ``torch.utils.benchmark`` measurement (per-step times; ``.median``, ``.iqr``)."""
+    # importing torch.utils.benchmark loads cpp_extension, which warns on stderr about a CUDA
+    # toolkit nobody asked for; the warning says nothing about the measurement
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Measurement as Timing
+    from torch.utils.benchmark import Timer
 
-
-def seconds_per_step(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
-    """Mean wall time of ``steps`` calls of ``step`` after ``warmup`` untimed ones; on CUDA
-    measured between two events on the device's stream."""
     for _ in range(warmup):
         step()
-    _synchronize(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000.0 / steps
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return Timing.merge([timer.timeit(number=steps) for _ in range(repeats)])[0]
 
 
 def measure(
@@ -108,6 +107,7 @@ def measure(
     batch: tuple,
     warmup: int,
     steps: int,
+    repeats: int = 1,
 ) -> Measurement:
     """Train and eval throughput of ``model`` (already on its device) under ``setting``."""
     device = batch[0].device
@@ -135,11 +135,18 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    train_s = seconds_per_step(train_step, device, warmup, steps)
+    train = time_steps(train_step, warmup, steps, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     model.eval()
-    eval_s = seconds_per_step(eval_step, device, warmup, steps)
-    return Measurement(setting, size / train_s, size / eval_s, peak)
+    evaluation = time_steps(eval_step, warmup, steps, repeats)
+    return Measurement(
+        setting,
+        size / train.median,
+        size / evaluation.median,
+        peak,
+        train_spread=train.iqr / train.median,
+        eval_spread=evaluation.iqr / evaluation.median,
+    )
 
 
 def with_ratios(results: list[Measurement]) -> list[Measurement]:
@@ -171,18 +178,19 @@ def _rate(images_per_second: float) -> str:
 
 
 def table(results: list[Measurement]) -> str:
-    """A Markdown table, one row per measurement."""
+    """A Markdown table, one row per measurement: images/s from the median step time, the
+    spread (interquartile range over median) of the timed blocks."""
     head = (
-        "| model | routing | batch | precision | compile | channels-last | train img/s | x ref "
-        "| eval img/s | x ref | peak MiB |"
+        "| model | routing | batch | precision | compile | channels-last | train img/s | spread | x ref "
+        "| eval img/s | spread | x ref | peak MiB |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for m in results:
         s = m.setting
         lines.append(
             f"| {s.model}{' (reference)' if s.reference else ''} | {s.iterations if s.iterations else '-'} "
             f"| {s.batch_size} | {s.precision} | {'on' if s.compile else 'off'} | {'on' if s.channels_last else 'off'} "
-            f"| {_rate(m.train_images_per_second)} | {m.train_ratio:.2f} | {_rate(m.eval_images_per_second)} "
-            f"| {m.eval_ratio:.2f} | {'-' if m.peak_memory_mib is None else f'{m.peak_memory_mib:,.0f}'} |"
+            f"| {_rate(m.train_images_per_second)} | {m.train_spread:.0%} | {m.train_ratio:.2f} "
+            f"| {_rate(m.eval_images_per_second)} | {m.eval_spread:.0%} | {m.eval_ratio:.2f} | {'-' if m.peak_memory_mib is None else f'{m.peak_memory_mib:,.0f}'} |"
         )
     return "\n".join(lines)

@@ -816,6 +816,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     each with its ratio over the straightforward eager reference measured in the same run;
     a table on stdout and in ``bench.md``, the figures in ``bench.json`` (see :mod:`capsrun.bench`)."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from capsrun import bench as benchmark
 
@@ -823,33 +824,19 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     cpu = dev.type == "cpu"
     warmup = cfg.warmup if cfg.warmup != "auto" else (2 if cpu else 10)
     steps = cfg.steps if cfg.steps != "auto" else (3 if cpu else 30)
-    for key, value in (("warmup", warmup), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "steps" else 0):
+    repeats = cfg.repeats if cfg.repeats != "auto" else (3 if cpu else 5)
+    for key, value in (("warmup", warmup), ("steps", steps), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "warmup" else 1):
             raise ConfigError(f"{key} must be auto or a positive integer, got {value!r}; e.g. {key}=5")
     settings = _bench_settings(cfg, dev)
-    results = []
-    for s in tqdm(settings, desc="bench", disable=None if cfg.trainer.progress else True):
-        run_cfg = _bench_config(cfg, s.model, s.iterations or 3, s.batch_size)
-        torch.manual_seed(cfg.seed)
-        torch._dynamo.reset()  # a fresh model per setting: do not run into dynamo's recompile limit
-        model = build.model(run_cfg).to(dev)
-        objective = build.objective(run_cfg).to(dev)
-        ds = run_cfg.dataset
-        per_image = 2 if ds.name == "multimnist" else 1
-        batch = benchmark.synthetic_batch(
-            s.batch_size, ds.channels, ds.image_size, ds.num_classes, per_image, dev, cfg.seed
-        )
-        m = benchmark.measure(s, model, objective, build.optimizers(run_cfg, model, objective), batch, warmup, steps)
-        results.append(m)
-        log.info("%s: train %.1f img/s, eval %.1f img/s", s, m.train_images_per_second, m.eval_images_per_second)
-        del model, objective, batch
-        if not cpu:
-            torch.cuda.empty_cache()
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        results = _bench_all(cfg, dev, settings, warmup, steps, repeats, tqdm)
     benchmark.with_ratios(results)
     speed.set_matmul_precision("fp32")
     header = (
         f"# capsrun bench\n\ndevice: {benchmark.device_description(dev)}; torch {torch.__version__}; "
-        f"dataset shape: {cfg.dataset}; {warmup} warm-up + {steps} timed steps per figure; "
+        f"dataset shape: {cfg.dataset}; {warmup} warm-up steps, then {repeats} blocks of {steps} timed steps per "
+        "figure (images/s from the median block; spread: interquartile range over the median); "
         f"synthetic batches\n\ncommand: `{' '.join(sys.argv)}`\n"
     )
     text = f"{header}\n{benchmark.table(results)}\n"
@@ -865,8 +852,50 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             "command": " ".join(sys.argv),
             "warmup": warmup,
             "steps": steps,
+            "repeats": repeats,
             "results": rows,
         },
     )
     log.info("bench table in %s", run_dir / "bench.md")
     return {"results": rows}
+
+
+NOISY = 0.10  # a spread above this between timed blocks: the figure is not to be trusted
+
+
+def _bench_all(cfg: DictConfig, dev: torch.device, settings, warmup: int, steps: int, repeats: int, tqdm) -> list:
+    """One :class:`capsrun.bench.Measurement` per setting, each on a freshly built model."""
+    from capsrun import bench as benchmark
+
+    cpu = dev.type == "cpu"
+    results = []
+    for s in tqdm(settings, desc="bench", disable=None if cfg.trainer.progress else True):
+        run_cfg = _bench_config(cfg, s.model, s.iterations or 3, s.batch_size)
+        torch.manual_seed(cfg.seed)
+        torch._dynamo.reset()  # a fresh model per setting: do not run into dynamo's recompile limit
+        model = build.model(run_cfg).to(dev)
+        objective = build.objective(run_cfg).to(dev)
+        ds = run_cfg.dataset
+        per_image = 2 if ds.name == "multimnist" else 1
+        batch = benchmark.synthetic_batch(
+            s.batch_size, ds.channels, ds.image_size, ds.num_classes, per_image, dev, cfg.seed
+        )
+        m = benchmark.measure(
+            s, model, objective, build.optimizers(run_cfg, model, objective), batch, warmup, steps, repeats
+        )
+        results.append(m)
+        log.info(
+            "%s: train %s img/s (spread %.0f%%), eval %s img/s (spread %.0f%%)",
+            s, f"{m.train_images_per_second:,.1f}", 100 * m.train_spread,
+            f"{m.eval_images_per_second:,.1f}", 100 * m.eval_spread,
+        )
+        if max(m.train_spread, m.eval_spread) > NOISY:
+            log.warning(
+                "%s: the timed blocks differ by %.0f%% (more than %.0f%%): the machine is busy or the steps vary; "
+                "close other work or raise steps= and repeats=",
+                s, 100 * max(m.train_spread, m.eval_spread), 100 * NOISY,
+            )
+        del model, objective, batch
+        if not cpu:
+            torch.cuda.empty_cache()
+    return results
