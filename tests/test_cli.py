@@ -62,11 +62,20 @@ def test_run_dir_layout(trained_run):
 def test_resume_from_a_best_pt_says_to_use_last_pt(trained_run, mnist_root, tmp_path):
     best = trained_run / "checkpoints" / "best.pt"
     result = run_capsrun(
-        "train", *TINY, "trainer.epochs=4", f"trainer.resume={best}", f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path, data_root=mnist_root,
+        "train",
+        *TINY,
+        "trainer.epochs=4",
+        f"trainer.resume={best}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        data_root=mnist_root,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith("holds the weights only (a best.pt, for eval and sample); resume from the run's checkpoints/last.pt")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("holds the weights only (a best.pt, for eval and sample); resume from the run's checkpoints/last.pt")
+    )
 
 
 def test_tensorboard_has_scalars_images_histograms_hparams(trained_run):
@@ -118,6 +127,27 @@ def test_eval_recomputes_checkpoint_metrics(trained_run, mnist_root, tmp_path):
     evaluated = json.loads((out / "metrics.json").read_text())
     trained = json.loads((trained_run / "metrics.json").read_text())
     assert evaluated["test/accuracy"] == pytest.approx(trained["best/test/accuracy"])
+
+
+def test_eval_and_sample_find_the_runs_own_data_root_from_elsewhere(trained_run, mnist_root, tmp_path):
+    """Trained with CAPSRUN_DATA; evaluated from another directory without it: the checkpoint's
+    (absolute) data root is used."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CAPSRUN_DATA", "HYDRA_FULL_ERROR")}
+    best = trained_run / "checkpoints" / "best.pt"
+    assert torch.load(best, weights_only=True)["config"]["data"]["root"] == str(mnist_root.absolute())
+    for command in ("eval", "analyze"):
+        done = subprocess.run(
+            [sys.executable, "-m", "capsrun", command, f"checkpoint={best}", f"hydra.run.dir={tmp_path / command}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"data from the run's own data root, {mnist_root}" in done.stdout + done.stderr
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["test/accuracy"] == pytest.approx(
+        json.loads((trained_run / "metrics.json").read_text())["best/test/accuracy"]
+    )
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -209,9 +239,14 @@ def test_multirun_makes_one_dir_per_job(mnist_root, tmp_path):
         from tensorboard.plugins.hparams import plugin_data_pb2
 
         ea = _events(job)
-        records = {t: plugin_data_pb2.HParamsPluginData.FromString(c) for t, c in ea.PluginTagToContent("hparams").items()}
+        records = {
+            t: plugin_data_pb2.HParamsPluginData.FromString(c) for t, c in ea.PluginTagToContent("hparams").items()
+        }
         infos = records["_hparams_/experiment"].experiment.hparam_infos
-        assert [(h.name, h.differs) for h in infos][:2] == [("routing.iterations", True), ("model.net.conv1_channels", False)]
+        assert [(h.name, h.differs) for h in infos][:2] == [
+            ("routing.iterations", True),
+            ("model.net.conv1_channels", False),
+        ]
         start = records["_hparams_/session_start_info"].session_start_info
         assert start.group_name == f"routing.iterations={iterations} (sweep/{job.name})"
         assert records["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS

@@ -90,6 +90,8 @@ def test_missing_dataset_without_download_says_where_to_put_files(dataset, folde
         cwd=tmp_path,
     )
     _assert_clean_error(result, str(tmp_path / "e" / folder), "data.download=true")
+    logged = (tmp_path / "run" / "train.log").read_text().splitlines()  # the failed run's own log says why
+    assert logged[-1].endswith(result.stderr.strip()) and "[ERROR]" in logged[-1]
 
 
 def test_missing_affnist_test_set(mnist_root, tmp_path):
@@ -164,7 +166,11 @@ def test_resume_from_a_checkpoint_of_another_model(mnist_root, tmp_path):
 
 @pytest.mark.parametrize(
     "argv, needle",
-    [(["frobnicate"], "unknown command 'frobnicate'"), (["trian"], "unknown command 'trian' (did you mean train?)"), ([], "usage")],
+    [
+        (["frobnicate"], "unknown command 'frobnicate'"),
+        (["trian"], "unknown command 'trian' (did you mean train?)"),
+        ([], "usage"),
+    ],
 )
 def test_unknown_command(argv, needle, tmp_path):
     result = run_capsrun(*argv, cwd=tmp_path)

@@ -81,8 +81,15 @@ def test_bench_warns_when_the_blocks_disagree(monkeypatch, caplog):
         return bench.Measurement(setting, 100.0, 200.0, None, train_spread=0.4, eval_spread=0.02)
 
     monkeypatch.setattr(bench, "measure", noisy)
-    cfg = compose_config("bench", "models=[capsnet]", "iterations=[1]", "batch_sizes=[2]", "precisions=[fp32]",
-                         "compile=[false]", "overrides=[" + ",".join(f'"{o}"' for o in TINY_NET) + "]")
+    cfg = compose_config(
+        "bench",
+        "models=[capsnet]",
+        "iterations=[1]",
+        "batch_sizes=[2]",
+        "precisions=[fp32]",
+        "compile=[false]",
+        "overrides=[" + ",".join(f'"{o}"' for o in TINY_NET) + "]",
+    )
     from hydra import initialize_config_dir
     from tqdm import tqdm
 

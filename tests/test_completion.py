@@ -47,7 +47,10 @@ complete -p capsrun
         ("capsrun ", ["train", "eval", "sample", "analyze", "report", "bench"]),
         ("capsrun train model=caps", ["model=capsnet", "model=capsrbm"]),
         ("capsrun train routing.it", ["routing.iterations="]),
-        ("capsrun train -m dataset=", ["dataset=affnist", "dataset=cifar10", "dataset=fashion_mnist", "dataset=mnist", "dataset=multimnist"]),
+        (
+            "capsrun train -m dataset=",
+            ["dataset=affnist", "dataset=cifar10", "dataset=fashion_mnist", "dataset=mnist", "dataset=multimnist"],
+        ),
         ("capsrun sample num_sa", ["num_samples="]),
         ("capsrun bench mod", ["model=", "models."]),
     ],
@@ -59,7 +62,10 @@ def test_query_completes_commands_groups_options_and_keys(line, expected):
 
 def test_the_installed_bash_script_completes_through_every_command(tmp_path):
     assert _bash("capsrun tr", tmp_path) == ["train"]
-    assert _bash("capsrun train experiment=sabour_m", tmp_path) == ["experiment=sabour_mnist", "experiment=sabour_multimnist"]
+    assert _bash("capsrun train experiment=sabour_m", tmp_path) == [
+        "experiment=sabour_mnist",
+        "experiment=sabour_multimnist",
+    ]
     assert _bash("capsrun eval checkp", tmp_path) == ["checkpoint="]
     (tmp_path / "outputs").mkdir()
     assert _bash("capsrun report out", tmp_path) == ["outputs"]  # a folder: the shell's own completion

@@ -19,6 +19,7 @@ from torch import nn
 from capsrun import build, checkpoint, rundir
 from capsrun.datasets import BatchLoader, cifar10
 from capsrun.errors import CheckpointError, ConfigError, DatasetError
+from capsrun.tblog import Trial
 from capsrun.train import Diverged, EvalResult, NonFiniteWatch, _warn_if_collapsed, finite_model, fit
 from conftest import compose_config
 
@@ -251,3 +252,15 @@ def test_the_cifar10_unpickler_reads_a_real_format_batch_and_refuses_anything_el
     with pytest.raises(DatasetError, match="names .*getattr, which no CIFAR10 batch holds"):
         cifar10.read_batch(bad)
     assert not (tmp_path / "touched").exists()
+
+
+def test_checkpoint_data_root_given_then_the_runs_own_then_dot_data(tmp_path):
+    from omegaconf import OmegaConf
+
+    stored = OmegaConf.create({"root": str(tmp_path), "download": True, "test_limit": None, "train_limit": 50})
+    given = OmegaConf.create({"root": None, "download": False, "test_limit": 10})
+    data = build.checkpoint_data(stored, given)
+    assert data.root == str(tmp_path) and data.download is False and data.test_limit == 10 and data.train_limit == 50
+    assert build.checkpoint_data(stored, OmegaConf.merge(given, {"root": "/elsewhere"})).root == "/elsewhere"
+    gone = OmegaConf.merge(stored, {"root": str(tmp_path / "deleted")})
+    assert build.checkpoint_data(gone, given).root == "./data"

@@ -138,4 +138,6 @@ def test_report_plot_has_integer_ticks_a_title_and_sample_std_error_bars(tmp_pat
     (bars,) = [c for c in ax.containers]  # one errorbar line: means and sample-std bars
     assert list(bars.lines[0].get_ydata()) == pytest.approx([98.5, 99.3, 99.3])
     segments = bars.lines[2][0].get_segments()
-    assert [s[1][1] - s[0][1] for s in segments] == pytest.approx([2 * statistics.stdev(v) for v in ([98, 99], [99.2, 99.4], [99.5, 99.1])])
+    assert [s[1][1] - s[0][1] for s in segments] == pytest.approx(
+        [2 * statistics.stdev(v) for v in ([98, 99], [99.2, 99.4], [99.5, 99.1])]
+    )

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.plugins.custom_scalar import layout_pb2, metadata as cs_metadata
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import metadata as cs_metadata
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 from torch import nn
 
@@ -64,8 +65,19 @@ def _fit(run_dir, epochs=2, loss=None, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return fit(
-        model, loss or _Loss(), BatchLoader(x, y, 8, shuffle=True), {"test": BatchLoader(x, y, 16)}, [opt], sched,
-        epochs=epochs, run_dir=run_dir, config={"stored": True}, trial=TRIAL, log_every=100, progress=False, **kw,
+        model,
+        loss or _Loss(),
+        BatchLoader(x, y, 8, shuffle=True),
+        {"test": BatchLoader(x, y, 16)},
+        [opt],
+        sched,
+        epochs=epochs,
+        run_dir=run_dir,
+        config={"stored": True},
+        trial=TRIAL,
+        log_every=100,
+        progress=False,
+        **kw,
     )
 
 
@@ -93,7 +105,10 @@ def test_hparams_records_name_the_trial_list_the_swept_key_first_and_end_in_succ
     _fit(tmp_path)
     records = _hparams(_events(tmp_path))
     experiment = records["_hparams_/experiment"].experiment
-    assert [(h.name, h.differs) for h in experiment.hparam_infos][:2] == [("routing.iterations", True), ("trainer.epochs", False)]
+    assert [(h.name, h.differs) for h in experiment.hparam_infos][:2] == [
+        ("routing.iterations", True),
+        ("trainer.epochs", False),
+    ]
     types = {h.name: h.type for h in experiment.hparam_infos}
     assert types["zeta"] == api_pb2.DATA_TYPE_STRING and types["amp"] == api_pb2.DATA_TYPE_BOOL
     declared = [m.name.tag for m in experiment.metric_infos]
@@ -143,7 +158,11 @@ def test_custom_scalars_put_train_and_test_loss_on_one_chart_and_the_text_is_the
     tags = ea.Tags()["scalars"]
     assert sorted(t for t in tags if re.match(pattern, t)) == ["test/loss/total", "train/epoch/loss/total"]
     (score,) = charts["accuracy: every split"]
-    assert sorted(t for t in tags if re.match(score, t)) == ["best/test/accuracy", "test/accuracy", "train/epoch/accuracy"]
+    assert sorted(t for t in tags if re.match(score, t)) == [
+        "best/test/accuracy",
+        "test/accuracy",
+        "train/epoch/accuracy",
+    ]
     text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "in_channels: 1" in text and "stored" not in text
 

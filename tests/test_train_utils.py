@@ -226,7 +226,8 @@ def test_checkpoint_load_refuses_pickled_objects(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "seconds, said", [(4.4, "4 s"), (89, "89 s"), (600, "10 min"), (3 * 3600 + 20 * 60, "3 h 20 min"), (3 * 86400, "3.0 days")]
+    "seconds, said",
+    [(4.4, "4 s"), (89, "89 s"), (600, "10 min"), (3 * 3600 + 20 * 60, "3 h 20 min"), (3 * 86400, "3.0 days")],
 )
 def test_duration_reads_as_people_say_it(seconds, said):
     from capsrun.train import duration
@@ -239,7 +240,9 @@ def test_run_clock_speaks_once_after_the_timed_steps(monkeypatch):
 
     now = iter([10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0])  # perf_counter: 0.5 s a step
     monkeypatch.setattr(train.time, "perf_counter", lambda: next(now))
-    clock = train.RunClock(remaining_steps=1002, batch_size=100, device=torch.device("cpu"), skip=2, max_steps=2, min_seconds=99)
+    clock = train.RunClock(
+        remaining_steps=1002, batch_size=100, device=torch.device("cpu"), skip=2, max_steps=2, min_seconds=99
+    )
     said = [clock.step() for _ in range(6)]
     assert said[:3] == [None, None, None]  # warm-up, then the clock starts, then one step timed
     assert said[3].startswith("timed 2 steps: ") and said[4:] == [None, None]

@@ -191,6 +191,7 @@ def table(results: list[Measurement]) -> str:
             f"| {s.model}{' (reference)' if s.reference else ''} | {s.iterations if s.iterations else '-'} "
             f"| {s.batch_size} | {s.precision} | {'on' if s.compile else 'off'} | {'on' if s.channels_last else 'off'} "
             f"| {_rate(m.train_images_per_second)} | {m.train_spread:.0%} | {m.train_ratio:.2f} "
-            f"| {_rate(m.eval_images_per_second)} | {m.eval_spread:.0%} | {m.eval_ratio:.2f} | {'-' if m.peak_memory_mib is None else f'{m.peak_memory_mib:,.0f}'} |"
+            f"| {_rate(m.eval_images_per_second)} | {m.eval_spread:.0%} | {m.eval_ratio:.2f} "
+            f"| {'-' if m.peak_memory_mib is None else f'{m.peak_memory_mib:,.0f}'} |"
         )
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsrun import checkpoint, datasets
 from capsrun.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("capsrun")
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1, example: str = "3") -> int:
@@ -269,6 +272,21 @@ def model(cfg: DictConfig, trusted: bool = True) -> torch.nn.Module:
     if not trusted:
         raise error(f"model {cfg.model.name!r} is not one of capsrun's models ({', '.join(_registry())})")
     return _instantiate(cfg.model.net, "model", **sizes)
+
+
+def checkpoint_data(stored: DictConfig, given: DictConfig) -> DictConfig:
+    """The ``data`` settings of a command on a checkpoint (eval, sample, analyze): the stored
+    run's, with the command's own on top. ``data.root``: the one given (``data.root=`` or
+    ``$CAPSRUN_DATA``), else the run's own data root when it still exists, else ``./data``."""
+    data = OmegaConf.merge(stored, {k: v for k, v in given.items() if k != "root"})
+    root = given.get("root")
+    if root is None:
+        saved = stored.get("root")
+        root = saved if saved is not None and Path(str(saved)).is_dir() else "./data"
+        if root == saved:
+            log.info("data from the run's own data root, %s (data.root= to read another)", saved)
+    data.root = str(root)
+    return data
 
 
 def shown_config(cfg: DictConfig, total_steps: int | None = None) -> dict:

@@ -102,7 +102,8 @@ def _check_overrides(command: str, args: list[str]):
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         for value in values:
             if value not in options and not (group == "experiment" and value == "null"):
-                fail(f"unknown {group} {value!r}{_did_you_mean(value, options, f'{group}=')}; choose one of: {', '.join(options)}")
+                hint = _did_you_mean(value, options, f"{group}=")
+                fail(f"unknown {group} {value!r}{hint}; choose one of: {', '.join(options)}")
     if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
         return None  # sweeps are checked per job; flags like --help/--cfg are Hydra's to handle
     try:
@@ -240,7 +241,9 @@ def _completion(argv: list[str]) -> None:
     i = next(i for i, a in enumerate(argv) if a in ("-sc", "--shell-completion", "--shell_completion"))
     action, _, shell = (argv[i + 1] if i + 1 < len(argv) else "").partition("=")
     if shell != "bash" or action not in ("install", "uninstall", "query"):
-        fail("shell completion: use capsrun -sc install=bash (zsh: run bashcompinit first), uninstall=bash or query=bash")
+        fail(
+            "shell completion: use capsrun -sc install=bash (zsh: run bashcompinit first), uninstall=bash or query=bash"
+        )
     if action == "install":
         print(BASH_COMPLETION, end="")
         sys.exit(0)
@@ -261,6 +264,18 @@ def _completion(argv: list[str]) -> None:
     sys.argv = ["capsrun", "-sc", "query=bash"]
     hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name=command)(lambda cfg: None)()
     sys.exit(0)
+
+
+def _to_log_files(message: str, exc_info=None) -> None:
+    """``message`` into the run's log file (``train.log``) only: the console gets it once, from
+    :func:`fail` or from Hydra."""
+    import logging
+
+    record = logging.LogRecord("capsrun", logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
 
 
 def abort(signum: int = 2) -> None:
@@ -303,7 +318,8 @@ def _main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else EXIT_USAGE)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        fail(f"unknown command {command!r}{_did_you_mean(command, COMMANDS)}; commands: {', '.join(COMMANDS)} (capsrun --help)")
+        hint = _did_you_mean(command, COMMANDS)
+        fail(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} (capsrun --help)")
     if command == "report":
         from capsrun import report
 
@@ -333,9 +349,13 @@ def _main(argv: list[str] | None = None) -> None:
             result = task(cfg)
             return _optimized(cfg, result)
         except CapsrunError as e:
+            _to_log_files(f"capsrun: error: {e}")
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             fail(str(e))
+        except Exception:  # a bug: Hydra prints the traceback; the run's log keeps it too
+            _to_log_files("capsrun: unexpected error", exc_info=sys.exc_info())
+            raise
 
     sys.argv = [f"capsrun {command}", *rest]
     try:

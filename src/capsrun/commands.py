@@ -58,6 +58,14 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _stored_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config a checkpoint keeps, its data root absolute, so that eval, sample and
+    analyze find the data from any working directory."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().absolute())
+    return config
+
+
 def _sweep_keys() -> set[str] | None:
     """The keys a multirun sweeps: those given several values on the command line
     (``routing.iterations=1,3``, ``range(...)``) and a sweeper's search space
@@ -234,7 +242,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 sched,
                 epochs=cfg.trainer.epochs,
                 run_dir=run_dir,
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=_stored_config(cfg),
                 trial=_trial(cfg, run_dir, build.shown_config(cfg, cfg.trainer.epochs * len(loaders.train))),
                 resume_from=resume_from,
                 log_every=cfg.trainer.log_every,
@@ -423,7 +431,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
             raise ConfigError(f"{path} was trained on {c.dataset.name}, {paths[0]} on {configs[0].dataset.name}")
     run_cfg = configs[0]
     run_cfg.dataset = dataset
-    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     build.validate_train(run_cfg)
     energy = run_cfg.model.name in ENERGY_MODELS
     if energy and len(paths) > 1:
@@ -503,7 +511,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"{path} is a {run_cfg.model.name} without a decoder: it cannot draw images")
     model.eval()
     torch.manual_seed(cfg.seed)
-    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
     from capsrun.train import unpack
 
@@ -614,7 +622,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     targets = _analyze_targets(root)
     for (run_dir, path), label in zip(targets, _run_labels([t[0] for t in targets])):
         model, run_cfg, ckpt = _trained_model(path, dev)
-        run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+        run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
         run_cfg.data.train_limit = run_cfg.data.test_limit = None
         train = cfg.split == "train"
         loaders = build.loaders(run_cfg, dev, train=train, eval_batch_size=cfg.trainer.batch_size)
@@ -680,7 +688,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     confidence = _confidence(cfg.sample_quality.confidence, "sample_quality.confidence")
     classifier = _classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
     model.eval()
-    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.data)
+    run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
     test = loaders.tests["test"]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -886,14 +894,19 @@ def _bench_all(cfg: DictConfig, dev: torch.device, settings, warmup: int, steps:
         results.append(m)
         log.info(
             "%s: train %s img/s (spread %.0f%%), eval %s img/s (spread %.0f%%)",
-            s, f"{m.train_images_per_second:,.1f}", 100 * m.train_spread,
-            f"{m.eval_images_per_second:,.1f}", 100 * m.eval_spread,
+            s,
+            f"{m.train_images_per_second:,.1f}",
+            100 * m.train_spread,
+            f"{m.eval_images_per_second:,.1f}",
+            100 * m.eval_spread,
         )
         if max(m.train_spread, m.eval_spread) > NOISY:
             log.warning(
                 "%s: the timed blocks differ by %.0f%% (more than %.0f%%): the machine is busy or the steps vary; "
                 "close other work or raise steps= and repeats=",
-                s, 100 * max(m.train_spread, m.eval_spread), 100 * NOISY,
+                s,
+                100 * max(m.train_spread, m.eval_spread),
+                100 * NOISY,
             )
         del model, objective, batch
         if not cpu:

@@ -99,6 +99,15 @@ def loss_layout(splits: tuple[str, ...], monitor: str) -> dict:
     }
 
 
+def two_colour_overlay(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """The input in dim grey with reconstruction 1 in red and reconstruction 2 in green over it, as
+    in Fig. 5 of arXiv:1710.09829. ``images`` ``[n, 1, H, W]``, ``reconstructions``
+    ``[n, 2, 1, H, W]`` -> RGB ``[n, 3, H, W]`` in [0, 1]."""
+    grey = 0.35 * images
+    red, green = reconstructions[:, 0], reconstructions[:, 1]
+    return torch.cat([grey + red, grey + green, grey], dim=1).clamp(0, 1)
+
+
 def captioned(grid: torch.Tensor, true: list[int], predicted: list[int], cell: int) -> torch.Tensor:
     """``grid`` ``[3, H, W]`` with two text rows below it: under each column the true class and,
     below that, the predicted one, red where it is wrong. ``cell``: a column's width in pixels."""
@@ -179,4 +188,3 @@ class TBLogger:
 
     def close(self) -> None:
         self.writer.close()
-

