@@ -248,5 +248,5 @@ def test_multirun_makes_one_dir_per_job(mnist_root, tmp_path):
             ("model.net.conv1_channels", False),
         ]
         start = records["_hparams_/session_start_info"].session_start_info
-        assert start.group_name == f"routing.iterations={iterations} (sweep/{job.name})"
+        assert start.group_name == f"iterations={iterations} (sweep/{job.name})"
         assert records["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS

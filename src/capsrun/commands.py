@@ -90,7 +90,7 @@ def _trial(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Trial:
     """The run as TensorBoard's HParams tab shows it: every command-line override, then the
     settings that always tell runs apart. The keys a multirun sweeps (:func:`_sweep_keys`; in a
     single run every override) are listed first and marked as differing, so TensorBoard ticks
-    them. Named by its overrides and run dir."""
+    them. Named by the swept values (the last part of each key: ``iterations=3``) and run dir."""
     overridden: dict[str, Any] = {}
     for override in HydraConfig.get().overrides.task:
         key, _, value = override.lstrip("+~").partition("=")
@@ -111,7 +111,8 @@ def _trial(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Trial:
         "trainer.batch_size": cfg.trainer.batch_size,
         "optimizer.lr": cfg.optimizer.lr,
     }
-    shown = " ".join(f"{k}={overridden[k]}" for k in swept) or "defaults"  # the values that tell the runs apart
+    # the values that tell the runs apart, short: TensorBoard's Trial ID column shows ~18 characters
+    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={overridden[k]}" for k in swept) or "defaults"
     return Trial(
         name=f"{shown} ({run_dir.parent.name}/{run_dir.name})",
         hparams={**overridden, **{k: v for k, v in always.items() if k not in overridden}},
