@@ -170,10 +170,11 @@ def figure(keys: list[str], rows: list[dict], x_key: str, metric: str, sweep: st
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     runs = sorted({r["metrics"][metric][2] for r in rows if metric in r["metrics"]})
-    per_point = str(runs[0]) if len(runs) == 1 else f"{runs[0]}-{runs[-1]}"
-    ax.set_title(
-        f"{metric} against {x_key}\n{sweep}: mean ± sample std over {per_point} runs a point", fontsize="medium"
-    )
+    if runs == [1]:
+        what = "one run a point (no spread)"
+    else:
+        what = f"mean ± sample std over {runs[0] if len(runs) == 1 else f'{runs[0]}-{runs[-1]}'} runs a point"
+    ax.set_title(f"{metric} against {x_key}\n{sweep}: {what}", fontsize="medium")
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     if len(lines) > 1:
