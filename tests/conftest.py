@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 
 # A model small enough to train in seconds on 2 CPU cores; every CLI test uses it.
 TINY = [
@@ -98,3 +101,34 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """``result`` of a capsrun command that must have succeeded; its output otherwise."""
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
+
+
+class ToyOut(NamedTuple):
+    scores: torch.Tensor
+
+
+class Toy(torch.nn.Module):
+    """A linear classifier of 2x2 images into 3 classes, for tests of the training loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x, y=None):
+        return ToyOut(self.linear(x.flatten(1)).softmax(-1))
+
+
+class PoisonedLoss(torch.nn.Module):
+    """Cross-entropy; NaN from training call ``poison_at`` on (None: never), a run that diverges."""
+
+    def __init__(self, poison_at: int | None = None):
+        super().__init__()
+        self.calls, self.poison_at = 0, poison_at
+
+    def forward(self, out, target, y):
+        loss = torch.nn.functional.nll_loss(out.scores.clamp_min(1e-6).log(), y)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.poison_at is not None and self.calls >= self.poison_at:
+                loss = loss * math.nan
+        return {"total": loss}

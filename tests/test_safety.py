@@ -8,7 +8,6 @@ import logging
 import math
 import pickle
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from capsrun.datasets import BatchLoader, cifar10
 from capsrun.errors import CheckpointError, ConfigError, DatasetError
 from capsrun.tblog import Trial
 from capsrun.train import Diverged, EvalResult, NonFiniteWatch, _warn_if_collapsed, finite_model, fit
-from conftest import compose_config
+from conftest import PoisonedLoss, Toy, compose_config
 
 # --- the registry ----------------------------------------------------------------------------------
 
@@ -161,40 +160,11 @@ def test_finite_model():
     assert not finite_model(net)
 
 
-class _Out(NamedTuple):
-    scores: torch.Tensor
-
-
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(4, 3)
-
-    def forward(self, x, y=None):
-        return _Out(self.linear(x.flatten(1)).softmax(-1))
-
-
-class _PoisonedLoss(nn.Module):
-    """Cross-entropy, NaN from training call ``poison_at`` on: a run that diverges in epoch 2."""
-
-    def __init__(self, poison_at: int):
-        super().__init__()
-        self.calls, self.poison_at = 0, poison_at
-
-    def forward(self, out, target, y):
-        loss = nn.functional.nll_loss(out.scores.clamp_min(1e-6).log(), y)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.calls >= self.poison_at:
-                loss = loss * math.nan
-        return {"total": loss}
-
-
 def test_a_run_that_diverges_keeps_the_last_finite_checkpoints(tmp_path):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
     train, test = BatchLoader(x, y, 8, shuffle=True), BatchLoader(x, y, 16)
-    model, loss = _Toy(), _PoisonedLoss(poison_at=6)  # 4 steps an epoch: NaN at step 6, in epoch 2
+    model, loss = Toy(), PoisonedLoss(poison_at=6)  # 4 steps an epoch: NaN at step 6, in epoch 2
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(Diverged, match="became nan at step 6"):

@@ -4,9 +4,7 @@ layout and the config text. A toy model through the real ``fit``."""
 
 from __future__ import annotations
 
-import math
 import re
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -14,41 +12,11 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as cs_metadata
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
-from torch import nn
 
 from capsrun.datasets import BatchLoader
 from capsrun.tblog import Trial, trial_summaries
 from capsrun.train import Diverged, Interrupted, fit
-
-
-class _Out(NamedTuple):
-    scores: torch.Tensor
-
-
-class _Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(4, 3)
-
-    def forward(self, x, y=None):
-        return _Out(self.linear(x.flatten(1)).softmax(-1))
-
-
-class _Loss(nn.Module):
-    """Cross-entropy; NaN from training call ``poison_at`` on when it is given."""
-
-    def __init__(self, poison_at: int | None = None):
-        super().__init__()
-        self.calls, self.poison_at = 0, poison_at
-
-    def forward(self, out, target, y):
-        loss = nn.functional.nll_loss(out.scores.clamp_min(1e-6).log(), y)
-        if torch.is_grad_enabled():
-            self.calls += 1
-            if self.poison_at is not None and self.calls >= self.poison_at:
-                loss = loss * math.nan
-        return {"total": loss}
-
+from conftest import PoisonedLoss, Toy
 
 TRIAL = Trial(
     name="routing.iterations=3 (sweep/1)",
@@ -61,12 +29,12 @@ TRIAL = Trial(
 def _fit(run_dir, epochs=2, loss=None, **kw):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
-    model = _Toy()
+    model = Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return fit(
         model,
-        loss or _Loss(),
+        loss or PoisonedLoss(),
         BatchLoader(x, y, 8, shuffle=True),
         {"test": BatchLoader(x, y, 16)},
         [opt],
@@ -132,7 +100,7 @@ def test_tensorboard_ticks_the_swept_key_among_many_overrides():
 
 def test_a_diverged_run_ends_in_failure(tmp_path):
     with pytest.raises(Diverged):
-        _fit(tmp_path, epochs=3, loss=_Loss(poison_at=6))
+        _fit(tmp_path, epochs=3, loss=PoisonedLoss(poison_at=6))
     records = _hparams(_events(tmp_path))
     assert records["_hparams_/session_end_info"].session_end_info.status == api_pb2.STATUS_FAILURE
 
