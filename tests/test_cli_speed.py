@@ -75,7 +75,8 @@ def test_time_steps_runs_warmup_then_repeated_blocks():
 def test_bench_warns_when_the_blocks_disagree(monkeypatch, caplog):
     import logging
 
-    from capsrun import bench, commands
+    from capsrun import bench
+    from capsrun.commands import bench as commands
 
     def noisy(setting, *args, **kwargs):
         return bench.Measurement(setting, 100.0, 200.0, None, train_spread=0.4, eval_spread=0.02)
@@ -118,7 +119,7 @@ def test_bench_bad_input_is_one_line(tmp_path):
     ],
 )
 def test_bench_settings_are_checked(override, needle):
-    from capsrun.commands import _bench_settings
+    from capsrun.commands.bench import _bench_settings
     from capsrun.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):

@@ -11,8 +11,9 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from capsrun import datasets, distributed, report
+from capsrun import datasets, distributed
 from capsrun.cli import conf_dir
+from capsrun.commands import report
 from capsrun.datasets.loader import BatchLoader
 from capsrun.errors import ConfigError
 from conftest import write_mnist

@@ -19,11 +19,24 @@ from capsrun.errors import CheckpointError, ConfigError
 log = logging.getLogger("capsrun")
 
 
-def _positive_int(cfg: DictConfig, key: str, minimum: int = 1, example: str = "3") -> int:
-    value = OmegaConf.select(cfg, key)
+def integer(value: Any, key: str, minimum: int = 1, example: Any = 3) -> int:
+    """``value`` of setting ``key`` if it is an integer >= ``minimum`` (a bool is not), else a
+    :class:`ConfigError` naming the key, the value and an example."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}; e.g. {key}={example}")
     return value
+
+
+def number(value: Any, key: str, ok: Any, what: str, example: Any) -> float:
+    """``value`` of setting ``key`` as a float if it is a number (not a bool) for which ``ok``
+    holds, else a :class:`ConfigError` saying it must be ``what`` (``"a number > 0"``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ConfigError(f"{key} must be {what}, got {value!r}; e.g. {key}={example}")
+    return float(value)
+
+
+def _positive_int(cfg: DictConfig, key: str, minimum: int = 1, example: str = "3") -> int:
+    return integer(OmegaConf.select(cfg, key), key, minimum, example)
 
 
 def _optional_limit(cfg: DictConfig, key: str) -> int | None:
@@ -525,9 +538,8 @@ def health_monitor(cfg: DictConfig, test_loader) -> Any:
         return None
     every = _positive_int(cfg, "diagnostics.every_steps", example="200")
     examples = _positive_int(cfg, "diagnostics.examples", example="256")
-    threshold = cfg.diagnostics.get("dead_threshold", 0.01)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-        raise ConfigError(f"diagnostics.dead_threshold must be a number >= 0, got {threshold!r}; e.g. 0.01")
+    key = "diagnostics.dead_threshold"
+    threshold = number(cfg.diagnostics.get("dead_threshold", 0.01), key, lambda v: v >= 0, "a number >= 0", 0.01)
     xs, n = [], 0
     for batch in test_loader.epoch(0):
         x = unpack(batch)[0]

@@ -62,16 +62,21 @@ def conf_dir() -> Path:
     return packed if packed.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
-def _commands() -> dict[str, Callable]:
-    from capsrun import commands
+# command -> (its module in capsrun.commands, the Hydra task function there)
+TASKS = {
+    "train": ("train", "train"),
+    "eval": ("eval", "evaluate_checkpoint"),
+    "sample": ("sample", "sample"),
+    "analyze": ("analyze", "analyze"),
+    "bench": ("bench", "bench"),
+}
 
-    return {
-        "train": commands.train,
-        "eval": commands.evaluate_checkpoint,
-        "sample": commands.sample,
-        "analyze": commands.analyze,
-        "bench": commands.bench,
-    }
+
+def _task(command: str) -> Callable:
+    import importlib
+
+    module, function = TASKS[command]
+    return getattr(importlib.import_module(f"capsrun.commands.{module}"), function)
 
 
 def fail(message: str) -> None:
@@ -168,12 +173,12 @@ def _claim_run_dir(cfg, args: list[str]) -> None:
         why = "permission denied" if existing.is_dir() else "not a directory"
         fail(f"cannot create the run dir {path} ({why} at {existing}); choose another hydra.run.dir")
     if any(a.startswith("hydra.run.dir=") for a in args):
-        from capsrun import commands
+        from capsrun.commands import train
 
         try:
             rundir.lock(path)
             # a refused resume must not leave this run's config in the other run's .hydra/
-            commands.check_resume(cfg, path, commands.resume_path(cfg.trainer.resume, path))
+            train.check_resume(cfg, path, train.resume_path(cfg.trainer.resume, path))
         except ConfigError as e:
             fail(str(e))
 
@@ -321,7 +326,7 @@ def _main(argv: list[str] | None = None) -> None:
         hint = _did_you_mean(command, COMMANDS)
         fail(f"unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)} (capsrun --help)")
     if command == "report":
-        from capsrun import report
+        from capsrun.commands import report
 
         sys.exit(report.main(rest))
     _check_plugins(rest)
@@ -342,7 +347,7 @@ def _main(argv: list[str] | None = None) -> None:
 
     from capsrun.errors import CapsrunError
 
-    task = _commands()[command]
+    task = _task(command)
 
     def run(cfg):
         try:

@@ -1,0 +1,97 @@
+"""What several commands share: the run dir, the sample judge (``eval_classifier``), the AIS
+settings and estimate, a checkpoint's model, PNG output."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from capsrun import build, checkpoint, sampling
+from capsrun.errors import ConfigError
+
+log = logging.getLogger("capsrun")
+
+
+ENERGY_MODELS = ("rbm", "capsrbm")  # model.name of the energy models: no classes, log-likelihood by AIS
+
+
+def output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def load_classifier(cfg: DictConfig, dev: torch.device, dataset: DictConfig):
+    """The ``eval_classifier`` checkpoint, checked to know the same dataset, or None."""
+    from hydra.utils import to_absolute_path
+
+    if cfg.get("eval_classifier") in (None, ""):
+        return None
+    net, trained_on = build.classifier(Path(to_absolute_path(str(cfg.eval_classifier))), dev)
+    if trained_on.name != dataset.name:
+        raise ConfigError(
+            f"eval_classifier was trained on {trained_on.name}, the samples are {dataset.name}; "
+            f"give a capsnet checkpoint trained on {dataset.name}"
+        )
+    return net
+
+
+def confidence_setting(value: Any, key: str) -> float:
+    return build.number(value, key, lambda v: 0 < v < 1, "a number in (0, 1)", 0.9)
+
+
+def ais_settings(cfg: DictConfig) -> dict[str, int]:
+    """``ais.*`` checked: runs >= 1, temperatures >= 2 (0 and 1), base_images >= 1, an int seed."""
+    return {
+        "runs": build._positive_int(cfg, "ais.runs", example="100"),
+        "temperatures": build._positive_int(cfg, "ais.temperatures", minimum=2, example="10000"),
+        "base_images": build._positive_int(cfg, "ais.base_images", example="10000"),
+        "seed": build._positive_int(cfg, "ais.seed", minimum=0, example="0"),
+    }
+
+
+def ais_log_likelihood(model, loaders, settings: dict[str, int], progress: bool) -> dict[str, float]:
+    """The AIS test log-likelihood (and of every other test split) of an energy model, in nats;
+    the base-rate model from the first ``base_images`` training images (:mod:`capsrun.ais`)."""
+    from capsrun import ais
+    from capsrun.train import unpack
+
+    if loaders.train is None:
+        raise ConfigError("AIS needs the training images for its base-rate model")
+    base = ais.base_rate(model.visible_states(sampling.first_images(loaders.train, settings["base_images"])))
+    base = base.to(next(model.parameters()).device)
+    log.info("AIS: %d runs x %d temperatures ...", settings["runs"], settings["temperatures"])
+    result = ais.log_partition(
+        model, base, settings["temperatures"], settings["runs"], seed=settings["seed"], progress=progress
+    )
+    metrics: dict[str, float] = {}
+    for name, loader in loaders.tests.items():
+        mean_f, n = ais.mean_free_energy(model, (unpack(b)[0] for b in loader.epoch(0)))
+        metrics.update(ais.log_likelihood_metrics(result, mean_f, prefix=name))
+        log.info(
+            "%s log-likelihood %.2f nats per image on %d images (AIS log Z %.2f, std of log weights %.2f, "
+            "%d runs x %d temperatures)",
+            name,
+            metrics[f"{name}/log_likelihood"],
+            n,
+            result.log_z,
+            result.log_w_std,
+            result.runs,
+            result.temperatures,
+        )
+    return metrics
+
+
+def trained_model(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictConfig, dict[str, Any]]:
+    """The model of a checkpoint (:func:`capsrun.build.from_checkpoint`), its config and the
+    checkpoint itself."""
+    return build.from_checkpoint(path, dev)
+
+
+def save_png(path: Path, image: torch.Tensor) -> None:
+    from torchvision.utils import save_image
+
+    checkpoint.atomic_write(path, lambda f: save_image(image, f, format="png"))

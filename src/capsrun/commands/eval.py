@@ -1,0 +1,94 @@
+"""``capsrun eval checkpoint=PATH``: the test metrics of a checkpoint (an ensemble of several),
+from its own config; energy models add the AIS test log-likelihood."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from capsrun import build, checkpoint
+from capsrun.commands import common
+from capsrun.commands.common import ENERGY_MODELS
+from capsrun.errors import ConfigError
+from capsrun.train import evaluate, evaluate_ensemble
+
+log = logging.getLogger("capsrun")
+
+
+def _eval_dataset(cfg: DictConfig, trained: DictConfig) -> DictConfig:
+    """The dataset config to evaluate on: the checkpoint's, or ``dataset=NAME`` of the same shape."""
+    other = cfg.get("dataset")
+    if other is None:
+        return trained
+    shape = ("channels", "image_size", "num_classes")
+    if any(other[k] != trained[k] for k in shape):
+        raise ConfigError(
+            f"dataset={other.name} has {other.channels}x{other.image_size}x{other.image_size} inputs and "
+            f"{other.num_classes} classes; the checkpoint was trained on {trained.name} "
+            f"({trained.channels}x{trained.image_size}x{trained.image_size}, {trained.num_classes} classes)"
+        )
+    return other
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """``capsrun eval checkpoint=PATH``: the test metrics of a checkpoint, from its own config.
+    ``checkpoint=[A,B,C]`` (or ``checkpoint=A,B,C``) evaluates an ensemble that sums the
+    members' capsule lengths (arXiv:1710.09829 Sec. 7), and each member alone."""
+    from hydra.utils import to_absolute_path
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("no checkpoint given; use capsrun eval checkpoint=<run dir>/checkpoints/best.pt")
+    specs = list(cfg.checkpoint) if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint]
+    paths = [Path(to_absolute_path(str(p))) for p in specs]
+    dev = build.device(cfg.trainer.device)
+    ckpts = [checkpoint.load(p, map_location=dev) for p in paths]
+    configs = [build.stored_config(c, p) for c, p in zip(ckpts, paths)]
+    dataset = _eval_dataset(cfg, configs[0].dataset)
+    for path, c in zip(paths[1:], configs[1:]):
+        if c.dataset.name != configs[0].dataset.name:
+            raise ConfigError(f"{path} was trained on {c.dataset.name}, {paths[0]} on {configs[0].dataset.name}")
+    run_cfg = configs[0]
+    run_cfg.dataset = dataset
+    run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
+    build.validate_train(run_cfg)
+    energy = run_cfg.model.name in ENERGY_MODELS
+    if energy and len(paths) > 1:
+        raise ConfigError(f"an ensemble needs class scores; {run_cfg.model.name} has none: give one checkpoint")
+    ais_settings = common.ais_settings(cfg) if energy else None  # checked before any data is read
+    # the base-rate model of AIS comes from training images
+    loaders = build.loaders(run_cfg, dev, train=energy, eval_batch_size=cfg.trainer.batch_size)
+    models, metrics = [], {}
+    for i, (path, ckpt, c) in enumerate(zip(paths, ckpts, configs)):
+        c.dataset = dataset
+        model, _, _ = build.from_checkpoint(path, dev, dataset)
+        models.append(model)
+        member = "" if len(paths) == 1 else f"member/{i}/"
+        objective = build.objective(c, trusted=False)
+        for name, loader in loaders.tests.items():
+            result = evaluate(model, objective, loader, progress=cfg.trainer.progress, prefix=name)
+            metrics.update({member + k: v for k, v in result.metrics.items()})
+            shown = f"{name}/accuracy" if f"{name}/accuracy" in result.metrics else f"{name}/log_likelihood/pseudo"
+            log.info(
+                "%s (epoch %d): %s %s %.2f on %d images",
+                path,
+                ckpt["epoch"],
+                name,
+                shown.split("/", 1)[1],
+                result.metrics[shown],
+                loader.num_examples,
+            )
+        if energy:
+            metrics.update(common.ais_log_likelihood(model, loaders, ais_settings, cfg.trainer.progress))
+    if len(models) > 1:
+        for name, loader in loaders.tests.items():
+            metrics.update(evaluate_ensemble(models, loader, prefix=name))
+            log.info(
+                "ensemble of %d (summed capsule lengths): %s accuracy %.2f%%",
+                len(models),
+                name,
+                metrics[f"{name}/accuracy"],
+            )
+    checkpoint.save_json(common.output_dir() / "metrics.json", {**metrics, "checkpoints": [str(p) for p in paths]})
+    return metrics

@@ -1,0 +1,172 @@
+"""``capsrun sample checkpoint=PATH``: sample grids from a checkpoint (VCaps classes, CapsNet
+perturbations, energy-model chains from noise), as PNG and TensorBoard, with their quality."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from capsrun import build, checkpoint, sampling
+from capsrun.commands import common
+from capsrun.errors import ConfigError
+
+log = logging.getLogger("capsrun")
+
+
+def sample(cfg: DictConfig) -> dict[str, float]:
+    """``capsrun sample checkpoint=PATH``: class-conditional samples and posterior variations
+    (variational capsules) and the capsule-perturbation grid (every capsule model), as PNG grids
+    and TensorBoard images in the run dir; sample quality with ``eval_classifier``."""
+    from hydra.utils import to_absolute_path
+
+    from capsrun.tblog import TBLogger
+
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("no checkpoint given; use capsrun sample checkpoint=<run dir>/checkpoints/best.pt")
+    for key in ("samples_per_class", "inputs", "variations", "num_samples", "gibbs_steps"):
+        build.integer(cfg[key], key, example=8)  # every setting checked, also those this model does not use
+    if not cfg.perturb.step > 0 or not cfg.perturb.range >= 0:
+        raise ConfigError("perturb.step must be > 0 and perturb.range >= 0; e.g. perturb.range=0.25 perturb.step=0.05")
+    path = Path(to_absolute_path(str(cfg.checkpoint)))
+    dev = build.device(cfg.trainer.device)
+    model, run_cfg, ckpt = common.trained_model(path, dev)
+    if sampling.can_sample_chains(model):
+        return _sample_chains(cfg, model, run_cfg, dev, path, ckpt["epoch"])
+    if not hasattr(model, "decoder") or model.decoder is None:
+        raise ConfigError(f"{path} is a {run_cfg.model.name} without a decoder: it cannot draw images")
+    model.eval()
+    torch.manual_seed(cfg.seed)
+    run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
+    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
+    from capsrun.train import unpack
+
+    x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0][: cfg.inputs]
+    out_dir, tb, metrics = common.output_dir(), TBLogger(common.output_dir()), {}
+    written: list[Path] = []
+
+    def emit(name: str, image: torch.Tensor) -> None:
+        common.save_png(out_dir / f"{name}.png", image)
+        tb.image(f"samples/{name}", image, 0)
+        written.append(out_dir / f"{name}.png")
+
+    try:
+        classes = run_cfg.dataset.num_classes
+        if sampling.can_generate(model):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            images, _ = sampling.class_conditional(model, classes, cfg.samples_per_class, gen)
+            emit("class_conditional", sampling.grid(images, cfg.samples_per_class))
+            var = sampling.posterior_variations(model, x, cfg.variations, cfg.variation_scale)
+            rows = torch.cat([x.unsqueeze(1).to(var.dtype), var], dim=1)  # the input first
+            emit("variations", sampling.grid(rows.flatten(0, 1), cfg.variations + 1))
+            classifier = common.load_classifier(cfg, dev, run_cfg.dataset)
+            if classifier is None:
+                log.info(
+                    "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>",
+                    run_cfg.dataset.name,
+                )
+            else:
+                real = sampling.first_images(loaders.tests["test"], cfg.sample_quality.real_images)
+                quality = sampling.SampleQuality(
+                    classes, classifier, real, per_class=cfg.sample_quality.per_class, seed=cfg.seed
+                )
+                metrics.update(quality.measure(model))
+                tb.scalars(metrics, 0)
+                log.info(
+                    "samples: %.2f%% recognised by the classifier, Frechet distance %.3f",
+                    metrics["samples/classifier_accuracy"],
+                    metrics["samples/frechet_distance"],
+                )
+        steps = round(cfg.perturb.range / cfg.perturb.step)
+        deltas = torch.arange(-steps, steps + 1, dtype=torch.float32) * cfg.perturb.step
+        grids = sampling.capsule_perturbations(model, x, deltas)  # [n, dim, m, C, H, W]
+        for i, g in enumerate(grids):
+            emit(f"perturbations_{i}", sampling.grid(g.flatten(0, 1), len(deltas)))
+    finally:
+        tb.close()
+    checkpoint.save_json(out_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    log.info("%d grids from %s (%s, epoch %d) in %s", len(written), path, run_cfg.model.name, ckpt["epoch"], out_dir)
+    return metrics
+
+
+def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.device, path: Path, epoch: int) -> dict:
+    """``capsrun sample`` for an energy model (the RBM, the capsule RBM): chains of the model's own
+    sampler from noise or data; grids, ``samples.pt`` (the final states, float [N, C, H, W] in
+    [0, 1]) and, with ``eval_classifier``, how a CapsNet sees them."""
+    from capsrun.tblog import TBLogger
+
+    for key in ("num_samples", "gibbs_steps"):
+        build.integer(cfg[key], key, example=100)
+    if cfg.init not in ("noise", "data"):
+        raise ConfigError(f"init must be noise or data, got {cfg.init!r}; e.g. init=noise")
+    temperature = build.number(cfg.temperature, "temperature", lambda v: v > 0, "a number > 0", 1.0)
+    confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
+    classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
+    model.eval()
+    run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
+    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
+    test = loaders.tests["test"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init == "data":
+        start = model.visible_states(sampling.first_images(test, cfg.num_samples))
+    else:
+        start = model.noise(cfg.num_samples, gen).to(dev)
+    log.info("%d chains from %s, %d steps ...", len(start), cfg.init, cfg.gibbs_steps)
+    v, snaps, acceptance = sampling.gibbs_chains(
+        model, start, cfg.gibbs_steps, snapshots=8, mh=cfg.mh, temperature=float(temperature), seed=cfg.seed
+    )
+    real = model.visible_states(sampling.first_images(test, cfg.sample_quality.real_images))
+    with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        metrics = {
+            "samples/acceptance": acceptance,
+            "samples/free_energy": model.free_energy(v).mean().item(),
+            "test/free_energy/data": model.free_energy(real[:1000]).mean().item(),
+        }
+        mean = model.reconstruct(v)
+    if classifier is not None:
+        _, real_features, real_confidence = sampling.classifier_outputs(classifier, real)
+        metrics.update(
+            sampling.unconditional_quality(
+                classifier, v, (real_features, real_confidence), run_cfg.dataset.num_classes, confidence
+            )
+        )
+    nrow = max(int(len(v) ** 0.5), 1)
+    rows = min(len(v), 8)
+    chain = torch.stack([start[:rows], *(s[:rows] for s in snaps)], 1).flatten(0, 1)  # row i: chain i
+    out_dir, tb = common.output_dir(), TBLogger(common.output_dir())
+    try:
+        for name, image in (
+            ("gibbs", sampling.grid(v, nrow)),
+            ("gibbs_mean", sampling.grid(mean, nrow)),
+            ("chain", sampling.grid(chain, len(snaps) + 1)),
+        ):
+            common.save_png(out_dir / f"{name}.png", image)
+            tb.image(f"samples/{name}", image, 0)
+        tb.scalars(metrics, 0)
+    finally:
+        tb.close()
+    samples = v.detach().float().cpu().clamp(0, 1).contiguous()
+    checkpoint.atomic_write(out_dir / "samples.pt", lambda f: torch.save(samples, f))
+    checkpoint.save_json(out_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
+    quality = ""
+    if classifier is not None:
+        shares = [metrics[f"samples/class_share/{k}"] for k in range(run_cfg.dataset.num_classes)]
+        quality = (
+            f"; {metrics['samples/recognised']:.1f}% recognised with confidence > {confidence} "
+            f"(binarised test images: {metrics['samples/recognised_real']:.1f}%), "
+            f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.2f}"
+        )
+    log.info(
+        "acceptance %.3f, free energy of samples %.2f vs test data %.2f%s; gibbs.png, gibbs_mean.png, chain.png, "
+        "samples.pt from %s (epoch %d) in %s",
+        acceptance,
+        metrics["samples/free_energy"],
+        metrics["test/free_energy/data"],
+        quality,
+        path,
+        epoch,
+        out_dir,
+    )
+    return metrics

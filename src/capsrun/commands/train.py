@@ -1,0 +1,330 @@
+"""``capsrun train``: build, train, evaluate and log one run (a sweep: one per job).
+
+The run's objects come from :mod:`capsrun.build`; the loop is :func:`capsrun.train.fit`. Also
+here: the resume rules (``trainer.resume``) and the run's HParams trial for TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from capsrun import build, checkpoint, distributed, rundir, sampling, speed
+from capsrun.commands import common
+from capsrun.errors import ConfigError
+from capsrun.tblog import Trial
+from capsrun.train import Interrupted, fit
+
+log = logging.getLogger("capsrun")
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask training to stop after the current step (and save); a second one aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            from capsrun.cli import abort
+
+            abort(signum)
+        self.signum = signum
+        log.warning("%s: saving a checkpoint after this step (send it again to abort)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopOnSignal:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+def _stored_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config a checkpoint keeps, its data root absolute, so that eval, sample and
+    analyze find the data from any working directory."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().absolute())
+    return config
+
+
+def _sweep_keys() -> set[str] | None:
+    """The keys a multirun sweeps: those given several values on the command line
+    (``routing.iterations=1,3``, ``range(...)``) and a sweeper's search space
+    (``hydra.sweeper.params``); None for a single run or when the command line is not at hand
+    (a job started by a remote launcher)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    keys = set((hydra_cfg.sweeper.get("params") or {}).keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a and a[0] != "-"])
+    except Exception:  # an argument the parser does not take: fall back to every override
+        return keys or None
+    keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys or None
+
+
+def _trial(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Trial:
+    """The run as TensorBoard's HParams tab shows it: every command-line override, then the
+    settings that always tell runs apart. The keys a multirun sweeps (:func:`_sweep_keys`; in a
+    single run every override) are listed first and marked as differing, so TensorBoard ticks
+    them. Named by the swept values (the last part of each key: ``iterations=3``) and run dir."""
+    overridden: dict[str, Any] = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("hydra.") or key in ("trainer.resume", "trainer.progress"):
+            continue
+        try:
+            overridden[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            overridden[key] = value
+    sweep = _sweep_keys()
+    swept = [k for k in overridden if sweep is None or k in sweep]
+    always = {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "routing.iterations": cfg.routing.iterations,
+        "seed": cfg.seed,
+        "trainer.epochs": cfg.trainer.epochs,
+        "trainer.batch_size": cfg.trainer.batch_size,
+        "optimizer.lr": cfg.optimizer.lr,
+    }
+    # the values that tell the runs apart, short: TensorBoard's Trial ID column shows ~18 characters
+    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={overridden[k]}" for k in swept) or "defaults"
+    return Trial(
+        name=f"{shown} ({run_dir.parent.name}/{run_dir.name})",
+        hparams={**overridden, **{k: v for k, v in always.items() if k not in overridden}},
+        swept=tuple(swept),
+        config=config,
+    )
+
+
+def resume_path(spec: Any, run_dir: Path) -> Path | None:
+    if spec in (None, "never", False):
+        return None
+    if spec == "auto":
+        last = run_dir / "checkpoints" / "last.pt"
+        return last if last.is_file() else None
+    path = Path(str(spec)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume={spec}: no such checkpoint; use auto, never or a path to a .pt file")
+    return path
+
+
+def check_resume(cfg: DictConfig, run_dir: Path, resume_from: Path | None) -> None:
+    """A resume continues the same run: the settings that decide its result (:data:`rundir.FIXED`)
+    must match the checkpoint's; a longer or shorter ``trainer.epochs`` is applied with a warning.
+    ``trainer.resume=never`` does not overwrite a run dir that already holds a run."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if resume_from is None:
+        if last.is_file():
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoints/last.pt) and trainer.resume={cfg.trainer.resume}: "
+                "continue it with trainer.resume=auto, or start over in another hydra.run.dir (nothing was overwritten)"
+            )
+        return
+    saved = checkpoint.load(resume_from)
+    current = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    conflicts = rundir.resume_conflicts(saved["config"], current)
+    if conflicts:
+        key, old, new = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more settings)" if len(conflicts) > 1 else ""
+        raise ConfigError(
+            f"{resume_from} was trained with {key}={old}, this run has {key}={new}{more}; resume with the "
+            "checkpoint's settings, or start a new run in another hydra.run.dir"
+        )
+    trained = rundir.select(saved["config"], "trainer.epochs")
+    if trained != cfg.trainer.epochs:
+        log.warning(
+            "resuming a run configured for %s epochs (at epoch %d) as one of %d epochs",
+            trained,
+            saved["epoch"],
+            cfg.trainer.epochs,
+        )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """``capsrun train``: build, train, evaluate and log one run in the Hydra run dir."""
+    build.validate_train(cfg)
+    dev = build.device(cfg.trainer.device)
+    world = distributed.init(dev.type == "cuda")
+    if world.distributed:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", world.local_rank)
+        if cfg.trainer.batch_size % world.size:
+            fix = cfg.trainer.batch_size // world.size * world.size or world.size
+            raise ConfigError(
+                f"trainer.batch_size={cfg.trainer.batch_size} (the global batch) must divide by the "
+                f"{world.size} processes; e.g. trainer.batch_size={fix}"
+            )
+        if not world.is_main:
+            log.setLevel(logging.WARNING)
+    run_dir = distributed.broadcast(common.output_dir()) if world.distributed else common.output_dir()  # rank 0's
+    if world.is_main:  # before anything is read or written: one process per run dir
+        rundir.lock(run_dir)
+        rundir.clean_stale(run_dir)
+        rundir.writable(run_dir / "checkpoints", "checkpoints folder")
+    resume_from = resume_path(cfg.trainer.resume, run_dir)
+    if world.is_main:
+        check_resume(cfg, run_dir, resume_from)
+    classifier = common.load_classifier(cfg, dev, cfg.dataset)  # before any data is read: a wrong one fails fast
+    torch.manual_seed(cfg.seed)
+    loaders = build.loaders(cfg, dev)
+    build.check_images(cfg, loaders)
+    model = build.model(cfg).to(dev)
+    build.check_input(model, cfg)
+    precision = build.precision(cfg)
+    if speed.use_channels_last(cfg.trainer.channels_last, precision):
+        model = speed.to_channels_last(model)
+    objective = build.objective(cfg).to(dev)
+    opts = build.optimizers(cfg, model, objective)
+    sched = build.scheduler(cfg, opts[0], total_steps=cfg.trainer.epochs * len(loaders.train))
+    hooks = _sample_hooks(cfg, model, classifier, loaders)
+    health = build.health_monitor(cfg, loaders.tests["test"])
+    train_model, train_loader, test_loaders = model, loaders.train, loaders.tests
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_loader = distributed.ShardedLoader(loaders.train, world)
+        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in loaders.tests.items()}
+        # different training-time noise (VCaps samples) on each rank, the same on every launch
+        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
+    eval_model = None
+    mode = build.compile_mode(cfg)
+    if mode is not None:  # full batches compiled, the last partial one eager (speed.Compiled)
+        train_model = speed.Compiled(train_model, {cfg.trainer.batch_size // world.size}, mode)
+        eval_model = speed.Compiled(model, {-(-cfg.trainer.eval_batch_size // world.size)}, mode)
+    n_params = sum(p.numel() for p in model.parameters())
+    with StopOnSignal() as stop:
+        log.info(
+            "%s on %s (%d train / %d test images), %s parameters, device %s (%s%s%s)%s, run dir %s",
+            cfg.model.name,
+            cfg.dataset.name,
+            loaders.train.num_examples,
+            loaders.tests["test"].num_examples,
+            f"{n_params:,}",
+            dev,
+            precision,
+            ", channels-last" if speed.use_channels_last(cfg.trainer.channels_last, precision) else "",
+            f", compiled ({mode})" if mode else "",
+            f" x {world.size} processes ({torch.distributed.get_backend()})" if world.distributed else "",
+            run_dir,
+        )
+        try:
+            metrics = fit(
+                model,
+                objective,
+                train_loader,
+                test_loaders,
+                opts,
+                sched,
+                epochs=cfg.trainer.epochs,
+                run_dir=run_dir,
+                config=_stored_config(cfg),
+                trial=_trial(cfg, run_dir, build.shown_config(cfg, cfg.trainer.epochs * len(loaders.train))),
+                resume_from=resume_from,
+                log_every=cfg.trainer.log_every,
+                num_images=cfg.trainer.num_images,
+                progress=cfg.trainer.progress,
+                should_stop=stop,
+                epoch_hooks=hooks,
+                step_hooks=[] if health is None else [health],
+                train_model=train_model,
+                eval_model=eval_model,
+                precision=precision,
+                world=world,
+            )
+        except Interrupted as e:
+            log.warning(
+                "%s; continue with: capsrun train hydra.run.dir=%s trainer.resume=auto (and the same overrides)",
+                e,
+                run_dir,
+            )
+            sys.exit(128 + (stop.signum or signal.SIGINT))
+    distributed.shutdown()
+    best = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("best/"))
+    if "test/accuracy" in metrics:
+        result = f"test accuracy {metrics['test/accuracy']:.2f}% (error {metrics['test/error']:.2f}%)"
+    else:
+        result = "test " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("test/"))
+    log.info("%s, %s; metrics in %s", result, best, run_dir / "metrics.json")
+    return metrics
+
+
+def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
+    """For a model that generates: the sample grid every epoch, and with ``eval_classifier`` the
+    sample-quality metrics (every ``sample_quality.every_epochs`` epochs and after the last); for
+    an energy model also its AIS test log-likelihood after the last epoch (``ais.at_end``)."""
+    sq = cfg.sample_quality
+    every = build._positive_int(cfg, "sample_quality.every_epochs", minimum=0, example="1")
+    if sampling.can_sample_chains(model):
+        chains = build._positive_int(cfg, "model.samples.chains", example="100")
+        steps = build._positive_int(cfg, "model.samples.gibbs_steps", example="1000")
+        confidence = common.confidence_setting(sq.confidence, "sample_quality.confidence")
+        real = None
+        if classifier is None:
+            log.info(
+                "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>", cfg.dataset.name
+            )
+        else:
+            real = model.visible_states(sampling.first_images(loaders.tests["test"], sq.real_images))
+        hooks: list = [
+            sampling.ChainSamples(
+                model.image_shape,
+                chains=chains,
+                steps=steps,
+                seed=cfg.seed,
+                classifier=classifier,
+                real_images=real,
+                num_classes=cfg.dataset.num_classes,
+                every_epochs=every,
+                confidence=confidence,
+            )
+        ]
+        if cfg.ais.at_end:
+            settings, progress = common.ais_settings(cfg), cfg.trainer.progress
+
+            def log_likelihood(m, epoch: int, last: bool) -> dict:
+                return common.ais_log_likelihood(m, loaders, settings, progress) if last else {}
+
+            hooks.append(log_likelihood)
+        return hooks
+    if not sampling.can_generate(model):
+        if classifier is not None:
+            log.warning("eval_classifier is ignored: %s does not generate images", cfg.model.name)
+        return []
+    if classifier is None:
+        log.info(
+            "sample quality skipped: no classifier; set eval_classifier=<best.pt of a capsnet trained on %s>",
+            cfg.dataset.name,
+        )
+    real = None if classifier is None else sampling.first_images(loaders.tests["test"], sq.real_images)
+    return [
+        sampling.SampleQuality(
+            cfg.dataset.num_classes,
+            classifier,
+            real,
+            per_class=sq.per_class,
+            grid_per_class=sq.grid_per_class,
+            every_epochs=every,
+            seed=cfg.seed,
+        )
+    ]
