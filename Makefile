@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: install train test bench tensorboard clean
+.PHONY: install train test test-fast bench tensorboard clean
 
 $(BIN)/capsrun: pyproject.toml constraints/local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ install: $(BIN)/capsrun  ## create .venv and install capsrun with its dev tools
 train: install  ## train the paper's CapsNet on MNIST (extra overrides: make train ARGS="trainer.epochs=5")
 	$(BIN)/capsrun train model=capsnet $(ARGS)
 
-test: install  ## the test suite (CPU, no network)
+test: install  ## the whole test suite, as CI runs it (CPU, no network; about ten minutes on 2 cores)
 	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: install  ## the unit tests only, no end-to-end CLI runs (about a minute)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: install  ## throughput table, every model and speed setting (quick: make bench ARGS="models=[capsnet] batch_sizes=[128]")
 	$(BIN)/capsrun bench $(ARGS)

@@ -15,17 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-# A model small enough to train in seconds on 2 CPU cores; every CLI test uses it.
-TINY = [
-    "model.net.conv1_channels=16",
-    "model.net.primary_types=4",
-    "model.net.digit_dim=8",
-    "model.net.decoder_hidden=[32,64]",
-    "trainer.batch_size=32",
-    "trainer.eval_batch_size=100",
-    "trainer.log_every=5",
-    "trainer.progress=false",
-]
+# A model small enough to train in seconds on 2 CPU cores, small batches, no progress bar
+# (conf/debug/tiny.yaml); every CLI test uses it.
+TINY = ["debug=tiny"]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -11,7 +11,13 @@ from conftest import TINY, compose_config, ok, run_capsrun
 
 pytestmark = pytest.mark.slow
 
-TINY_NET = [o for o in TINY if o.startswith("model.net.")]
+# the tiny CapsNet of conf/debug/tiny.yaml, as bench overrides
+TINY_NET = [
+    "model.net.conv1_channels=16",
+    "model.net.primary_types=4",
+    "model.net.digit_dim=8",
+    "model.net.decoder_hidden=[32,64]",
+]
 
 
 def test_train_bf16_channels_last_learns(mnist_root, tmp_path):

@@ -44,7 +44,17 @@ runs go to outputs/<date>/<time>/ (sweeps: outputs/multirun/...); see them with
   tensorboard --logdir outputs
 """
 
-GROUPS = ("dataset", "model", "trainer", "optimizer", "scheduler", "diagnostics", "experiment", "hparams_search")
+GROUPS = (
+    "dataset",
+    "model",
+    "trainer",
+    "optimizer",
+    "scheduler",
+    "diagnostics",
+    "experiment",
+    "hparams_search",
+    "debug",
+)
 COMMANDS = ("train", "eval", "sample", "analyze", "report", "bench")
 # option prefix -> (Hydra plugin module, the extra that installs it)
 PLUGINS = {
@@ -106,7 +116,7 @@ def _check_overrides(command: str, args: list[str]):
         options = sorted(p.stem for p in (root / group).glob("*.yaml"))
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         for value in values:
-            if value not in options and not (group == "experiment" and value == "null"):
+            if value not in options and not (group in ("experiment", "debug") and value == "null"):
                 hint = _did_you_mean(value, options, f"{group}=")
                 fail(f"unknown {group} {value!r}{hint}; choose one of: {', '.join(options)}")
     if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
