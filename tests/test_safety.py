@@ -19,7 +19,7 @@ from capsrun import build, checkpoint, rundir
 from capsrun.datasets import BatchLoader, cifar10
 from capsrun.errors import CheckpointError, ConfigError, DatasetError
 from capsrun.tblog import Trial
-from capsrun.train import Diverged, EvalResult, NonFiniteWatch, _warn_if_collapsed, finite_model, fit
+from capsrun.train import Diverged, EvalResult, Loop, NonFiniteWatch, Run, _warn_if_collapsed, finite_model, fit
 from conftest import PoisonedLoss, Toy, compose_config
 
 # --- the registry ----------------------------------------------------------------------------------
@@ -168,20 +168,8 @@ def test_a_run_that_diverges_keeps_the_last_finite_checkpoints(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     with pytest.raises(Diverged, match="became nan at step 6"):
-        fit(
-            model,
-            loss,
-            train,
-            {"test": test},
-            [opt],
-            sched,
-            epochs=3,
-            run_dir=tmp_path,
-            config={},
-            trial=Trial("toy", {}),
-            log_every=100,
-            progress=False,
-        )
+        run = Run(model, loss, train, {"test": test}, [opt], sched, config={}, trial=Trial("toy", {}))
+        fit(run, Loop(epochs=3, log_every=100, progress=False), tmp_path)
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
         assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values())

@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb
 
 from capsrun.datasets import BatchLoader
 from capsrun.tblog import Trial, trial_summaries
-from capsrun.train import Diverged, Interrupted, fit
+from capsrun.train import Diverged, Interrupted, Loop, Run, fit
 from conftest import PoisonedLoss, Toy
 
 TRIAL = Trial(
@@ -32,21 +32,17 @@ def _fit(run_dir, epochs=2, loss=None, **kw):
     model = Toy()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return fit(
+    run = Run(
         model,
         loss or PoisonedLoss(),
         BatchLoader(x, y, 8, shuffle=True),
         {"test": BatchLoader(x, y, 16)},
         [opt],
         sched,
-        epochs=epochs,
-        run_dir=run_dir,
         config={"stored": True},
         trial=TRIAL,
-        log_every=100,
-        progress=False,
-        **kw,
     )
+    return fit(run, Loop(epochs=epochs, log_every=100, progress=False), run_dir, **kw)
 
 
 def _events(run_dir):

@@ -247,3 +247,21 @@ def test_run_clock_speaks_once_after_the_timed_steps(monkeypatch):
     assert said[:3] == [None, None, None]  # warm-up, then the clock starts, then one step timed
     assert said[3].startswith("timed 2 steps: ") and said[4:] == [None, None]
     assert "200 images/s" in said[3] and "the remaining 998 steps take about 8 min" in said[3]
+
+
+@pytest.mark.parametrize(
+    "score, best, first, expected",
+    [
+        (0.5, 0.9, True, True),  # the first epoch always makes best.pt, when finite
+        (0.9, 0.5, False, True),
+        (0.5, 0.5, False, False),  # a tie keeps the earlier epoch
+        (0.4, 0.5, False, False),
+        (float("nan"), 0.5, False, False),  # never a non-finite score
+        (float("nan"), 0.5, True, False),
+        (0.1, float("nan"), False, True),  # the first finite score after non-finite ones
+    ],
+)
+def test_best_checkpoint_rule(score, best, first, expected):
+    from capsrun.train import improved
+
+    assert improved(score, best, first) is expected

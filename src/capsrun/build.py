@@ -13,8 +13,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import checkpoint, datasets
+from capsrun import checkpoint, datasets, distributed, speed
 from capsrun.errors import CheckpointError, ConfigError
+from capsrun.tblog import Trial
+from capsrun.train import Loop, Run
 
 log = logging.getLogger("capsrun")
 
@@ -555,4 +557,81 @@ def health_monitor(cfg: DictConfig, test_loader) -> Any:
         threshold=float(threshold),
         affine=diagnostics.AffineSpec(**affine),
         seed=cfg.seed,
+    )
+
+
+def loop(cfg: DictConfig) -> Loop:
+    """How the training loop runs, from ``cfg.trainer``."""
+    t = cfg.trainer
+    return Loop(epochs=t.epochs, log_every=t.log_every, num_images=t.num_images, progress=t.progress)
+
+
+def stored_run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config a checkpoint keeps, its data root absolute, so that eval, sample and
+    analyze find the data from any working directory."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().absolute())
+    return config
+
+
+def run(cfg: DictConfig, dev: torch.device, world: distributed.World, epoch_hooks=None) -> Run:
+    """Assemble one training run from ``cfg``, each setting decided once: the data (checked
+    against the model's input), the model (channels-last when the precision wants it), its loss,
+    optimizers and lr schedule, the capsule-health hook, and for ``world`` the
+    DistributedDataParallel wrapper, this rank's shards and seed, and the compiled wrappers.
+    ``epoch_hooks(model, loaders)``: the epoch hooks of the command (sample quality), built at
+    this point of the seeded sequence. The global batch must divide by the processes."""
+    if world.distributed and cfg.trainer.batch_size % world.size:
+        fix = cfg.trainer.batch_size // world.size * world.size or world.size
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} (the global batch) must divide by the "
+            f"{world.size} processes; e.g. trainer.batch_size={fix}"
+        )
+    torch.manual_seed(cfg.seed)
+    data = loaders(cfg, dev)
+    check_images(cfg, data)
+    net = model(cfg).to(dev)
+    check_input(net, cfg)
+    prec = precision(cfg)
+    channels_last = speed.use_channels_last(cfg.trainer.channels_last, prec)
+    if channels_last:
+        net = speed.to_channels_last(net)
+    loss = objective(cfg).to(dev)
+    opts = optimizers(cfg, net, loss)
+    total_steps = cfg.trainer.epochs * len(data.train)
+    sched = scheduler(cfg, opts[0], total_steps=total_steps)
+    hooks = epoch_hooks(net, data) if epoch_hooks is not None else []
+    health = health_monitor(cfg, data.tests["test"])
+    train_model, train_loader, test_loaders = net, data.train, data.tests
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_loader = distributed.ShardedLoader(data.train, world)
+        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in data.tests.items()}
+        # different training-time noise (VCaps samples) on each rank, the same on every launch
+        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
+    eval_model = None
+    mode = compile_mode(cfg)
+    if mode is not None:  # full batches compiled, the last partial one eager (speed.Compiled)
+        train_model = speed.Compiled(train_model, {cfg.trainer.batch_size // world.size}, mode)
+        eval_model = speed.Compiled(net, {-(-cfg.trainer.eval_batch_size // world.size)}, mode)
+    return Run(
+        model=net,
+        objective=loss,
+        train_loader=train_loader,
+        test_loaders=test_loaders,
+        optimizers=opts,
+        scheduler=sched,
+        config=stored_run_config(cfg),
+        trial=Trial("", {}, config=shown_config(cfg, total_steps)),
+        train_model=train_model,
+        eval_model=eval_model,
+        precision=prec,
+        channels_last=channels_last,
+        compile_mode=mode,
+        world=world,
+        epoch_hooks=hooks,
+        step_hooks=[] if health is None else [health],
+        loaders=data,
     )

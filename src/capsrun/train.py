@@ -520,43 +520,67 @@ def _warn_if_collapsed(result: EvalResult, metrics: dict[str, float], split: str
         )
 
 
-def fit(
-    model: nn.Module,
-    objective: nn.Module,
-    train_loader,
-    test_loaders: dict,
-    optimizers: Sequence[torch.optim.Optimizer],
-    scheduler,
-    *,
-    epochs: int,
-    run_dir: Path,
-    config: dict[str, Any],
-    trial: Trial,
-    resume_from: Path | None = None,
-    log_every: int = 50,
-    num_images: int = 8,
-    progress: bool = True,
-    should_stop: Callable[[], bool] = lambda: False,
-    epoch_hooks: Sequence[Callable[[nn.Module, int, bool], dict[str, Any]]] = (),
-    step_hooks: Sequence[Any] = (),
-    train_model: nn.Module | None = None,
-    eval_model: Any = None,
-    precision: str = "fp32",
-    world: distributed.World = distributed.SINGLE,
-) -> dict[str, float]:
-    """Train for ``epochs``, evaluate after each, checkpoint, log; return the final metrics.
+@dataclass
+class Run:
+    """One training run, assembled once (:func:`capsrun.build.run`): what :func:`fit` trains.
 
-    ``optimizers``: see :func:`train_one_epoch`. ``epoch_hooks``: called after each evaluation
-    as ``hook(model, epoch, last)``; each returns scalars (merged into the metrics) and images
+    ``optimizers``: see :func:`train_one_epoch`. ``train_model``: what the training step calls
+    (``model``, or a DistributedDataParallel or :class:`capsrun.speed.Compiled` wrapper of it);
+    ``eval_model``: what evaluation calls (``model`` or a compiled one). ``train_loader`` and
+    ``test_loaders`` are this rank's shards. ``epoch_hooks``: called after each evaluation as
+    ``hook(model, epoch, last)``; each returns scalars (merged into the metrics) and images
     (``{tag: [C, H, W]}`` under the key ``"images"``) to log, e.g. sample quality.
     ``step_hooks``: called as ``hook(model, step)`` after every ``hook.every_steps``-th optimizer
     step, while that step's gradients are still there; each returns a
-    :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health).
-    ``train_model``: what the training step calls (a DistributedDataParallel wrapper of ``model``,
-    a :class:`capsrun.speed.Compiled` one); ``eval_model``: what evaluation calls (a compiled
-    ``model``); ``precision``: see :mod:`capsrun.speed`; ``world``: this process's rank. Every
-    rank trains and evaluates its shard; only rank 0 runs
-    the hooks and writes logs and checkpoints; the ranks decide to stop together.
+    :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health). ``config``:
+    what the checkpoints keep; ``trial``: what TensorBoard shows of the run."""
+
+    model: nn.Module
+    objective: nn.Module
+    train_loader: Any
+    test_loaders: dict
+    optimizers: Sequence[torch.optim.Optimizer]
+    scheduler: Any
+    config: dict[str, Any]
+    trial: Trial
+    train_model: nn.Module | None = None
+    eval_model: Any = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile_mode: str | None = None
+    world: distributed.World = distributed.SINGLE
+    epoch_hooks: Sequence[Callable[[nn.Module, int, bool], dict[str, Any]]] = ()
+    step_hooks: Sequence[Any] = ()
+    loaders: Any = None  # the whole splits (datasets.Loaders), for what is built beside the run
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How :func:`fit` runs: ``epochs``, a training log every ``log_every`` steps,
+    ``num_images`` reconstructions in TensorBoard, a ``progress`` bar."""
+
+    epochs: int
+    log_every: int = 50
+    num_images: int = 8
+    progress: bool = True
+
+
+def improved(score: float, best: float, first: bool) -> bool:
+    """Whether an epoch's selection ``score`` (higher is better) makes a new best.pt: the first
+    finite score does, then only a strictly higher one; a non-finite score never does."""
+    return math.isfinite(score) and (first or not math.isfinite(best) or score > best)
+
+
+def fit(
+    run: Run,
+    loop: Loop,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, float]:
+    """Train ``run`` for ``loop.epochs``, evaluate after each, checkpoint, log; return the final
+    metrics. Every rank trains and evaluates its shard; only rank 0 runs the hooks and writes logs
+    and checkpoints; the ranks decide to stop together (``should_stop``, polled every step).
 
     After each epoch writes, in this order, ``checkpoints/best.pt`` when the selection score
     (the objective's ``monitor`` on ``"val"`` when there is one, else on ``"test"``) improves and
@@ -565,6 +589,10 @@ def fit(
     Raises :class:`Interrupted` when ``should_stop`` turns true, after saving ``last.pt``, and
     :class:`Diverged` when the loss or the weights become non-finite, without saving them.
     """
+    model, objective, optimizers, scheduler = run.model, run.objective, run.optimizers, run.scheduler
+    train_loader, test_loaders, world = run.train_loader, run.test_loaders, run.world
+    config, trial = run.config, run.trial
+    epochs, log_every = loop.epochs, loop.log_every
     device = next(model.parameters()).device
     ckpt_dir = run_dir / "checkpoints"
     epoch_meter, interval_meter = Meter(), Meter()
@@ -633,7 +661,7 @@ def fit(
                 if "train/accuracy" in metrics:
                     postfix["acc"] = f"{metrics['train/accuracy']:.2f}"
                 bar.set_postfix(postfix)
-        for hook in step_hooks if main else ():
+        for hook in run.step_hooks if main else ():
             if state.step % hook.every_steps == 0:
                 tb.health(hook(model, state.step), state.step)
         if world.distributed:  # one collective per log interval, so that all ranks stop together
@@ -651,12 +679,12 @@ def fit(
                 total=len(train_loader),
                 initial=state.batch,
                 desc=f"epoch {state.epoch + 1}/{epochs}",
-                disable=None if progress and main else True,
+                disable=None if loop.progress and main else True,
                 leave=False,
                 dynamic_ncols=True,
             )
             done = train_one_epoch(
-                train_model or model,
+                run.train_model or model,
                 objective,
                 train_loader,
                 optimizers,
@@ -666,7 +694,7 @@ def fit(
                 on_step,
                 bar,
                 sync_grads,
-                precision,
+                run.precision,
                 watch,
             )
             bar.close()
@@ -689,7 +717,15 @@ def fit(
             train_metrics = epoch_meter.compute("train")
             t1 = time.perf_counter()
             results = {
-                name: evaluate(eval_model or model, objective, loader, num_images, progress and main, name, precision)
+                name: evaluate(
+                    run.eval_model or model,
+                    objective,
+                    loader,
+                    loop.num_images,
+                    loop.progress and main,
+                    name,
+                    run.precision,
+                )
                 for name, loader in test_loaders.items()
             }
             eval_seconds = time.perf_counter() - t1  # evaluate() ends with a host copy: synced
@@ -702,7 +738,7 @@ def fit(
                 "time/eval_seconds": eval_seconds,
             }
             hook_images: dict[str, torch.Tensor] = {}
-            for hook in epoch_hooks if main else ():
+            for hook in run.epoch_hooks if main else ():
                 extra = hook(model, state.epoch + 1, state.epoch + 1 == epochs)
                 hook_images.update(extra.pop("images", {}))
                 metrics.update(extra)
@@ -712,10 +748,8 @@ def fit(
             # best.pt is chosen on the validation set when there is one: never tune on the test set
             value = metrics[f"{split}/{name}"]
             score = value if mode == "max" else -value
-            # a non-finite score never makes best.pt; the first finite one does
-            first = state.epoch == 1 or not math.isfinite(state.best_accuracy)
-            improved = math.isfinite(score) and (first or score > state.best_accuracy)
-            state.best_accuracy = score if improved or state.epoch == 1 else state.best_accuracy
+            better = improved(score, state.best_accuracy, first=state.epoch == 1)
+            state.best_accuracy = score if better or state.epoch == 1 else state.best_accuracy
             metrics[f"best/{split}/{name}"] = state.best_accuracy if mode == "max" else -state.best_accuracy
             metrics["epoch"] = state.epoch
             state.last_metrics = metrics
@@ -730,7 +764,7 @@ def fit(
                 # last.pt is the record of a completed epoch, so it is written last: a kill before it
                 # replays the epoch from the previous last.pt, which rewrites the same files
                 tb.flush()
-                if improved:
+                if better:
                     checkpoint.save(ckpt_dir / "best.pt", weights())
                 checkpoint.save_json(run_dir / "metrics.json", metrics)
                 checkpoint.save(ckpt_dir / "last.pt", snapshot())

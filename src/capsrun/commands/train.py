@@ -16,7 +16,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import build, checkpoint, distributed, rundir, sampling, speed
+from capsrun import build, checkpoint, distributed, rundir, sampling
 from capsrun.commands import common
 from capsrun.errors import ConfigError
 from capsrun.tblog import Trial
@@ -51,14 +51,6 @@ class StopOnSignal:
 
     def __call__(self) -> bool:
         return self.signum is not None
-
-
-def _stored_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config a checkpoint keeps, its data root absolute, so that eval, sample and
-    analyze find the data from any working directory."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    config["data"]["root"] = str(Path(config["data"]["root"]).expanduser().absolute())
-    return config
 
 
 def _sweep_keys() -> set[str] | None:
@@ -168,12 +160,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if world.distributed:
         if dev.type == "cuda":
             dev = torch.device("cuda", world.local_rank)
-        if cfg.trainer.batch_size % world.size:
-            fix = cfg.trainer.batch_size // world.size * world.size or world.size
-            raise ConfigError(
-                f"trainer.batch_size={cfg.trainer.batch_size} (the global batch) must divide by the "
-                f"{world.size} processes; e.g. trainer.batch_size={fix}"
-            )
         if not world.is_main:
             log.setLevel(logging.WARNING)
     run_dir = distributed.broadcast(common.output_dir()) if world.distributed else common.output_dir()  # rank 0's
@@ -185,73 +171,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if world.is_main:
         check_resume(cfg, run_dir, resume_from)
     classifier = common.load_classifier(cfg, dev, cfg.dataset)  # before any data is read: a wrong one fails fast
-    torch.manual_seed(cfg.seed)
-    loaders = build.loaders(cfg, dev)
-    build.check_images(cfg, loaders)
-    model = build.model(cfg).to(dev)
-    build.check_input(model, cfg)
-    precision = build.precision(cfg)
-    if speed.use_channels_last(cfg.trainer.channels_last, precision):
-        model = speed.to_channels_last(model)
-    objective = build.objective(cfg).to(dev)
-    opts = build.optimizers(cfg, model, objective)
-    sched = build.scheduler(cfg, opts[0], total_steps=cfg.trainer.epochs * len(loaders.train))
-    hooks = _sample_hooks(cfg, model, classifier, loaders)
-    health = build.health_monitor(cfg, loaders.tests["test"])
-    train_model, train_loader, test_loaders = model, loaders.train, loaders.tests
-    if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        train_loader = distributed.ShardedLoader(loaders.train, world)
-        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in loaders.tests.items()}
-        # different training-time noise (VCaps samples) on each rank, the same on every launch
-        torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
-    eval_model = None
-    mode = build.compile_mode(cfg)
-    if mode is not None:  # full batches compiled, the last partial one eager (speed.Compiled)
-        train_model = speed.Compiled(train_model, {cfg.trainer.batch_size // world.size}, mode)
-        eval_model = speed.Compiled(model, {-(-cfg.trainer.eval_batch_size // world.size)}, mode)
-    n_params = sum(p.numel() for p in model.parameters())
+    run = build.run(cfg, dev, world, lambda model, loaders: _sample_hooks(cfg, model, classifier, loaders))
+    run.trial = _trial(cfg, run_dir, run.trial.config)
     with StopOnSignal() as stop:
         log.info(
             "%s on %s (%d train / %d test images), %s parameters, device %s (%s%s%s)%s, run dir %s",
             cfg.model.name,
             cfg.dataset.name,
-            loaders.train.num_examples,
-            loaders.tests["test"].num_examples,
-            f"{n_params:,}",
+            run.loaders.train.num_examples,
+            run.loaders.tests["test"].num_examples,
+            f"{sum(p.numel() for p in run.model.parameters()):,}",
             dev,
-            precision,
-            ", channels-last" if speed.use_channels_last(cfg.trainer.channels_last, precision) else "",
-            f", compiled ({mode})" if mode else "",
+            run.precision,
+            ", channels-last" if run.channels_last else "",
+            f", compiled ({run.compile_mode})" if run.compile_mode else "",
             f" x {world.size} processes ({torch.distributed.get_backend()})" if world.distributed else "",
             run_dir,
         )
         try:
-            metrics = fit(
-                model,
-                objective,
-                train_loader,
-                test_loaders,
-                opts,
-                sched,
-                epochs=cfg.trainer.epochs,
-                run_dir=run_dir,
-                config=_stored_config(cfg),
-                trial=_trial(cfg, run_dir, build.shown_config(cfg, cfg.trainer.epochs * len(loaders.train))),
-                resume_from=resume_from,
-                log_every=cfg.trainer.log_every,
-                num_images=cfg.trainer.num_images,
-                progress=cfg.trainer.progress,
-                should_stop=stop,
-                epoch_hooks=hooks,
-                step_hooks=[] if health is None else [health],
-                train_model=train_model,
-                eval_model=eval_model,
-                precision=precision,
-                world=world,
-            )
+            metrics = fit(run, build.loop(cfg), run_dir, resume_from, should_stop=stop)
         except Interrupted as e:
             log.warning(
                 "%s; continue with: capsrun train hydra.run.dir=%s trainer.resume=auto (and the same overrides)",
