@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from capsrun import bench, build
-from capsrun.train import unpack
+from capsrun.batch import unpack
 from conftest import compose_config
 
 MODELS = ["capsnet", "baseline_cnn", "baseline_cnn_multi", "vcaps", "deep_capsnet", "rbm", "capsrbm"]

@@ -222,3 +222,11 @@ def test_checkpoint_data_root_given_then_the_runs_own_then_dot_data(tmp_path):
     assert build.checkpoint_data(stored, OmegaConf.merge(given, {"root": "/elsewhere"})).root == "/elsewhere"
     gone = OmegaConf.merge(stored, {"root": str(tmp_path / "deleted")})
     assert build.checkpoint_data(gone, given).root == "./data"
+
+
+def test_a_checkpoint_naming_a_moved_schedule_still_resumes_the_same_run():
+    old = {"scheduler": {"_target_": "capsrun.train.exponential_decay", "decay_rate": 0.96}}
+    new = {"scheduler": {"_target_": "capsrun.schedules.exponential_decay", "decay_rate": 0.96}}
+    assert rundir.resume_conflicts(old, new) == []
+    other = {"scheduler": {"_target_": "capsrun.schedules.linear_decay", "decay_rate": 0.96}}
+    assert rundir.resume_conflicts(old, other)[0][0] == "scheduler._target_"

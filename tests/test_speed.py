@@ -15,8 +15,9 @@ from capsrun.datasets import BatchLoader
 from capsrun.datasets.loader import storage_device
 from capsrun.errors import ConfigError
 from capsrun.losses import CapsNetLoss
+from capsrun.metrics import Meter
 from capsrun.models.capsnet import CapsNet
-from capsrun.train import Meter, TrainState, train_one_epoch
+from capsrun.train import TrainState, train_one_epoch
 from conftest import compose_config, learnable_digits
 
 

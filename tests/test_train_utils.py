@@ -10,7 +10,8 @@ import torch
 
 from capsrun import checkpoint
 from capsrun.errors import CheckpointError
-from capsrun.train import ExponentialDecay, Meter, exponential_decay
+from capsrun.metrics import Meter
+from capsrun.schedules import ExponentialDecay, exponential_decay
 
 # --- ExponentialDecay -------------------------------------------------------------------------
 

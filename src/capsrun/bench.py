@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from capsrun import speed
-from capsrun.train import unpack
+from capsrun.batch import unpack
 
 
 @dataclass(frozen=True)

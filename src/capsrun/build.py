@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from capsrun import checkpoint, datasets, distributed, speed
+from capsrun.batch import unpack
 from capsrun.errors import CheckpointError, ConfigError
 from capsrun.tblog import Trial
 from capsrun.train import Loop, Run
@@ -327,8 +328,6 @@ def shown_config(cfg: DictConfig, total_steps: int | None = None) -> dict:
 def check_images(cfg: DictConfig, loaders: datasets.Loaders) -> None:
     """The images the loaders make have the shape the model is built for: ``dataset.crop`` or
     ``dataset.canvas`` change the image size, ``dataset.image_size`` sizes the model."""
-    from capsrun.train import unpack
-
     ds = cfg.dataset
     expected = (ds.channels, ds.image_size, ds.image_size)
     sources = [("test", loaders.tests["test"])] + ([("train", loaders.train)] if loaders.train is not None else [])
@@ -533,7 +532,6 @@ def health_monitor(cfg: DictConfig, test_loader) -> Any:
     """The :class:`capsrun.diagnostics.HealthMonitor` of ``cfg.diagnostics`` on the first
     ``diagnostics.examples`` test images, or None for ``diagnostics=off``."""
     from capsrun import diagnostics
-    from capsrun.train import unpack
 
     level = diagnostics_level(cfg)
     if level == "off":

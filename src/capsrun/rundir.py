@@ -102,9 +102,24 @@ def _differences(a: Any, b: Any, key: str) -> list[str]:
     return [] if a == b else [key]
 
 
+# import paths capsrun has moved: a checkpoint that names the old one continues the same run
+MOVED = {
+    "capsrun.train.exponential_decay": "capsrun.schedules.exponential_decay",
+    "capsrun.train.linear_decay": "capsrun.schedules.linear_decay",
+}
+
+
+def _current_targets(config: Any) -> Any:
+    """``config`` with every ``_target_`` of :data:`MOVED` under its current name."""
+    if isinstance(config, dict):
+        return {k: MOVED.get(v, v) if k == "_target_" else _current_targets(v) for k, v in config.items()}
+    return config
+
+
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, checkpoint's value, this run's value)`` for each :data:`FIXED` setting that differs
-    between two resolved configs."""
+    between two resolved configs (a ``_target_`` capsrun has since moved counts as the same)."""
+    saved = _current_targets(saved)
     found = []
     for root in FIXED:
         for key in _differences(select(saved, root), select(current, root), root):

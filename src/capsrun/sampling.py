@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.utils import make_grid
 
+from capsrun.batch import unpack
 from capsrun.losses import gaussian_kl
 
 
@@ -204,8 +205,6 @@ class SampleQuality:
 def first_images(loader, limit: int) -> torch.Tensor:
     """The first ``limit`` images of a loader's epoch 0, [N, C, H, W] (the reference images for
     sample quality, the base-rate model of AIS)."""
-    from capsrun.train import unpack
-
     chunks, n = [], 0
     for batch in loader.epoch(0):
         x = unpack(batch)[0]

@@ -11,6 +11,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from capsrun import build, checkpoint
+from capsrun.batch import unpack
 from capsrun.commands import common
 from capsrun.errors import ConfigError
 
@@ -61,7 +62,6 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import to_absolute_path
 
     from capsrun import diagnostics
-    from capsrun.train import unpack
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("no checkpoint given; use capsrun analyze checkpoint=<best.pt, run dir or multirun dir>")

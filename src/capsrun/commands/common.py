@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from capsrun import build, checkpoint, sampling
+from capsrun.batch import unpack
 from capsrun.errors import ConfigError
 
 log = logging.getLogger("capsrun")
@@ -57,7 +58,6 @@ def ais_log_likelihood(model, loaders, settings: dict[str, int], progress: bool)
     """The AIS test log-likelihood (and of every other test split) of an energy model, in nats;
     the base-rate model from the first ``base_images`` training images (:mod:`capsrun.ais`)."""
     from capsrun import ais
-    from capsrun.train import unpack
 
     if loaders.train is None:
         raise ConfigError("AIS needs the training images for its base-rate model")

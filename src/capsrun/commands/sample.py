@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from capsrun import build, checkpoint, sampling
+from capsrun.batch import unpack
 from capsrun.commands import common
 from capsrun.errors import ConfigError
 
@@ -41,8 +42,6 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
-    from capsrun.train import unpack
-
     x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0][: cfg.inputs]
     out_dir, tb, metrics = common.output_dir(), TBLogger(common.output_dir()), {}
     written: list[Path] = []
