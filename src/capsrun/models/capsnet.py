@@ -47,6 +47,45 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def capsule_trunk(
+    in_channels: int,
+    image_size: int,
+    conv1_channels: int,
+    conv1_kernel: int,
+    primary_types: int,
+    primary_dim: int,
+    primary_kernel: int,
+    primary_stride: int,
+    padding: int,
+) -> tuple[nn.Conv2d, PrimaryCaps, int]:
+    """The trunk every capsule model here shares (Sec. 4, Fig. 1): ``conv1`` (ReLU applied by the
+    caller), the primary capsules, and how many primary capsules an image makes
+    (``primary_types`` x side x side; 1152 for MNIST)."""
+    conv1 = nn.Conv2d(in_channels, conv1_channels, conv1_kernel, padding=padding)
+    primary_caps = PrimaryCaps(
+        conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride, padding=padding
+    )
+    side = _conv_out(_conv_out(image_size, conv1_kernel, 1, padding), primary_kernel, primary_stride, padding)
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for the conv1/primary kernels")
+    return conv1, primary_caps, primary_types * side * side
+
+
+def capsule_lengths(v: torch.Tensor) -> torch.Tensor:
+    """``||v_j||`` ``[B, caps]`` of capsules ``v`` ``[B, caps, dim]``, in fp32 also under bf16
+    autocast: lengths near 1 (the margin loss's m+ = 0.9) need more than bf16's 8 bits."""
+    return torch.sqrt(v.float().pow(2).sum(-1) + 1e-8)
+
+
+def masked_reconstruction(decoder: Decoder, caps: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Decode ``caps`` [B, classes, dim] masked to ``labels``: ``[B]`` class indices give
+    ``[B, C, H, W]``; ``[B, k]`` give k reconstructions ``[B, k, C, H, W]``, one per label, as for
+    the two digits of a MultiMNIST image (Sec. 6)."""
+    if labels.dim() == 1:
+        return decoder(caps, F.one_hot(labels, num_classes))
+    return torch.stack([decoder(caps, F.one_hot(labels[:, i], num_classes)) for i in range(labels.shape[1])], 1)
+
+
 class Decoder(nn.Module):
     """Three FC layers from the masked digit capsules to the image (Fig. 2).
 
@@ -93,14 +132,10 @@ class CapsNet(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.conv1 = nn.Conv2d(in_channels, conv1_channels, conv1_kernel, padding=padding)
-        self.primary_caps = PrimaryCaps(
-            conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride, padding=padding
-        )
-        side = _conv_out(_conv_out(image_size, conv1_kernel, 1, padding), primary_kernel, primary_stride, padding)
-        if side < 1:
-            raise ValueError(f"image_size {image_size} is too small for the conv1/primary kernels")
-        self.num_primary_caps = primary_types * side * side
+        self.conv1, self.primary_caps, self.num_primary_caps = capsule_trunk(
+            in_channels, image_size, conv1_channels, conv1_kernel, primary_types, primary_dim, primary_kernel,
+            primary_stride, padding,
+        )  # fmt: skip
         self.digit_caps = RoutedCaps(
             self.num_primary_caps,
             primary_dim,
@@ -119,23 +154,24 @@ class CapsNet(nn.Module):
         )
 
     def reconstruct(self, digit_caps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Decode ``digit_caps`` [B, classes, dim] masked to ``labels``: ``[B]`` class indices give
-        ``[B, C, H, W]``; ``[B, k]`` give k reconstructions ``[B, k, C, H, W]``, one per label, as
-        for the two digits of a MultiMNIST image (Sec. 6)."""
-        if labels.dim() == 1:
-            return self.decoder(digit_caps, F.one_hot(labels, self.num_classes))
-        return torch.stack(
-            [self.decoder(digit_caps, F.one_hot(labels[:, i], self.num_classes)) for i in range(labels.shape[1])], 1
-        )
+        """:func:`masked_reconstruction` of ``digit_caps`` [B, classes, dim] for ``labels``."""
+        return masked_reconstruction(self.decoder, digit_caps, labels, self.num_classes)
+
+    def primary(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, C, H, W] -> the primary capsules ``u`` [B, primary caps, primary dim]."""
+        return self.primary_caps(F.relu(self.conv1(x), inplace=True))
+
+    def route(self, u: torch.Tensor):
+        """The routed layers from the primary capsules ``u`` to the class capsules: one here; a
+        :class:`~capsrun.models.deep_capsnet.DeepCapsNet` stacks more."""
+        return self.digit_caps(u)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
         """``x``: ``[B, C, H, W]``. The decoder reconstructs the capsules of ``labels`` (see
         :meth:`reconstruct`) when given, as in training, else the longest capsule, as at test."""
-        h = F.relu(self.conv1(x), inplace=True)
-        u = self.primary_caps(h)
-        routed = self.digit_caps(u)
+        routed = self.route(self.primary(x))
         v = routed.v
-        lengths = torch.sqrt(v.float().pow(2).sum(-1) + 1e-8)  # fp32 under bf16 autocast too
+        lengths = capsule_lengths(v)
         reconstruction = None
         if self.decoder is not None:
             reconstruction = self.reconstruct(v, lengths.argmax(dim=-1) if labels is None else labels)

@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from capsrun.layers import RoutedCaps
-from capsrun.models.capsnet import CapsNet, CapsNetOutput
+from capsrun.models.capsnet import CapsNet
 
 
 class DeepCapsNet(CapsNet):
@@ -59,15 +58,9 @@ class DeepCapsNet(CapsNet):
         self.digit_caps = RoutedCaps(*sizes[-1], dc.out_caps, dc.out_dim, **kwargs)
         self.decoder = decoder
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:
-        """As :meth:`CapsNet.forward`; ``coupling`` is the class capsules' [B, last hidden caps, classes]."""
-        u = self.primary_caps(F.relu(self.conv1(x), inplace=True))
+    def route(self, u: torch.Tensor):
+        """The hidden capsule layers, then the class capsules; ``coupling`` of the result is the
+        class capsules' [B, last hidden caps, classes]. The rest of the forward pass is CapsNet's."""
         for layer in self.hidden_caps:
             u = layer(u).v
-        routed = self.digit_caps(u)
-        v = routed.v
-        lengths = torch.sqrt(v.float().pow(2).sum(-1) + 1e-8)  # fp32 under bf16 autocast, as CapsNet
-        reconstruction = None
-        if self.decoder is not None:
-            reconstruction = self.reconstruct(v, lengths.argmax(dim=-1) if labels is None else labels)
-        return CapsNetOutput(lengths, v, routed.coupling, reconstruction)
+        return self.digit_caps(u)

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from capsrun.layers import PrimaryCaps, RoutedCaps
+from capsrun.layers import RoutedCaps
 from capsrun.losses import gaussian_kl, kl_margin_loss, multi_hot, reconstruction_loss
-from capsrun.models.capsnet import Decoder, _conv_out
+from capsrun.models.capsnet import Decoder, capsule_trunk, masked_reconstruction
 
 
 class VCapsOutput(NamedTuple):
@@ -103,14 +103,10 @@ class VariationalCapsNet(nn.Module):
         super().__init__()
         self.num_classes, self.latent_dim, self.logvar_limit = num_classes, latent_dim, logvar_limit
         self.image_shape = (in_channels, image_size, image_size)
-        self.conv1 = nn.Conv2d(in_channels, conv1_channels, conv1_kernel, padding=padding)
-        self.primary_caps = PrimaryCaps(
-            conv1_channels, primary_types, primary_dim, primary_kernel, primary_stride, padding=padding
-        )
-        side = _conv_out(_conv_out(image_size, conv1_kernel, 1, padding), primary_kernel, primary_stride, padding)
-        if side < 1:
-            raise ValueError(f"image_size {image_size} is too small for the conv1/primary kernels")
-        self.num_primary_caps = primary_types * side * side
+        self.conv1, self.primary_caps, self.num_primary_caps = capsule_trunk(
+            in_channels, image_size, conv1_channels, conv1_kernel, primary_types, primary_dim, primary_kernel,
+            primary_stride, padding,
+        )  # fmt: skip
         self.class_caps = RoutedCaps(
             self.num_primary_caps,
             primary_dim,
@@ -134,11 +130,7 @@ class VariationalCapsNet(nn.Module):
     def reconstruct(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Decode capsules ``z`` [B, classes, dim] masked to ``labels`` [B] (-> [B, C, H, W]) or
         [B, k] (-> [B, k, C, H, W], one reconstruction per label)."""
-        if labels.dim() == 1:
-            return self.decoder(z, F.one_hot(labels, self.num_classes))
-        return torch.stack(
-            [self.decoder(z, F.one_hot(labels[:, i], self.num_classes)) for i in range(labels.shape[1])], 1
-        )
+        return masked_reconstruction(self.decoder, z, labels, self.num_classes)
 
     def generate(self, classes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Class-conditional samples: for each entry of ``classes`` [N], z ~ N(0, I) in that
