@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsrun.datasets.multimnist import (
-    MultiMNISTLoader,
-    multilabel_targets,
-    overlay,
-    partners,
-    place,
-    plan,
-    sample,
-    top2_accuracy_correct,
-)
+from capsrun.datasets.multimnist import MultiMNISTLoader, overlay, partners, place, plan, sample
+from capsrun.losses import multi_hot
+from capsrun.metrics import correct
 
 
 def _split(n: int = 60, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,14 +206,15 @@ def test_loader_resume_from_batch():
 # --- targets and accuracy ----------------------------------------------------------------------
 
 
-def test_multilabel_targets_two_ones_per_row():
+def test_multi_hot_targets_two_ones_per_row():
+    """T_k of Eq. 4 with both digits present: what the margin loss trains MultiMNIST on."""
     labels2 = torch.tensor([[3, 7], [0, 9], [5, 1]])
-    t = multilabel_targets(labels2)
-    assert t.shape == (3, 10) and t.dtype == torch.float32
-    assert t.sum(dim=1).tolist() == [2.0, 2.0, 2.0]
+    t = multi_hot(labels2, 10)
+    assert t.shape == (3, 10)
+    assert t.sum(dim=1).tolist() == [2, 2, 2]
     assert torch.nonzero(t).tolist() == [[0, 3], [0, 7], [1, 0], [1, 9], [2, 1], [2, 5]]
     batch = sample(*_split(), 50, seed=0)
-    assert torch.all(multilabel_targets(batch.labels).sum(1) == 2)
+    assert torch.all(multi_hot(batch.labels, 10).sum(1) == 2)
 
 
 def test_top2_accuracy_on_hand_made_scores():
@@ -234,4 +228,5 @@ def test_top2_accuracy_on_hand_made_scores():
         ]
     )
     labels2 = torch.tensor([[1, 3], [3, 1], [1, 2], [9, 2], [2, 8]])
-    assert top2_accuracy_correct(scores, labels2).tolist() == [True, True, False, True, False]
+    # the training loop's own count (metrics.correct), one image at a time: [True, True, False, True, False]
+    assert [int(correct(scores[i : i + 1], labels2[i : i + 1])) for i in range(5)] == [1, 1, 0, 1, 0]

@@ -32,16 +32,16 @@ def test_val_split_is_held_out_of_training_and_evaluated_like_the_test_set(tmp_p
     root = write_mnist(tmp_path, n_train=300, n_test=50)
     common = dict(download=False, batch_size=32, eval_batch_size=64, seed=0, max_shift=2)
     loaders = datasets.make_loaders("mnist", root, val_split=60, **common)
-    assert list(loaders.tests) == ["test", "val"]
-    assert loaders.train.num_examples == 240 and loaders.tests["val"].num_examples == 60
-    assert loaders.tests["test"].num_examples == 50
-    val = loaders.tests["val"].images
+    assert list(loaders.evals) == ["test", "val"]
+    assert loaders.train.num_examples == 240 and loaders.evals["val"].num_examples == 60
+    assert loaders.evals["test"].num_examples == 50
+    val = loaders.evals["val"].images
     train = loaders.train.images
     # no validation image is a training image; together they are the whole training split
     full = datasets.make_loaders("mnist", root, **common).train.images
     assert not (val.flatten(1)[:, None] == train.flatten(1)[None]).all(-1).any()
     assert len(val) + len(train) == len(full)
-    assert loaders.tests["val"].max_shift == 0  # no augmentation at evaluation
+    assert loaders.evals["val"].max_shift == 0  # no augmentation at evaluation
 
 
 def test_val_split_config_errors():

@@ -159,3 +159,16 @@ def test_reconstructions_are_captioned_with_true_and_predicted_class_red_where_w
     true_row = out[:, 62 : 62 + 12]
     for col in range(4):  # every column has its true class written (white pixels)
         assert (true_row[:, :, col * 30 : (col + 1) * 30].min(0).values > 0.9).any()
+
+
+def test_a_checkpoint_from_before_the_best_score_rename_resumes(tmp_path):
+    calls = iter(range(1000))
+    with pytest.raises(Interrupted):
+        _fit(tmp_path, should_stop=lambda: next(calls) == 5)
+    last = tmp_path / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["state"]["best_accuracy"] = ckpt["state"].pop("best_score")  # as older capsrun wrote it
+    torch.save(ckpt, last)
+    metrics = _fit(tmp_path, resume_from=last)
+    reference = _fit(tmp_path / "uninterrupted")
+    assert metrics["best/test/accuracy"] == reference["best/test/accuracy"] and metrics["epoch"] == 2

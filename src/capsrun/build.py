@@ -330,7 +330,7 @@ def check_images(cfg: DictConfig, loaders: datasets.Loaders) -> None:
     ``dataset.canvas`` change the image size, ``dataset.image_size`` sizes the model."""
     ds = cfg.dataset
     expected = (ds.channels, ds.image_size, ds.image_size)
-    sources = [("test", loaders.tests["test"])] + ([("train", loaders.train)] if loaders.train is not None else [])
+    sources = [("test", loaders.evals["test"])] + ([("train", loaders.train)] if loaders.train is not None else [])
     for split, loader in sources:
         shape = tuple(unpack(next(iter(loader.epoch(0))))[0].shape[1:])
         if shape != expected:
@@ -599,14 +599,14 @@ def run(cfg: DictConfig, dev: torch.device, world: distributed.World, epoch_hook
     total_steps = cfg.trainer.epochs * len(data.train)
     sched = scheduler(cfg, opts[0], total_steps=total_steps)
     hooks = epoch_hooks(net, data) if epoch_hooks is not None else []
-    health = health_monitor(cfg, data.tests["test"])
-    train_model, train_loader, test_loaders = net, data.train, data.tests
+    health = health_monitor(cfg, data.evals["test"])
+    train_model, train_loader, test_loaders = net, data.train, data.evals
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
         train_loader = distributed.ShardedLoader(data.train, world)
-        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in data.tests.items()}
+        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in data.evals.items()}
         # different training-time noise (VCaps samples) on each rank, the same on every launch
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
     eval_model = None

@@ -37,7 +37,7 @@ class TrainState:
     epoch: int = 0  # completed epochs
     batch: int = 0  # batches done in the current epoch (non-zero only after an interrupt)
     step: int = 0  # optimizer steps so far
-    best_accuracy: float = -1.0  # the best selection score (see fit): an accuracy, or minus a loss
+    best_score: float = -1.0  # the best selection score so far (higher is better: an accuracy, or minus a loss)
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -246,7 +246,10 @@ def restore(path: Path, model, objective, optimizers, scheduler, meters: list[Me
     for meter, s in zip(meters, ckpt["meters"]):
         meter.load_state_dict(s, device)
     _set_rng_state(ckpt["rng"])
-    return TrainState(**ckpt["state"])
+    saved = dict(ckpt["state"])
+    if "best_accuracy" in saved:  # what checkpoints written before the rename call the best score
+        saved["best_score"] = saved.pop("best_accuracy")
+    return TrainState(**saved)
 
 
 class _NoLog:
@@ -593,9 +596,9 @@ def fit(
             # best.pt is chosen on the validation set when there is one: never tune on the test set
             value = metrics[f"{split}/{name}"]
             score = value if mode == "max" else -value
-            better = improved(score, state.best_accuracy, first=state.epoch == 1)
-            state.best_accuracy = score if better or state.epoch == 1 else state.best_accuracy
-            metrics[f"best/{split}/{name}"] = state.best_accuracy if mode == "max" else -state.best_accuracy
+            better = improved(score, state.best_score, first=state.epoch == 1)
+            state.best_score = score if better or state.epoch == 1 else state.best_score
+            metrics[f"best/{split}/{name}"] = state.best_score if mode == "max" else -state.best_score
             metrics["epoch"] = state.epoch
             state.last_metrics = metrics
             tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, state.step)

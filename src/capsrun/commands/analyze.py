@@ -79,7 +79,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         run_cfg.data.train_limit = run_cfg.data.test_limit = None
         train = cfg.split == "train"
         loaders = build.loaders(run_cfg, dev, train=train, eval_batch_size=cfg.trainer.batch_size)
-        source = loaders.train.epoch(0) if train else loaders.tests["test"].epoch(0)
+        source = loaders.train.epoch(0) if train else loaders.evals["test"].epoch(0)
         batches, n = [], 0
         for batch in source:
             batches.append(unpack(batch))

@@ -68,7 +68,7 @@ def ais_log_likelihood(model, loaders, settings: dict[str, int], progress: bool)
         model, base, settings["temperatures"], settings["runs"], seed=settings["seed"], progress=progress
     )
     metrics: dict[str, float] = {}
-    for name, loader in loaders.tests.items():
+    for name, loader in loaders.evals.items():
         mean_f, n = ais.mean_free_energy(model, (unpack(b)[0] for b in loader.epoch(0)))
         metrics.update(ais.log_likelihood_metrics(result, mean_f, prefix=name))
         log.info(

@@ -66,7 +66,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         models.append(model)
         member = "" if len(paths) == 1 else f"member/{i}/"
         objective = build.objective(c, trusted=False)
-        for name, loader in loaders.tests.items():
+        for name, loader in loaders.evals.items():
             result = evaluate(model, objective, loader, progress=cfg.trainer.progress, prefix=name)
             metrics.update({member + k: v for k, v in result.metrics.items()})
             shown = f"{name}/accuracy" if f"{name}/accuracy" in result.metrics else f"{name}/log_likelihood/pseudo"
@@ -82,7 +82,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         if energy:
             metrics.update(common.ais_log_likelihood(model, loaders, ais_settings, cfg.trainer.progress))
     if len(models) > 1:
-        for name, loader in loaders.tests.items():
+        for name, loader in loaders.evals.items():
             metrics.update(evaluate_ensemble(models, loader, prefix=name))
             log.info(
                 "ensemble of %d (summed capsule lengths): %s accuracy %.2f%%",

@@ -42,7 +42,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
-    x = unpack(next(iter(loaders.tests["test"].epoch(0))))[0][: cfg.inputs]
+    x = unpack(next(iter(loaders.evals["test"].epoch(0))))[0][: cfg.inputs]
     out_dir, tb, metrics = common.output_dir(), TBLogger(common.output_dir()), {}
     written: list[Path] = []
 
@@ -67,7 +67,7 @@ def sample(cfg: DictConfig) -> dict[str, float]:
                     run_cfg.dataset.name,
                 )
             else:
-                real = sampling.first_images(loaders.tests["test"], cfg.sample_quality.real_images)
+                real = sampling.first_images(loaders.evals["test"], cfg.sample_quality.real_images)
                 quality = sampling.SampleQuality(
                     classes, classifier, real, per_class=cfg.sample_quality.per_class, seed=cfg.seed
                 )
@@ -106,7 +106,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     model.eval()
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
-    test = loaders.tests["test"]
+    test = loaders.evals["test"]
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "data":
         start = model.visible_states(sampling.first_images(test, cfg.num_samples))

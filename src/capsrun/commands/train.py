@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.model.name,
             cfg.dataset.name,
             run.loaders.train.num_examples,
-            run.loaders.tests["test"].num_examples,
+            run.loaders.evals["test"].num_examples,
             f"{sum(p.numel() for p in run.model.parameters()):,}",
             dev,
             run.precision,
@@ -223,7 +223,7 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
                 "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>", cfg.dataset.name
             )
         else:
-            real = model.visible_states(sampling.first_images(loaders.tests["test"], sq.real_images))
+            real = model.visible_states(sampling.first_images(loaders.evals["test"], sq.real_images))
         hooks: list = [
             sampling.ChainSamples(
                 model.image_shape,
@@ -254,7 +254,7 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
             "sample quality skipped: no classifier; set eval_classifier=<best.pt of a capsnet trained on %s>",
             cfg.dataset.name,
         )
-    real = None if classifier is None else sampling.first_images(loaders.tests["test"], sq.real_images)
+    real = None if classifier is None else sampling.first_images(loaders.evals["test"], sq.real_images)
     return [
         sampling.SampleQuality(
             cfg.dataset.num_classes,

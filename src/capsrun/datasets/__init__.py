@@ -57,7 +57,7 @@ class Loaders:
     adds (``"affnist"``). ``best.pt`` is picked on ``"val"`` when there is one, else ``"test"``."""
 
     train: BatchLoader | MultiMNISTLoader | None
-    tests: dict[str, BatchLoader | MultiMNISTLoader]
+    evals: dict[str, BatchLoader | MultiMNISTLoader]
 
 
 def make_loaders(
@@ -91,7 +91,7 @@ def make_loaders(
         val_split_fn = partial(_split, name, root, download, val_split, "val")
         opts = {**options, "affnist_limit": 0} if name == "affnist" else options
         val = _BUILDERS[name](val_split_fn, root, download, False, None, None, common, **opts)
-        loaders.tests["val"] = val.tests["test"]
+        loaders.evals["val"] = val.evals["test"]
     return loaders
 
 

@@ -211,32 +211,14 @@ class MultiMNISTLoader:
         return self.epoch(0)
 
 
-def multilabel_targets(labels2: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
-    """``labels2`` int64 ``[B, 2]`` -> float ``[B, num_classes]`` with a 1 at each label (T_k of Eq. 4,
-    both digits present)."""
-    out = torch.zeros(len(labels2), num_classes, device=labels2.device)
-    return out.scatter_(1, labels2.long(), 1.0)
-
-
-def top2_accuracy_correct(scores: torch.Tensor, labels2: torch.Tensor) -> torch.Tensor:
-    """Sec. 6: correct only when the two highest-scoring classes are the two labels, in any order.
-
-    ``scores``: ``[B, classes]``; ``labels2``: ``[B, 2]``; returns bool ``[B]``.
-    """
-    top2 = scores.topk(2, dim=-1).indices.sort(dim=-1).values
-    return (top2 == labels2.to(top2.device).sort(dim=-1).values).all(dim=-1)
-
-
 __all__ = [
     "MultiMNISTBatch",
     "MultiMNISTLoader",
     "MultiMNISTPlan",
-    "multilabel_targets",
     "overlay",
     "partners",
     "place",
     "plan",
     "render",
     "sample",
-    "top2_accuracy_correct",
 ]
