@@ -290,3 +290,16 @@ def test_loader_shift_is_applied():
     plain = loader.images[y].float() / 255
     assert not torch.equal(x, plain)
     assert (x.flatten(1).sum(1) <= plain.flatten(1).sum(1) + 1e-5).all()
+
+
+def test_epoch_generator_derives_every_epoch_and_batch_from_the_seed():
+    from capsrun.datasets.loader import epoch_generator
+
+    def draw(gen):
+        return torch.randint(0, 10**6, (4,), generator=gen).tolist()
+
+    assert draw(epoch_generator(2, 3)) == draw(torch.Generator().manual_seed(2 * 1_000_003 + 3))
+    assert draw(epoch_generator(2, 3, batch=5)) == draw(
+        torch.Generator().manual_seed((2 * 1_000_003 + 3) * 100_003 + 5)
+    )
+    assert draw(epoch_generator(2, 3)) != draw(epoch_generator(2, 4))

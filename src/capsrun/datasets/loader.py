@@ -16,6 +16,14 @@ import torch
 import torch.nn.functional as F
 
 
+def epoch_generator(seed: int, epoch: int, batch: int | None = None) -> torch.Generator:
+    """The generator of epoch ``epoch`` of a run seeded ``seed`` (and of one batch of it): every
+    loader derives its shuffling, shifts and augmentation from this, so an epoch, and so a resume,
+    replays exactly."""
+    key = seed * 1_000_003 + epoch
+    return torch.Generator().manual_seed(key if batch is None else key * 100_003 + batch)
+
+
 def random_shift(images: torch.Tensor, offsets: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Shift each image by its own integer offset with zero fill (arXiv:1710.09829 Sec. 5:
     "shifted by up to 2 pixels in each direction with zero padding").
@@ -97,7 +105,7 @@ class BatchLoader:
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = epoch_generator(self.seed, epoch)
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         offsets = torch.randint(-self.max_shift, self.max_shift + 1, (n, 2), generator=gen)
         stored = order.to(self.storage)
@@ -109,7 +117,7 @@ class BatchLoader:
             if self.max_shift:
                 x = random_shift(x, offsets[idx], self.max_shift)
             if self.transform is not None:
-                x = self.transform(x, torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 100_003 + i))
+                x = self.transform(x, epoch_generator(self.seed, epoch, batch=i))
             yield x, self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

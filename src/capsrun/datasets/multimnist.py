@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import torch
 
+from capsrun.datasets.loader import epoch_generator  # (seed, epoch): the same draw as BatchLoader
+
 
 class MultiMNISTPlan(NamedTuple):
     """What to draw, before any pixel is touched: ``base``, ``partner`` ``[B]`` indices into the
@@ -47,11 +49,6 @@ class MultiMNISTBatch(NamedTuple):
     labels: torch.Tensor
     base_alone: torch.Tensor
     partner_alone: torch.Tensor
-
-
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    # The same derivation as BatchLoader, so (seed, epoch) means the same thing everywhere.
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def _draw_partners(split_labels: torch.Tensor, base_labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -162,7 +159,7 @@ def sample(
     Equal to the batches of ``MultiMNISTLoader(images, labels, ..., seed=seed, epoch_size=n).epoch(0)``
     concatenated. ``images``: uint8 ``[N, 1, 28, 28]``; ``labels``: int64 ``[N]``.
     """
-    return render(images, labels, plan(labels, n, _generator(seed, 0), max_shift), canvas)
+    return render(images, labels, plan(labels, n, epoch_generator(seed, 0), max_shift), canvas)
 
 
 class MultiMNISTLoader:
@@ -201,7 +198,7 @@ class MultiMNISTLoader:
         return self.epoch_size
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[MultiMNISTBatch]:
-        drawn = plan(self._cpu_labels, self.epoch_size, _generator(self.seed, epoch), self.max_shift)
+        drawn = plan(self._cpu_labels, self.epoch_size, epoch_generator(self.seed, epoch), self.max_shift)
         drawn = MultiMNISTPlan(*(t.to(self.device) for t in drawn))
         for i in range(start, len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
