@@ -13,11 +13,14 @@ Deliberate deviations, all configurable:
   authors' code; the paper's text has none.
 - ``padding`` (default 0): the CIFAR10 model of the paper uses SAME padding.
 - ``routing_leaky``/``routing_detach_inner``: see :func:`capsrun.layers.dynamic_routing`.
+- ``hidden_caps`` (default none): routed capsule layers between the primary and the class
+  capsules, for :mod:`capsrun.models.deep_capsnet`.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -129,6 +132,8 @@ class CapsNet(nn.Module):
         capsule_bias: bool = True,
         weight_std: float = 0.1,
         decoder_hidden: tuple[int, ...] | list[int] | None = (512, 1024),
+        hidden_caps: Sequence[int] = (),
+        hidden_dims: int | Sequence[int] = 8,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -136,17 +141,25 @@ class CapsNet(nn.Module):
             in_channels, image_size, conv1_channels, conv1_kernel, primary_types, primary_dim, primary_kernel,
             primary_stride, padding,
         )  # fmt: skip
-        self.digit_caps = RoutedCaps(
-            self.num_primary_caps,
-            primary_dim,
-            num_classes,
-            digit_dim,
+        routing = dict(
             iterations=routing_iterations,
             bias=capsule_bias,
             leaky=routing_leaky,
             detach_inner=routing_detach_inner,
             weight_std=weight_std,
         )
+        # routed capsule layers between the primary and the class capsules: none in the paper
+        # (arXiv:1710.09829); models.deep_capsnet stacks them
+        hidden_caps = list(hidden_caps)
+        dims = [hidden_dims] * len(hidden_caps) if isinstance(hidden_dims, int) else list(hidden_dims)
+        if len(dims) != len(hidden_caps) or any(n < 1 for n in hidden_caps) or any(d < 1 for d in dims):
+            raise ValueError(f"hidden_caps {hidden_caps} and hidden_dims {hidden_dims} must be positive, one per layer")
+        sizes = [(self.num_primary_caps, primary_dim), *zip(hidden_caps, dims)]
+        self.hidden_caps = nn.ModuleList(
+            RoutedCaps(n_in, d_in, n_out, d_out, **routing)
+            for (n_in, d_in), (n_out, d_out) in itertools.pairwise(sizes)
+        )
+        self.digit_caps = RoutedCaps(*sizes[-1], num_classes, digit_dim, **routing)
         self.decoder = (
             Decoder(num_classes, digit_dim, tuple(decoder_hidden), (in_channels, image_size, image_size))
             if decoder_hidden is not None
@@ -162,8 +175,11 @@ class CapsNet(nn.Module):
         return self.primary_caps(F.relu(self.conv1(x), inplace=True))
 
     def route(self, u: torch.Tensor):
-        """The routed layers from the primary capsules ``u`` to the class capsules: one here; a
-        :class:`~capsrun.models.deep_capsnet.DeepCapsNet` stacks more."""
+        """The routed layers from the primary capsules ``u`` to the class capsules: the hidden
+        capsule layers (none in the paper), each passing its squashed v_j on as the next layer's
+        u_i, then the class capsules, whose ``coupling`` is returned."""
+        for layer in self.hidden_caps:
+            u = layer(u).v
         return self.digit_caps(u)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> CapsNetOutput:

@@ -19,10 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
-
-from capsrun.layers import RoutedCaps
 from capsrun.models.capsnet import CapsNet
 
 
@@ -32,35 +28,9 @@ class DeepCapsNet(CapsNet):
     Args:
         hidden_caps: capsules per intermediate layer, e.g. ``[32, 32, 32]``.
         hidden_dims: their dimensions, one int for all or one per layer.
-        The remaining arguments are :class:`~capsrun.models.capsnet.CapsNet`'s.
+        The remaining arguments are :class:`~capsrun.models.capsnet.CapsNet`'s, which builds the
+        stack (layers in forward order: conv1, primary, hidden_caps.0, ..., digit_caps, decoder).
     """
 
     def __init__(self, hidden_caps: Sequence[int] = (32,), hidden_dims: int | Sequence[int] = 8, **capsnet):
-        super().__init__(**capsnet)
-        hidden_caps = list(hidden_caps)
-        dims = [hidden_dims] * len(hidden_caps) if isinstance(hidden_dims, int) else list(hidden_dims)
-        if len(dims) != len(hidden_caps) or any(n < 1 for n in hidden_caps) or any(d < 1 for d in dims):
-            raise ValueError(f"hidden_caps {hidden_caps} and hidden_dims {hidden_dims} must be positive, one per layer")
-        dc, decoder = self.digit_caps, self.decoder
-        del self.digit_caps, self.decoder  # re-registered below: module order = forward order
-        kwargs = dict(
-            iterations=dc.iterations,
-            leaky=dc.leaky,
-            detach_inner=dc.detach_inner,
-            bias=dc.bias is not None,
-            weight_std=capsnet.get("weight_std", 0.1),
-        )
-        sizes = [(self.num_primary_caps, self.primary_caps.dim), *zip(hidden_caps, dims)]
-        self.hidden_caps = nn.ModuleList(
-            RoutedCaps(n_in, d_in, n_out, d_out, **kwargs) for (n_in, d_in), (n_out, d_out) in zip(sizes, sizes[1:])
-        )
-        # the class capsules listen to the last hidden layer, not to the primary capsules
-        self.digit_caps = RoutedCaps(*sizes[-1], dc.out_caps, dc.out_dim, **kwargs)
-        self.decoder = decoder
-
-    def route(self, u: torch.Tensor):
-        """The hidden capsule layers, then the class capsules; ``coupling`` of the result is the
-        class capsules' [B, last hidden caps, classes]. The rest of the forward pass is CapsNet's."""
-        for layer in self.hidden_caps:
-            u = layer(u).v
-        return self.digit_caps(u)
+        super().__init__(hidden_caps=hidden_caps, hidden_dims=hidden_dims, **capsnet)
