@@ -419,6 +419,200 @@ def improved(score: float, best: float, first: bool) -> bool:
     return math.isfinite(score) and (first or not math.isfinite(best) or score > best)
 
 
+def snapshot(run: Run, state: TrainState, meters: Sequence[Meter]) -> dict[str, Any]:
+    """last.pt: everything a resume needs to continue exactly (weights, optimizer and scheduler
+    state, the meters' partial sums, the RNG states, where training stands, the config)."""
+    return {
+        "model": run.model.state_dict(),
+        "objective": run.objective.state_dict(),
+        "optimizer": run.optimizers[0].state_dict(),
+        "objective_optimizers": [o.state_dict() for o in run.optimizers[1:]],
+        "scheduler": run.scheduler.state_dict(),
+        "meters": [m.state_dict() for m in meters],
+        "rng": _rng_state(),
+        "state": asdict(state),
+        "epoch": state.epoch,
+        "config": run.config,
+    }
+
+
+def weights(run: Run, state: TrainState) -> dict[str, Any]:
+    """best.pt: what eval, sample and analyze read (no optimizer state, a third of last.pt's size)."""
+    return {
+        "model": run.model.state_dict(),
+        "objective": run.objective.state_dict(),
+        "epoch": state.epoch,
+        "config": run.config,
+        "metrics": dict(state.last_metrics),
+    }
+
+
+def _selection(run: Run) -> tuple[str, str, str]:
+    """``(split, metric, mode)`` that picks best.pt: the objective's ``monitor`` on the validation
+    set when there is one (never tune on the test set), else on the test set."""
+    name, mode = getattr(run.objective, "monitor", ("accuracy", "max"))
+    return ("val" if "val" in run.test_loaders else "test"), name, mode
+
+
+def _start_records(tb: TBLogger, run: Run) -> None:
+    """A fresh run's first TensorBoard records: the HParams trial with the metrics it will log
+    declared, the custom-scalars layout and the config text."""
+    split, name, _ = _selection(run)
+    splits = list(run.test_loaders)
+    declared = [f"{s}/{name}" for s in splits] + [f"best/{split}/{name}"]
+    declared += [f"{s}/error" for s in splits if name == "accuracy"] + [f"{s}/loss/total" for s in splits]
+    declared = [t for t in dict.fromkeys(declared) if t not in run.trial.metrics]
+    tb.start(replace(run.trial, metrics=(*run.trial.metrics, *declared)), loss_layout(tuple(splits), name))
+    tb.config(run.trial.config if run.trial.config is not None else run.config)
+
+
+class _StepLog:
+    """What :func:`fit` does after every optimizer step: the run's expected time once, the
+    training scalars every ``log_every`` steps (the only per-interval host-device sync), the step
+    hooks, and whether to stop (decided by all ranks together at log intervals)."""
+
+    def __init__(self, run: Run, loop: Loop, state: TrainState, meter: Meter, tb, should_stop, device):
+        self.run, self.loop, self.state, self.meter, self.tb = run, loop, state, meter, tb
+        self.should_stop, self.device, self.main = should_stop, device, run.world.is_main
+        self.watch = NonFiniteWatch(device)
+        batches = len(run.train_loader)
+        self.clock = RunClock(loop.epochs * batches - state.step, run.train_loader.num_examples / batches, device)
+        self.bar: tqdm | None = None
+
+    def __call__(self) -> bool:
+        run, step = self.run, self.state.step
+        said = self.clock.step()
+        if said is not None and self.main:
+            log.info(said)
+        at_interval = step % self.loop.log_every == 0
+        if at_interval:
+            lr = run.scheduler.get_last_lr()[0]
+            self.watch.check(lr)
+            metrics = {**self.meter.compute("train"), "lr": lr}
+            self.meter.reset()
+            self.tb.scalars(metrics, step)
+            if self.bar is not None:
+                postfix = {"loss": f"{metrics.get('train/loss/total', math.nan):.4f}"}
+                if "train/accuracy" in metrics:
+                    postfix["acc"] = f"{metrics['train/accuracy']:.2f}"
+                self.bar.set_postfix(postfix)
+        for hook in run.step_hooks if self.main else ():
+            if step % hook.every_steps == 0:
+                self.tb.health(hook(run.model, step), step)
+        if run.world.distributed:  # one collective per log interval, so that all ranks stop together
+            return distributed.any_rank(self.should_stop(), self.device) if at_interval else False
+        return self.should_stop()
+
+
+def _evaluate_splits(run: Run, loop: Loop) -> tuple[dict[str, EvalResult], float]:
+    """Every evaluation split (``test`` first), and the seconds it took."""
+    t0 = time.perf_counter()
+    show = loop.progress and run.world.is_main
+    results = {
+        name: evaluate(run.eval_model or run.model, run.objective, loader, loop.num_images, show, name, run.precision)
+        for name, loader in run.test_loaders.items()
+    }
+    return results, time.perf_counter() - t0  # evaluate() ends with a host copy: synced
+
+
+def _record_best(run: Run, state: TrainState, metrics: dict[str, float]) -> bool:
+    """Apply the best-checkpoint rule (:func:`improved`) to the epoch just finished: update the
+    best score, add ``best/<split>/<metric>`` to ``metrics``; returns whether best.pt is due."""
+    split, name, mode = _selection(run)
+    value = metrics[f"{split}/{name}"]
+    score = value if mode == "max" else -value
+    better = improved(score, state.best_score, first=state.epoch == 1)
+    state.best_score = score if better or state.epoch == 1 else state.best_score
+    metrics[f"best/{split}/{name}"] = state.best_score if mode == "max" else -state.best_score
+    return better
+
+
+def _log_epoch(tb, metrics: dict, train_metrics: dict, result: EvalResult, images: dict, step: int) -> None:
+    tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, step)
+    tb.scalars({"epoch": metrics["epoch"]}, step)
+    # the epoch's training means too, so that a run shorter than log_every steps has a curve
+    tb.scalars({f"train/epoch/{k[len('train/') :]}": v for k, v in train_metrics.items()}, step)
+    tb.evaluation(result, step)
+    for tag, image in images.items():
+        tb.image(tag, image, step)
+
+
+def _train_epoch(run: Run, loop: Loop, state: TrainState, meters, on_step: _StepLog, sync_grads, tb, ckpt_dir) -> float:
+    """Train the rest of epoch ``state.epoch`` with a progress bar; returns its seconds. A stop
+    request saves last.pt and raises :class:`Interrupted`; non-finite weights raise
+    :class:`Diverged` (nothing saved)."""
+    device, main = next(run.model.parameters()).device, run.world.is_main
+    t0 = time.perf_counter()
+    on_step.bar = tqdm(
+        total=len(run.train_loader),
+        initial=state.batch,
+        desc=f"epoch {state.epoch + 1}/{loop.epochs}",
+        disable=None if loop.progress and main else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    done = train_one_epoch(
+        run.train_model or run.model, run.objective, run.train_loader, run.optimizers, run.scheduler, state,
+        meters, on_step, on_step.bar, sync_grads, run.precision, on_step.watch,
+    )  # fmt: skip
+    on_step.bar.close()
+    lr = run.scheduler.get_last_lr()[0]
+    on_step.watch.check(lr)
+    if not finite_model(run.model):
+        raise Diverged(
+            f"the weights became NaN or infinite in epoch {state.epoch + 1} (the loss stayed finite); "
+            f"nothing non-finite was saved; try a lower optimizer.lr (now {lr:g})"
+        )
+    if not done:
+        if main:
+            tb.flush()  # the events up to this step are kept on resume: on disk before last.pt
+            checkpoint.save(ckpt_dir / "last.pt", snapshot(run, state, meters))
+        raise Interrupted(f"stopped at epoch {state.epoch + 1}, batch {state.batch}; saved {ckpt_dir / 'last.pt'}")
+    if device.type == "cuda":  # kernels are queued asynchronously: time their end
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Path, train_seconds: float) -> dict:
+    """After an epoch's training: evaluate, run the epoch hooks, apply the best-checkpoint rule,
+    log, and write best.pt (if due), metrics.json and last.pt, in that order; returns the metrics."""
+    main, epoch_meter = run.world.is_main, meters[0]
+    train_metrics = epoch_meter.compute("train")
+    results, eval_seconds = _evaluate_splits(run, loop)
+    metrics = {
+        **train_metrics,
+        **{k: v for r in results.values() for k, v in r.metrics.items()},
+        "time/epoch_seconds": train_seconds,
+        "time/train_images_per_second": run.train_loader.num_examples / train_seconds,
+        "time/eval_seconds": eval_seconds,
+    }
+    hook_images: dict[str, torch.Tensor] = {}
+    for hook in run.epoch_hooks if main else ():
+        extra = hook(run.model, state.epoch + 1, state.epoch + 1 == loop.epochs)
+        hook_images.update(extra.pop("images", {}))
+        metrics.update(extra)
+    state.epoch += 1
+    state.batch = 0
+    epoch_meter.reset()
+    better = _record_best(run, state, metrics)
+    metrics["epoch"] = state.epoch
+    state.last_metrics = metrics
+    _log_epoch(tb, metrics, train_metrics, results["test"], hook_images, state.step)
+    if main:
+        # last.pt is the record of a completed epoch, so it is written last: a kill before it
+        # replays the epoch from the previous last.pt, which rewrites the same files
+        tb.flush()
+        if better:
+            checkpoint.save(run_dir / "checkpoints" / "best.pt", weights(run, state))
+        checkpoint.save_json(run_dir / "metrics.json", metrics)
+        checkpoint.save(run_dir / "checkpoints" / "last.pt", snapshot(run, state, meters))
+    split, name, _ = _selection(run)
+    _warn_if_collapsed(results["test"], metrics, split, state.epoch)
+    summary = _summary(metrics, results, split, name)
+    log.info("epoch %d/%d  %s  %.1f s (+ %.1f s eval)", state.epoch, loop.epochs, summary, train_seconds, eval_seconds)
+    return metrics
+
+
 def fit(
     run: Run,
     loop: Loop,
@@ -437,190 +631,31 @@ def fit(
     Raises :class:`Interrupted` when ``should_stop`` turns true, after saving ``last.pt``, and
     :class:`Diverged` when the loss or the weights become non-finite, without saving them.
     """
-    model, objective, optimizers, scheduler = run.model, run.objective, run.optimizers, run.scheduler
-    train_loader, test_loaders, world = run.train_loader, run.test_loaders, run.world
-    config, trial = run.config, run.trial
-    epochs, log_every = loop.epochs, loop.log_every
-    device = next(model.parameters()).device
+    model, device, main = run.model, next(run.model.parameters()).device, run.world.is_main
     ckpt_dir = run_dir / "checkpoints"
     epoch_meter, interval_meter = Meter(), Meter()
+    meters = [epoch_meter, interval_meter]
     state = TrainState()
     if resume_from is not None:
-        state = restore(resume_from, model, objective, optimizers, scheduler, [epoch_meter, interval_meter], device)
-        if not world.is_main:  # the saved partial sums are rank 0's: count them once
+        state = restore(resume_from, model, run.objective, run.optimizers, run.scheduler, meters, device)
+        if not main:  # the saved partial sums are rank 0's: count them once
             epoch_meter.reset()
             interval_meter.reset()
         log.info("resumed from %s: epoch %d, batch %d (step %d)", resume_from, state.epoch + 1, state.batch, state.step)
-
-    def snapshot() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "objective": objective.state_dict(),
-            "optimizer": optimizers[0].state_dict(),
-            "objective_optimizers": [o.state_dict() for o in optimizers[1:]],
-            "scheduler": scheduler.state_dict(),
-            "meters": [epoch_meter.state_dict(), interval_meter.state_dict()],
-            "rng": _rng_state(),
-            "state": asdict(state),
-            "epoch": state.epoch,
-            "config": config,
-        }
-
-    def weights() -> dict[str, Any]:
-        """best.pt: what eval, sample and analyze read (no optimizer state, a third of last.pt's size)."""
-        return {
-            "model": model.state_dict(),
-            "objective": objective.state_dict(),
-            "epoch": state.epoch,
-            "config": config,
-            "metrics": dict(state.last_metrics),
-        }
-
-    main = world.is_main
     # a resume drops the events a killed run wrote after its checkpoint's step and keeps that step's
     # own; a fresh start drops those of an attempt killed before its first checkpoint
     tb = TBLogger(run_dir, purge_step=state.step + 1 if resume_from is not None else 0) if main else _NoLog()
-    watch = NonFiniteWatch(device)
-    sync_grads = _grad_averager(objective) if world.distributed else None
-    name, mode = getattr(objective, "monitor", ("accuracy", "max"))
-    split = "val" if "val" in test_loaders else "test"  # the split best.pt is chosen on
+    on_step = _StepLog(run, loop, state, interval_meter, tb, should_stop, device)
+    sync_grads = _grad_averager(run.objective) if run.world.distributed else None
     if resume_from is None:  # a resumed run keeps the records its first start wrote
-        declared = [f"{s}/{name}" for s in test_loaders] + [f"best/{split}/{name}"]
-        declared += [f"{s}/error" for s in test_loaders if name == "accuracy"] + [
-            f"{s}/loss/total" for s in test_loaders
-        ]
-        declared = [t for t in dict.fromkeys(declared) if t not in trial.metrics]
-        tb.start(replace(trial, metrics=(*trial.metrics, *declared)), loss_layout(tuple(test_loaders), name))
-        tb.config(trial.config if trial.config is not None else config)
-
-    clock = RunClock(epochs * len(train_loader) - state.step, train_loader.num_examples / len(train_loader), device)
-
-    def on_step() -> bool:
-        said = clock.step()
-        if said is not None and main:
-            log.info(said)
-        if state.step % log_every == 0:  # the only per-interval host-device sync
-            watch.check(scheduler.get_last_lr()[0])
-            metrics = {**interval_meter.compute("train"), "lr": scheduler.get_last_lr()[0]}
-            interval_meter.reset()
-            tb.scalars(metrics, state.step)
-            if bar is not None:
-                postfix = {"loss": f"{metrics.get('train/loss/total', math.nan):.4f}"}
-                if "train/accuracy" in metrics:
-                    postfix["acc"] = f"{metrics['train/accuracy']:.2f}"
-                bar.set_postfix(postfix)
-        for hook in run.step_hooks if main else ():
-            if state.step % hook.every_steps == 0:
-                tb.health(hook(model, state.step), state.step)
-        if world.distributed:  # one collective per log interval, so that all ranks stop together
-            return distributed.any_rank(should_stop(), device) if state.step % log_every == 0 else False
-        return should_stop()
-
+        _start_records(tb, run)
     metrics: dict[str, float] = dict(state.last_metrics)
-    bar = None
     redirect = logging_redirect_tqdm()  # log lines above the progress bar, not through it
     redirect.__enter__()
     try:
-        while state.epoch < epochs:
-            t0 = time.perf_counter()
-            bar = tqdm(
-                total=len(train_loader),
-                initial=state.batch,
-                desc=f"epoch {state.epoch + 1}/{epochs}",
-                disable=None if loop.progress and main else True,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            done = train_one_epoch(
-                run.train_model or model,
-                objective,
-                train_loader,
-                optimizers,
-                scheduler,
-                state,
-                [epoch_meter, interval_meter],
-                on_step,
-                bar,
-                sync_grads,
-                run.precision,
-                watch,
-            )
-            bar.close()
-            watch.check(scheduler.get_last_lr()[0])
-            if not finite_model(model):
-                raise Diverged(
-                    f"the weights became NaN or infinite in epoch {state.epoch + 1} (the loss stayed finite); "
-                    f"nothing non-finite was saved; try a lower optimizer.lr (now {scheduler.get_last_lr()[0]:g})"
-                )
-            if not done:
-                if main:
-                    tb.flush()  # the events up to this step are kept on resume: on disk before last.pt
-                    checkpoint.save(ckpt_dir / "last.pt", snapshot())
-                raise Interrupted(
-                    f"stopped at epoch {state.epoch + 1}, batch {state.batch}; saved {ckpt_dir / 'last.pt'}"
-                )
-            if device.type == "cuda":  # kernels are queued asynchronously: time their end
-                torch.cuda.synchronize(device)
-            train_seconds = time.perf_counter() - t0
-            train_metrics = epoch_meter.compute("train")
-            t1 = time.perf_counter()
-            results = {
-                name: evaluate(
-                    run.eval_model or model,
-                    objective,
-                    loader,
-                    loop.num_images,
-                    loop.progress and main,
-                    name,
-                    run.precision,
-                )
-                for name, loader in test_loaders.items()
-            }
-            eval_seconds = time.perf_counter() - t1  # evaluate() ends with a host copy: synced
-            result = results["test"]
-            metrics = {
-                **train_metrics,
-                **{k: v for r in results.values() for k, v in r.metrics.items()},
-                "time/epoch_seconds": train_seconds,
-                "time/train_images_per_second": train_loader.num_examples / train_seconds,
-                "time/eval_seconds": eval_seconds,
-            }
-            hook_images: dict[str, torch.Tensor] = {}
-            for hook in run.epoch_hooks if main else ():
-                extra = hook(model, state.epoch + 1, state.epoch + 1 == epochs)
-                hook_images.update(extra.pop("images", {}))
-                metrics.update(extra)
-            state.epoch += 1
-            state.batch = 0
-            epoch_meter.reset()
-            # best.pt is chosen on the validation set when there is one: never tune on the test set
-            value = metrics[f"{split}/{name}"]
-            score = value if mode == "max" else -value
-            better = improved(score, state.best_score, first=state.epoch == 1)
-            state.best_score = score if better or state.epoch == 1 else state.best_score
-            metrics[f"best/{split}/{name}"] = state.best_score if mode == "max" else -state.best_score
-            metrics["epoch"] = state.epoch
-            state.last_metrics = metrics
-            tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, state.step)
-            tb.scalars({"epoch": state.epoch}, state.step)
-            # the epoch's training means too, so that a run shorter than log_every steps has a curve
-            tb.scalars({f"train/epoch/{k[len('train/') :]}": v for k, v in train_metrics.items()}, state.step)
-            tb.evaluation(result, state.step)
-            for tag, image in hook_images.items():
-                tb.image(tag, image, state.step)
-            if main:
-                # last.pt is the record of a completed epoch, so it is written last: a kill before it
-                # replays the epoch from the previous last.pt, which rewrites the same files
-                tb.flush()
-                if better:
-                    checkpoint.save(ckpt_dir / "best.pt", weights())
-                checkpoint.save_json(run_dir / "metrics.json", metrics)
-                checkpoint.save(ckpt_dir / "last.pt", snapshot())
-            _warn_if_collapsed(result, metrics, split, state.epoch)
-            summary = _summary(metrics, results, split, name)
-            log.info(
-                "epoch %d/%d  %s  %.1f s (+ %.1f s eval)", state.epoch, epochs, summary, train_seconds, eval_seconds
-            )
+        while state.epoch < loop.epochs:
+            train_seconds = _train_epoch(run, loop, state, meters, on_step, sync_grads, tb, ckpt_dir)
+            metrics = _end_epoch(run, loop, state, meters, tb, run_dir, train_seconds)
         tb.end("success")
         if main:  # also when a resume found the run finished (a kill after its last last.pt)
             checkpoint.save_json(run_dir / "metrics.json", metrics)
@@ -630,8 +665,8 @@ def fit(
         tb.end("failure")
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        if on_step.bar is not None:
+            on_step.bar.close()
         tb.close()
         redirect.__exit__(None, None, None)
     return metrics
