@@ -200,6 +200,7 @@ def test_capsule_rbm_never_reads_the_labels(tmp_path):
     for root in roots:
         run = root / "run"
         args = [*SMALL["capsrbm"], *COMMON, "trainer.epochs=1", "ais.at_end=false", f"hydra.run.dir={run}"]
-        ok(run_capsrun("train", *args, cwd=root, data_root=root))
+        # one thread: two capsule-RBM processes on 2 threads differ in the last bits now and then (README)
+        ok(run_capsrun("train", *args, cwd=root, data_root=root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
         weights.append(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -94,9 +94,9 @@ def validate_train(cfg: DictConfig) -> None:
 
 
 def precision(cfg: DictConfig) -> str:
-    """``trainer.precision``, checked, with the process-wide TF32 switches set to match it."""
-    from capsrun import speed
-
+    """``trainer.precision``, checked, with the process-wide TF32 switches set to match it.
+    (The ``.get`` defaults here and below serve stored configs of checkpoints written before the
+    speed settings existed; a config composed from ``conf/`` always has them.)"""
     value = cfg.trainer.get("precision", "fp32")
     if value not in speed.PRECISIONS:
         raise ConfigError(
@@ -109,8 +109,6 @@ def precision(cfg: DictConfig) -> str:
 
 def compile_mode(cfg: DictConfig) -> str | None:
     """``trainer.compile`` as a ``torch.compile`` mode, or None for eager."""
-    from capsrun import speed
-
     try:
         return speed.compile_mode(cfg.trainer.get("compile", False))
     except ValueError as e:

@@ -2,9 +2,10 @@
 affine-generalisation experiment of arXiv:1710.09829 Sec. 5.2, and the helpers for its training set.
 
 Protocol: train on MNIST placed on a 40x40 black canvas at a random integer shift of -6..6 pixels
-in each direction (the authors' code; :func:`pad_to_canvas` then :func:`random_translate`, or
-``BatchLoader(max_shift=6)`` on padded images), test on the 320,000 affNIST test images (32 random
-small affine transforms of each MNIST test digit). Published: CapsNet 79% accuracy, CNN 66%.
+in each direction (the authors' code; here :func:`pad_to_canvas`, then the training
+``BatchLoader(max_shift=6)`` shifts each padded image anew every epoch), test on the 320,000
+affNIST test images (32 random small affine transforms of each MNIST test digit). Published:
+CapsNet 79% accuracy, CNN 66%.
 
 Files, under ``<root>/affNIST/`` (the first found is used): ``test.mat``, or ``test.mat.zip``
 (``32x/transformed/test.mat.zip``, read without extracting), or ``test_batches/1.mat .. 32.mat``
@@ -34,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsrun.datasets.loader import random_shift
 from capsrun.errors import DatasetError, brief, unreadable
 
 URL = "https://www.cs.toronto.edu/~tijmen/affNIST/32x/transformed/test.mat.zip"
@@ -200,14 +200,3 @@ def pad_to_canvas(images: torch.Tensor, canvas: int = SIZE) -> torch.Tensor:
     out = images.new_zeros((n, c, canvas, canvas))
     out[..., top : top + h, left : left + w] = images
     return out
-
-
-def random_translate(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by its own random integer offset in ``-max_shift..max_shift`` along each
-    axis, zero fill. ``x``: ``[B, C, H, W]``; returns ``[B, C, H, W]``. Draws
-    ``torch.randint(-max_shift, max_shift + 1, (B, 2), generator=gen)`` as (dy, dx) on ``gen``'s
-    device. A 28x28 digit padded to 40x40 stays whole for ``max_shift <= 6``."""
-    if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-    offsets = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2), generator=gen, device=gen.device)
-    return random_shift(x, offsets.to(x.device), max_shift)
