@@ -598,13 +598,13 @@ def run(cfg: DictConfig, dev: torch.device, world: distributed.World, epoch_hook
     sched = scheduler(cfg, opts[0], total_steps=total_steps)
     hooks = epoch_hooks(net, data) if epoch_hooks is not None else []
     health = health_monitor(cfg, data.evals["test"])
-    train_model, train_loader, test_loaders = net, data.train, data.evals
+    train_model, train_loader, eval_loaders = net, data.train, data.evals
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
         train_loader = distributed.ShardedLoader(data.train, world)
-        test_loaders = {k: distributed.ShardedLoader(v, world) for k, v in data.evals.items()}
+        eval_loaders = {k: distributed.ShardedLoader(v, world) for k, v in data.evals.items()}
         # different training-time noise (VCaps samples) on each rank, the same on every launch
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank)
     eval_model = None
@@ -616,7 +616,7 @@ def run(cfg: DictConfig, dev: torch.device, world: distributed.World, epoch_hook
         model=net,
         objective=loss,
         train_loader=train_loader,
-        test_loaders=test_loaders,
+        eval_loaders=eval_loaders,
         optimizers=opts,
         scheduler=sched,
         config=stored_run_config(cfg),

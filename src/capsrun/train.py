@@ -375,7 +375,7 @@ class Run:
     ``optimizers``: see :func:`train_one_epoch`. ``train_model``: what the training step calls
     (``model``, or a DistributedDataParallel or :class:`capsrun.speed.Compiled` wrapper of it);
     ``eval_model``: what evaluation calls (``model`` or a compiled one). ``train_loader`` and
-    ``test_loaders`` are this rank's shards. ``epoch_hooks``: called after each evaluation as
+    ``eval_loaders`` are this rank's shards. ``epoch_hooks``: called after each evaluation as
     ``hook(model, epoch, last)``; each returns scalars (merged into the metrics) and images
     (``{tag: [C, H, W]}`` under the key ``"images"``) to log, e.g. sample quality.
     ``step_hooks``: called as ``hook(model, step)`` after every ``hook.every_steps``-th optimizer
@@ -386,7 +386,7 @@ class Run:
     model: nn.Module
     objective: nn.Module
     train_loader: Any
-    test_loaders: dict
+    eval_loaders: dict
     optimizers: Sequence[torch.optim.Optimizer]
     scheduler: Any
     config: dict[str, Any]
@@ -451,14 +451,14 @@ def _selection(run: Run) -> tuple[str, str, str]:
     """``(split, metric, mode)`` that picks best.pt: the objective's ``monitor`` on the validation
     set when there is one (never tune on the test set), else on the test set."""
     name, mode = getattr(run.objective, "monitor", ("accuracy", "max"))
-    return ("val" if "val" in run.test_loaders else "test"), name, mode
+    return ("val" if "val" in run.eval_loaders else "test"), name, mode
 
 
 def _start_records(tb: TBLogger, run: Run) -> None:
     """A fresh run's first TensorBoard records: the HParams trial with the metrics it will log
     declared, the custom-scalars layout and the config text."""
     split, name, _ = _selection(run)
-    splits = list(run.test_loaders)
+    splits = list(run.eval_loaders)
     declared = [f"{s}/{name}" for s in splits] + [f"best/{split}/{name}"]
     declared += [f"{s}/error" for s in splits if name == "accuracy"] + [f"{s}/loss/total" for s in splits]
     declared = [t for t in dict.fromkeys(declared) if t not in run.trial.metrics]
@@ -510,7 +510,7 @@ def _evaluate_splits(run: Run, loop: Loop) -> tuple[dict[str, EvalResult], float
     show = loop.progress and run.world.is_main
     results = {
         name: evaluate(run.eval_model or run.model, run.objective, loader, loop.num_images, show, name, run.precision)
-        for name, loader in run.test_loaders.items()
+        for name, loader in run.eval_loaders.items()
     }
     return results, time.perf_counter() - t0  # evaluate() ends with a host copy: synced
 
