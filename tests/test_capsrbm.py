@@ -231,3 +231,21 @@ def test_bad_settings_are_refused():
         RBM(cd_steps=0)
     with pytest.raises(ValueError, match="chain_init"):
         RBM(chain_init="prior")
+
+
+def test_one_routing_iteration_takes_the_one_matmul_path_with_the_same_values():
+    """Uniform couplings: encode and top-down skip the patches (one matmul each) and give what the
+    routed, patch-wise computation gives."""
+    torch.manual_seed(0)
+    model = CapsuleRBM(image_size=8, patch=4, hidden_caps=3, hidden_dim=2, routing_iterations=1, weight_std=0.5)
+    model = model.double()
+    v = torch.bernoulli(torch.full((5, 1, 8, 8), 0.4, dtype=torch.float64))
+    fast = model.encode(v)
+    slow = route(model.votes(v), 1, model.switch_bias, model.pose_bias)
+    torch.testing.assert_close(fast.s, slow.s)
+    torch.testing.assert_close(fast.coupling, slow.coupling)
+    pose = torch.bernoulli(torch.full((5, 3, 2), 0.5, dtype=torch.float64))
+    model.iterations = 2  # the patch-wise top-down, with the same uniform couplings
+    patchwise = model._top_down(slow.coupling, pose)
+    model.iterations = 1
+    torch.testing.assert_close(model._top_down(fast.coupling, pose), patchwise)

@@ -116,7 +116,7 @@ def test_energy_models_log_their_monitors_and_sample_quality(energy_run):
     shares = [_scalars(run, f"samples/class_share/{k}")[-1] for k in range(10)]
     assert sum(shares) == pytest.approx(100.0)
     assert len(_scalars(run, "samples/recognised")) == 3  # epochs 10, 20, 30 (sample_quality.every_epochs=10)
-    assert len(_scalars(run, "samples/acceptance")) == 30  # the grid and the chain figures: every epoch
+    assert len(_scalars(run, "samples/acceptance")) == 3  # the grid and its figures: with the judged ones
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["chains"].shape == (32, 1, 28, 28) and bool(state["chains_started"])
     assert set(state["chains"].unique().tolist()) <= {0.0, 1.0}
@@ -159,6 +159,33 @@ def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, w
     assert 0 <= metrics["samples/recognised"] <= 100 and metrics["samples/frechet_distance"] >= 0
     assert 0 <= metrics["samples/recognised_real"] <= 100
     assert sum(metrics[f"samples/class_share/{k}"] for k in range(10)) == pytest.approx(100.0)
+    assert metrics["samples/judge_temperature"] > 0 and "samples/recognised_uncalibrated" in metrics
+    assert "samples/swap_rate" not in metrics  # trained without tempering: its own sampler is the plain chain
+
+
+def test_sample_with_a_tempering_ladder(energy_run, mnist_root, work):
+    """tempering=4 on a model trained without: the base-rate model from the training images, each
+    step a sweep of 4 levels; the swap rate in metrics.json."""
+    _, run = energy_run
+    out = work / f"tempered_{run.name}"
+    args = [f"checkpoint={run}/checkpoints/last.pt", "num_samples=9", "gibbs_steps=30", "tempering=4"]
+    result = ok(run_capsrun("sample", *args, f"hydra.run.dir={out}", cwd=work, data_root=mnist_root))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["samples/swap_rate"] <= 1
+    assert "parallel-tempering sweep of 4 levels" in result.stdout + result.stderr
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (9, 1, 28, 28) and set(samples.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root, tmp_path):
+    run = tmp_path / "pt"
+    args = [*SMALL["rbm"], *COMMON, "model.tempering=3", "trainer.epochs=2", "ais.at_end=false"]
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    rates = _scalars(run, "train/chain/swap_rate")
+    assert rates and all(0 <= r <= 1 for r in rates) and max(rates) > 0
+    assert len(_scalars(run, "samples/swap_rate")) == 2  # the epoch grid samples with the same ladder
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert state["ladder_chains"].shape == (2, 32, 1, 28, 28) and int(state["sweeps"]) > 0
 
 
 @pytest.mark.parametrize(
@@ -167,6 +194,8 @@ def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, w
         ("sample", ["init=prior"], "init must be noise or data"),
         ("sample", ["gibbs_steps=-5"], "gibbs_steps must be an integer >= 1"),
         ("sample", ["temperature=0"], "temperature must be a number > 0"),
+        ("sample", ["tempering=0"], "tempering must be an integer >= 1"),
+        ("sample", ["tempering=3", "temperature=2"], "tempering samples the model at temperature 1"),
         ("sample", ["sample_quality.confidence=1.5"], "sample_quality.confidence must be a number in (0, 1)"),
         ("eval", ["ais.temperatures=1"], "ais.temperatures must be an integer >= 2"),
         ("eval", ["ais.runs=0"], "ais.runs must be an integer >= 1"),
@@ -185,6 +214,13 @@ def test_bad_training_ais_settings_fail_before_training(mnist_root, tmp_path):
     result = run_capsrun("train", *SMALL["rbm"], *COMMON, "ais.temperatures=0", cwd=tmp_path, data_root=mnist_root)
     assert result.returncode == 2 and "ais.temperatures must be an integer >= 2" in result.stderr
     assert not list(tmp_path.rglob("last.pt"))
+
+
+@pytest.mark.parametrize("args", [["model.tempering=0"], ["model.tempering=3", "model.persistent=false"]])
+def test_a_tempering_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path, args):
+    result = run_capsrun("train", *SMALL["rbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "tempering must be >= 1" in lines[0], result.stderr
 
 
 def test_capsule_rbm_never_reads_the_labels(tmp_path):

@@ -52,3 +52,47 @@ def test_unconditional_quality_counts_confident_samples_and_the_class_histogram(
     assert [m[f"samples/class_share/{k}"] for k in range(3)] == [25.0, 50.0, 25.0]
     same = sampling.unconditional_quality(judge, real.repeat(2, 1, 1, 1), (real_features, real_conf), 3)
     assert same["samples/frechet_distance"] < m["samples/frechet_distance"]
+
+
+def test_temperature_scaling_divides_the_log_odds():
+    lengths = torch.tensor([[0.9, 0.1, 0.1]])
+    post = sampling.class_posterior(lengths, temperature=0.5)
+    logits = torch.logit(lengths) / 0.5
+    torch.testing.assert_close(post, torch.softmax(logits, -1))
+    assert float(post[0, 0]) > float(sampling.class_posterior(lengths)[0, 0])  # T < 1 sharpens
+
+
+def test_judge_temperature_recovers_the_temperature_that_made_the_labels():
+    """Labels drawn from softmax(log-odds / 0.4): the fitted temperature is about 0.4, and the
+    calibrated posterior's mean confidence matches its accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.rand(20000, 5, generator=gen) * 0.98 + 0.01
+    true_t = 0.4
+    labels = torch.multinomial(sampling.class_posterior(lengths, true_t), 1, generator=gen).squeeze(1)
+    t = sampling.judge_temperature(lengths, labels)
+    assert t == pytest.approx(true_t, rel=0.05)
+    conf, pred = sampling.class_posterior(lengths, t).max(-1)
+    assert float(conf.mean()) == pytest.approx(float((pred == labels).float().mean()), abs=0.01)
+
+
+def test_a_calibrated_judge_passes_confidently_right_real_images():
+    """A judge whose raw posterior stays at about 0.5 but is always right: calibrated, it
+    recognises the real images (and samples like them); raw, it recognises none; both are logged."""
+
+    class Timid(torch.nn.Module):
+        def forward(self, x):
+            k = x.flatten(1)[:, :3].argmax(1)
+            lengths = torch.full((len(x), 3), 0.3)
+            lengths[torch.arange(len(x)), k] = 0.7
+            return _Out(lengths, lengths.unsqueeze(-1).repeat(1, 1, 2))
+
+    real = torch.zeros(30, 1, 2, 2)
+    labels = torch.arange(30) % 3
+    real.view(30, 4)[torch.arange(30), labels] = 1.0
+    calibrated = sampling.Judge(Timid(), real, labels)
+    raw = sampling.Judge(Timid(), real, labels, calibrate=False)
+    assert calibrated.temperature < 0.2 and raw.temperature == 1.0
+    m = calibrated.quality(real[:9], 3)
+    assert m["samples/recognised"] == 100.0 and m["samples/recognised_real"] == 100.0
+    assert m["samples/recognised_uncalibrated"] == 0.0
+    assert raw.quality(real[:9], 3)["samples/recognised"] == 0.0

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from capsrun.models.energy import base_rate  # noqa: F401  (the base-rate model's biases; AIS starts there)
+
 log = logging.getLogger("capsrun")
 
 UNRELIABLE_STD = 5.0  # nats: std(log w) above this, log Z is dominated by a few runs
@@ -64,13 +66,6 @@ def schedule(temperatures: int) -> torch.Tensor:
     if len(betas) > temperatures:  # very short schedules: keep both ends
         betas = torch.linspace(0, 1, temperatures, dtype=torch.float64)
     return betas
-
-
-def base_rate(v: torch.Tensor) -> torch.Tensor:
-    """The base-rate model's visible biases ``[C*H*W]``: logit of each pixel's mean over the binary
-    training images ``v`` [N, C, H, W], smoothed as (sum + 1/2) / (N + 1)."""
-    p = (v.flatten(1).double().sum(0) + 0.5) / (len(v) + 1)
-    return torch.logit(p).float()
 
 
 @torch.no_grad()

@@ -40,8 +40,31 @@ def load_classifier(cfg: DictConfig, dev: torch.device, dataset: DictConfig):
     return net
 
 
+def judge(classifier, model, test, sq: DictConfig) -> sampling.Judge:
+    """The judge of an energy model's samples: ``classifier`` with the first
+    ``sq.real_images`` test images, binarised as the model sees them, calibrated on them when
+    ``sq.calibrate`` (:func:`capsrun.sampling.judge_temperature`)."""
+    real, labels = sampling.first_labelled(test, sq.real_images)
+    found = sampling.Judge(classifier, model.visible_states(real), labels, calibrate=bool(sq.get("calibrate", True)))
+    log.info("sample judge: temperature %.3g on %d binarised test images", found.temperature, len(real))
+    return found
+
+
 def confidence_setting(value: Any, key: str) -> float:
     return build.number(value, key, lambda v: 0 < v < 1, "a number in (0, 1)", 0.9)
+
+
+def sampler_base(model, loaders, images: int = 10_000) -> torch.Tensor:
+    """The base-rate model at the bottom of a tempering ladder ``[C*H*W]``: the model's own, when
+    it was trained with tempering, else the base rate of the first ``images`` training images."""
+    if hasattr(model, "base_rate"):
+        return model.base_rate
+    from capsrun import ais
+
+    if loaders.train is None:
+        raise ConfigError("tempering needs the training images for its base-rate model")
+    base = ais.base_rate(model.visible_states(sampling.first_images(loaders.train, images)))
+    return base.to(next(model.parameters()).device)
 
 
 def ais_settings(cfg: DictConfig) -> dict[str, int]:

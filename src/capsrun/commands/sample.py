@@ -101,36 +101,52 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     if cfg.init not in ("noise", "data"):
         raise ConfigError(f"init must be noise or data, got {cfg.init!r}; e.g. init=noise")
     temperature = build.number(cfg.temperature, "temperature", lambda v: v > 0, "a number > 0", 1.0)
+    tempering = cfg.get("tempering")
+    if tempering is None:  # the model's own sampler: the ladder it was trained with (1: its plain chain)
+        tempering = int(run_cfg.model.get("tempering", 1))
+    tempering = build.integer(tempering, "tempering", example=10)
+    if tempering > 1 and temperature != 1:
+        raise ConfigError("tempering samples the model at temperature 1; give one of them, e.g. tempering=1")
     confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
     classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
     model.eval()
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
-    loaders = build.loaders(run_cfg, dev, train=False, eval_batch_size=cfg.trainer.batch_size)
+    needs_train = tempering > 1 and not hasattr(model, "base_rate")  # the ladder's base-rate model
+    loaders = build.loaders(run_cfg, dev, train=needs_train, eval_batch_size=cfg.trainer.batch_size)
+    base = common.sampler_base(model, loaders) if tempering > 1 else None
     test = loaders.evals["test"]
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.init == "data":
         start = model.visible_states(sampling.first_images(test, cfg.num_samples))
     else:
         start = model.noise(cfg.num_samples, gen).to(dev)
-    log.info("%d chains from %s, %d steps ...", len(start), cfg.init, cfg.gibbs_steps)
-    v, snaps, acceptance = sampling.gibbs_chains(
-        model, start, cfg.gibbs_steps, snapshots=8, mh=cfg.mh, temperature=float(temperature), seed=cfg.seed
+    ladder = f", each a parallel-tempering sweep of {tempering} levels" if tempering > 1 else ""
+    log.info("%d chains from %s, %d steps%s ...", len(start), cfg.init, cfg.gibbs_steps, ladder)
+    run = sampling.gibbs_chains(
+        model,
+        start,
+        cfg.gibbs_steps,
+        snapshots=8,
+        mh=cfg.mh,
+        temperature=float(temperature),
+        seed=cfg.seed,
+        tempering=tempering,
+        base=base,
     )
-    real = model.visible_states(sampling.first_images(test, cfg.sample_quality.real_images))
+    v, snaps, acceptance = run.v, run.snapshots, run.acceptance
+    judge = None if classifier is None else common.judge(classifier, model, test, cfg.sample_quality)
+    real = model.visible_states(sampling.first_images(test, 1000))
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         metrics = {
             "samples/acceptance": acceptance,
             "samples/free_energy": model.free_energy(v).mean().item(),
-            "test/free_energy/data": model.free_energy(real[:1000]).mean().item(),
+            "test/free_energy/data": model.free_energy(real).mean().item(),
         }
+        if run.swap_rates:
+            metrics["samples/swap_rate"] = min(run.swap_rates)
         mean = model.reconstruct(v)
-    if classifier is not None:
-        _, real_features, real_confidence = sampling.classifier_outputs(classifier, real)
-        metrics.update(
-            sampling.unconditional_quality(
-                classifier, v, (real_features, real_confidence), run_cfg.dataset.num_classes, confidence
-            )
-        )
+    if judge is not None:
+        metrics.update(judge.quality(v, run_cfg.dataset.num_classes, confidence))
     nrow = max(int(len(v) ** 0.5), 1)
     rows = min(len(v), 8)
     chain = torch.stack([start[:rows], *(s[:rows] for s in snaps)], 1).flatten(0, 1)  # row i: chain i
@@ -154,7 +170,13 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         shares = [metrics[f"samples/class_share/{k}"] for k in range(run_cfg.dataset.num_classes)]
         quality = (
             f"; {metrics['samples/recognised']:.1f}% recognised with confidence > {confidence} "
-            f"(binarised test images: {metrics['samples/recognised_real']:.1f}%), "
+            f"(binarised test images: {metrics['samples/recognised_real']:.1f}%"
+            + (
+                f"; uncalibrated {metrics['samples/recognised_uncalibrated']:.1f}%"
+                if "samples/recognised_uncalibrated" in metrics
+                else ""
+            )
+            + "), "
             f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.2f}"
         )
     log.info(

@@ -216,25 +216,27 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
     if sampling.can_sample_chains(model):
         chains = build._positive_int(cfg, "model.samples.chains", example="100")
         steps = build._positive_int(cfg, "model.samples.gibbs_steps", example="1000")
+        tempering = build._positive_int(cfg, "model.samples.tempering", example="10")
         confidence = common.confidence_setting(sq.confidence, "sample_quality.confidence")
-        real = None
+        judge = None
         if classifier is None:
             log.info(
                 "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>", cfg.dataset.name
             )
         else:
-            real = model.visible_states(sampling.first_images(loaders.evals["test"], sq.real_images))
+            judge = common.judge(classifier, model, loaders.evals["test"], sq)
         hooks: list = [
             sampling.ChainSamples(
                 model.image_shape,
                 chains=chains,
                 steps=steps,
                 seed=cfg.seed,
-                classifier=classifier,
-                real_images=real,
+                judge=judge,
                 num_classes=cfg.dataset.num_classes,
                 every_epochs=every,
                 confidence=confidence,
+                tempering=tempering,
+                base=common.sampler_base(model, loaders) if tempering > 1 else None,
             )
         ]
         if cfg.ais.at_end:

@@ -42,14 +42,20 @@ frozen at c(v) - a factorial Bernoulli, sigmoid(a + N sum_j c_ij W_ij^T z_j h_j)
 exact conditional when routing does not move - accepted with the Metropolis-Hastings ratio that
 accounts for c(v') != c(v), so the chain leaves p(v, z, h) invariant exactly (``mh=False`` skips
 the test: biased). Every pixel can change at every step, as in an RBM's block Gibbs; one routing
-pass per step (the state's routing is carried).
+pass per step (the state's routing is carried). With one routing iteration the couplings are
+uniform whatever v is: the MH ratio is exactly 1 (the test is skipped) and s(v) and the top-down
+pass are one matmul each over the pixels (the patches' weights in pixel order), as fast as an RBM.
+For mixing between digit classes the chain can be the top of a parallel-tempering ladder
+(``tempering``, :func:`capsrun.models.energy.tempered_sweep`), in training and in sampling.
 
 Measured (MNIST, README "The capsule RBM"): with one routing iteration (uniform couplings; the
 default of ``conf/model/capsrbm.yaml``) the chain is exact block Gibbs and the model trains like an
 RBM with switches. With two or more, the couplings move with every pixel, the full-image proposal
 is refused ever more often as the weights grow and PCD diverges; ``agreement_bound`` (each
 agreement update is ``bound * tanh(a / bound)``) keeps it stable only where the couplings hardly
-leave uniform. Routing that shapes a model which mixes is not solved here.
+leave uniform. Routing that shapes a model which mixes is not solved here. Trained at the top of a
+20-level tempering ladder (``experiment=capsrbm_mnist``) the model's chains hold every digit class
+in the data's proportions and its test log-likelihood is -74.55 nats, 2 nats from the RBM anchor's.
 
 Gradient: d log p(v) / d theta = -dF(v)/d theta + E_model[dF/d theta], through the routing,
 estimated by CD-k or PCD chains (:class:`~capsrun.models.energy.EnergyModel`).
@@ -122,9 +128,12 @@ class CapsuleRBM(EnergyModel):
         chains: int = 100,
         chain_init: str = "data",
         data_init: bool = True,
+        tempering: int = 1,
         mh: bool = True,
     ):
-        super().__init__((in_channels, image_size, image_size), cd_steps, persistent, chains, chain_init, data_init)
+        super().__init__(
+            (in_channels, image_size, image_size), cd_steps, persistent, chains, chain_init, data_init, tempering
+        )
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")
         if min(hidden_caps, hidden_dim, routing_iterations) < 1:
@@ -151,11 +160,32 @@ class CapsuleRBM(EnergyModel):
         return u.view(self.in_caps, len(v), self.caps, self.dim).transpose(0, 1)
 
     def encode(self, v: torch.Tensor) -> Routed:
+        if self.iterations == 1:  # uniform couplings: s_j = sum_i W_ij v_i + beta_j, one matmul
+            s = (v.flatten(1) @ self._pixel_weight()).view(len(v), self.caps, self.dim) + self.pose_bias
+            return Routed(s, s.new_full((1, 1, 1), 1.0 / self.caps).expand(len(v), self.in_caps, self.caps))
         return route(self.votes(v), self.iterations, self.switch_bias, self.pose_bias, self.bound)
+
+    def _pixel_weight(self) -> torch.Tensor:
+        """The votes' weights as one matrix ``[C*H*W, N*D]`` with rows in pixel order: what
+        sum_i W_ij v_i is for uniform couplings (the same sum, without cutting v into patches)."""
+        if not hasattr(self, "_pixel_rows"):
+            pixels = torch.arange(len(self.visible_bias), dtype=torch.float64).view(1, *self.image_shape)
+            order = self.visible_caps(pixels).flatten().long()  # row r of the patch weights is pixel order[r]
+            self._pixel_rows = torch.argsort(order)
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+        if torch.is_grad_enabled() or getattr(self, "_pixel_cache", (None,))[0] != key:
+            rows = self._pixel_rows.to(self.weight.device)
+            weight = self.weight.view(-1, self.caps * self.dim).index_select(0, rows)
+            if torch.is_grad_enabled():
+                return weight  # part of the graph: never cached
+            self._pixel_cache = (key, weight)  # chains and evaluation: the same weights step after step
+        return self._pixel_cache[1]
 
     def _top_down(self, coupling: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
         """N sum_j c_ij W_ij^T (z_j h_j) for every pixel ``[B, V]``: what the hidden capsules say
         to the visible ones with the couplings ``coupling`` [B, P, N]; ``pose`` [B, N, D]."""
+        if self.iterations == 1:  # uniform couplings: N * (1/N) W^T z h, one matmul
+            return pose.flatten(1) @ self._pixel_weight().T
         weighted = self.caps * coupling.unsqueeze(-1) * pose.unsqueeze(1)  # [B, P, N, D]
         cols = torch.bmm(weighted.flatten(2).transpose(0, 1), self.weight.transpose(1, 2))  # [P, B, C*p*p]
         image = F.fold(cols.permute(1, 2, 0), self.image_shape[1:], kernel_size=self.patch, stride=self.patch)
@@ -193,7 +223,7 @@ class CapsuleRBM(EnergyModel):
         proposal = torch.bernoulli(torch.sigmoid(g))
         new = proposal.view_as(v)
         enc_new = self.encode(new)
-        if not self.mh:
+        if not self.mh or self.iterations == 1:  # one iteration: the couplings are uniform, the ratio 1
             return new, enc_new, torch.ones(len(v), device=v.device)
         g_new = beta * self._top_down(enc_new.coupling, pose) + bias
         # log p(v', z, h) - log p(v, z, h) + log q(v | v') - log q(v' | v); p(v, z, h) ~ exp(v . g(v))

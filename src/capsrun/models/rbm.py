@@ -43,8 +43,11 @@ class RBM(EnergyModel):
         chains: int = 100,
         chain_init: str = "data",
         data_init: bool = True,
+        tempering: int = 1,
     ):
-        super().__init__((in_channels, image_size, image_size), cd_steps, persistent, chains, chain_init, data_init)
+        super().__init__(
+            (in_channels, image_size, image_size), cd_steps, persistent, chains, chain_init, data_init, tempering
+        )
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.weight = nn.Parameter(torch.randn(hidden, len(self.visible_bias)) * weight_std)

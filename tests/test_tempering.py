@@ -1,0 +1,204 @@
+"""Parallel tempering for the energy models: the swap test against the tempered densities summed
+by hand, the ladder's levels against their exact distributions on 9-pixel models, a two-mode
+model that a plain chain cannot cross and the ladder does, and tempering in training."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from capsrun import sampling
+from capsrun.models.capsrbm import CapsuleRBM
+from capsrun.models.energy import RBMLoss, base_rate, ladder, retune, tempered_sweep
+from capsrun.models.rbm import RBM
+from test_capsrbm import _histogram, _rbm
+from test_capsrbm import _sampling_floor as _floor
+
+
+def _images() -> torch.Tensor:
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=9)), dtype=torch.float64).view(-1, 1, 3, 3)
+
+
+def _capsrbm() -> CapsuleRBM:
+    torch.manual_seed(0)
+    model = CapsuleRBM(
+        image_size=3, patch=1, hidden_caps=2, hidden_dim=2, routing_iterations=3, agreement_bound=None,
+        weight_std=1.5, persistent=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.visible_bias.copy_(torch.linspace(-1, 1, 9))
+    return model.double()
+
+
+BASE = torch.linspace(-1.5, 0.5, 9, dtype=torch.float64)
+
+
+def _tempered_log_density(model: RBM, v: torch.Tensor, beta: float) -> torch.Tensor:
+    """log sum_h exp((1 - beta) base . v - beta E(v, h)), every h enumerated (not the closed form)."""
+    hs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=len(model.hidden_bias))), dtype=torch.float64)
+    flat = v.flatten(1)
+    energy = -(flat @ model.visible_bias)[:, None] - hs @ model.hidden_bias - (flat @ model.weight.T) @ hs.T
+    return torch.logsumexp((1 - beta) * (flat @ BASE)[:, None] - beta * energy, 1)
+
+
+def _tv(v: torch.Tensor, p: torch.Tensor) -> float:
+    return float(0.5 * (_histogram(v) - p).abs().sum())
+
+
+def _exact(model, beta: float = 1.0) -> torch.Tensor:
+    states = _images()
+    with torch.no_grad():
+        return torch.softmax(-model.free_energy_at(states, model.encode(states), beta, BASE), 0)
+
+
+def test_ladder_is_even_from_the_base_rate_model_to_the_model():
+    assert ladder(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        ladder(1)
+
+
+def _lengths(betas: torch.Tensor, sigma: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """sqrt(-log A) of each pair of ``betas`` when the spread per unit beta is ``sigma`` [m] on the
+    intervals between ``edges`` [m + 1]: the integral of sigma over each gap."""
+
+    def cumulative(b):
+        return sum(float(s_ * (min(max(b, lo), hi) - lo)) for s_, lo, hi in zip(sigma, edges[:-1], edges[1:]))
+
+    c = torch.tensor([cumulative(float(b)) for b in betas], dtype=torch.float64)
+    return c.diff()
+
+
+def test_retune_equalises_the_swap_rates_of_a_known_profile():
+    """A spread of 8 per unit beta on [0, 0.25], 1 on [0.25, 0.875], 5 on [0.875, 1] (constant
+    within each gap of the even ladder of 9): from that ladder's rates, one full step (step=1)
+    gives a ladder whose pairs all have one rate, and the damped step lands halfway."""
+    sigma = torch.tensor([8.0, 1.0, 5.0], dtype=torch.float64)
+    edges = torch.tensor([0.0, 0.25, 0.875, 1.0], dtype=torch.float64)
+    even = torch.tensor(ladder(9), dtype=torch.float64)
+    rates = torch.exp(-(_lengths(even, sigma, edges) ** 2))
+    tuned = retune(even, rates, step=1.0)
+    lengths = _lengths(tuned, sigma, edges)
+    assert tuned[0] == 0 and tuned[-1] == 1 and (tuned.diff() > 0).all()
+    torch.testing.assert_close(lengths, torch.full_like(lengths, float(lengths.mean())), atol=1e-9, rtol=1e-9)
+    assert float(lengths.mean()) == pytest.approx((8 * 0.25 + 0.625 + 5 * 0.125) / 8)
+    torch.testing.assert_close(retune(even, rates), (even + tuned) / 2)
+    torch.testing.assert_close(retune(even, torch.full((8,), 0.3)), even)  # equal rates: left alone
+
+
+def test_base_rate_is_the_smoothed_pixel_mean():
+    v = torch.tensor([[1.0, 0, 1], [1, 0, 0]]).view(2, 1, 1, 3)
+    torch.testing.assert_close(base_rate(v), torch.logit(torch.tensor([2.5, 0.5, 1.5]) / 3))
+
+
+def test_swap_is_accepted_with_the_ratio_of_the_tempered_densities(monkeypatch):
+    """Chain steps stubbed out, so that only the exchange acts: x at beta 0.3, y at 0.8, 40,000
+    proposals; the share exchanged matches min(1, p_0.3(y) p_0.8(x) / (p_0.3(x) p_0.8(y))) with
+    the hidden units summed by hand."""
+    model = _rbm()
+    monkeypatch.setattr(model, "transition", lambda v, enc, beta, base: (v, enc, torch.ones(len(v))))
+    states = _images()
+    x, y = states[37], states[422]
+    lo, hi = 0.3, 0.8
+    d = {b: _tempered_log_density(model, torch.stack([x, y]), b) for b in (lo, hi)}
+    exact = min(1.0, math.exp(float((d[lo][1] + d[hi][0] - d[lo][0] - d[hi][1]).detach())))
+    n = 40000
+    levels = [x.expand(n, -1, -1, -1).clone(), y.expand(n, -1, -1, -1).clone()]
+    encs = [model.encode(v) for v in levels]
+    torch.manual_seed(0)
+    _, rates = tempered_sweep(model, levels, encs, [lo, hi], BASE, parity=0)
+    assert 0.05 < exact < 0.95  # a case where the test decides
+    assert abs(float(rates[0]) - exact) < 4 * math.sqrt(exact * (1 - exact) / n), (float(rates[0]), exact)
+    swapped = (levels[0].flatten(1) == y.flatten()).all(1)
+    assert float(swapped.double().mean()) == pytest.approx(float(rates[0]))
+    assert torch.equal(levels[1][swapped], x.expand(int(swapped.sum()), -1, -1, -1))
+    torch.testing.assert_close(encs[0], model.encode(levels[0]))  # the hidden inputs travel with their states
+
+
+def test_swap_rates_count_only_the_pairs_tried():
+    model = _rbm()
+    levels = [torch.bernoulli(torch.full((50, 1, 3, 3), 0.5, dtype=torch.float64)) for _ in range(4)]
+    encs = [model.encode(v) for v in levels]
+    _, rates = tempered_sweep(model, levels, encs, ladder(4), BASE, parity=1)
+    assert rates[0] == 0 and rates[2] == 0 and 0 <= rates[1] <= 1
+
+
+@pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
+def test_every_level_of_the_ladder_samples_its_tempered_distribution(make):
+    """20,000 ladders of 4 levels from noise, 150 sweeps: each level's states are distributed as
+    p_beta (the bottom one as the base-rate model), within 1.3x the floor of exact draws."""
+    model = make()
+    n, betas = 20000, ladder(4)
+    torch.manual_seed(1)
+    levels = [torch.bernoulli(torch.full((n, 1, 3, 3), 0.5, dtype=torch.float64)) for _ in betas]
+    levels, acceptance, rates = model.tempered(levels, 150, BASE)
+    for v, beta in zip(levels, betas):
+        exact = _exact(model, beta)
+        assert _tv(v, exact) < 1.3 * _floor(exact, n), (beta, _tv(v, exact))
+    assert ((rates > 0.05) & (rates <= 1)).all() and 0 < acceptance <= 1
+
+
+def _two_wells() -> RBM:
+    """One hidden unit with large weights: a well at 'all pixels on' and one at 'all off' with
+    about equal mass, and a barrier between them that block Gibbs does not cross."""
+    model = RBM(image_size=3, hidden=1, persistent=False).double()
+    with torch.no_grad():
+        model.weight.fill_(8.0)
+        model.hidden_bias.fill_(-36.0)
+        model.visible_bias.fill_(-4.0)
+    return model
+
+
+def test_the_ladder_crosses_between_wells_that_a_plain_chain_cannot():
+    model = _two_wells()
+    exact = _exact(model)
+    mostly_on = _images().flatten(1).sum(1) >= 5
+    on = float(exact[mostly_on].sum())
+    assert 0.4 < on < 0.6, on  # two wells of about equal mass
+    n = 4000
+    start = torch.zeros(n, 1, 3, 3, dtype=torch.float64)  # every chain in the 'off' well
+    torch.manual_seed(3)
+    plain, _ = model.gibbs(start, 300)
+    below = torch.sigmoid(BASE).expand(n, -1)
+    levels = [torch.bernoulli(below).view_as(start) for _ in range(11)] + [start]
+    levels, _, rates = model.tempered(levels, 600, BASE)
+    share_on = {k: float((v.flatten(1).sum(1) >= 5).double().mean()) for k, v in (("plain", plain), ("pt", levels[-1]))}
+    assert share_on["plain"] < 0.01, share_on  # stuck where it started
+    assert abs(share_on["pt"] - on) < 0.05, (share_on, on)
+    assert _tv(levels[-1], exact) < 1.5 * _floor(exact, n)
+
+
+def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
+    torch.manual_seed(0)
+    model = RBM(image_size=4, hidden=5, chains=6, tempering=3)
+    x = (torch.rand(6, 1, 4, 4) < 0.3).float()
+    out = model.train()(x)
+    losses = RBMLoss()(out, x)
+    assert 0 <= float(losses["chain/swap_rate"]) <= 1
+    torch.testing.assert_close(model.base_rate, base_rate(x))
+    assert model.ladder_chains.shape == (2, 6, 1, 4, 4) and int(model.sweeps) == 1
+    state = model.state_dict()
+    assert {"ladder_chains", "betas", "swap_rates", "base_rate", "sweeps"} <= set(state)
+    again = RBM(image_size=4, hidden=5, chains=6, tempering=3)
+    again.load_state_dict(state)
+    assert torch.equal(again.ladder_chains, model.ladder_chains)
+    assert "ladder_chains" not in RBM(image_size=4, hidden=5, chains=6).state_dict()  # plain PCD: keys as before
+
+
+def test_tempering_needs_persistent_chains():
+    with pytest.raises(ValueError, match="tempering"):
+        RBM(tempering=0)
+    with pytest.raises(ValueError, match="tempering"):
+        CapsuleRBM(image_size=8, patch=4, persistent=False, tempering=3)
+
+
+def test_gibbs_chains_with_tempering_report_the_swap_rates():
+    model = _rbm()
+    start = torch.bernoulli(torch.full((40, 1, 3, 3), 0.5, dtype=torch.float64))
+    run = sampling.gibbs_chains(model, start, 20, snapshots=4, tempering=5, base=BASE)
+    assert len(run.swap_rates) == 4 and all(0 <= r <= 1 for r in run.swap_rates)
+    assert len(run.snapshots) == 4 and torch.equal(run.snapshots[-1], run.v)
+    with pytest.raises(ValueError, match="base-rate"):
+        sampling.gibbs_chains(model, start, 20, tempering=5)
