@@ -404,8 +404,22 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_half_file(mnist_root
     assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "checkpoints").glob("*.pt"))
 
 
+def _default_sigint() -> None:
+    # as a terminal's foreground job gets it: pytest started from a background job (`make test &`)
+    # inherits SIGINT ignored, and the CLI rightly keeps ignoring it then
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(argv: list[str], cwd: Path, env: dict, after: float) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     time.sleep(after)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
