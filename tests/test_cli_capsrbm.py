@@ -186,12 +186,24 @@ def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root,
     assert len(_scalars(run, "samples/swap_rate")) == 2  # the epoch grid samples with the same ladder
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["ladder_chains"].shape == (2, 32, 1, 28, 28) and int(state["sweeps"]) > 0
+    # init=chains: the frozen model's own ladder, started where training left it
+    out = tmp_path / "own"
+    args = [f"checkpoint={run}/checkpoints/last.pt", "init=chains", "num_samples=32", "gibbs_steps=2"]
+    result = ok(run_capsrun("sample", *args, f"hydra.run.dir={out}", cwd=tmp_path, data_root=mnist_root))
+    logged = result.stdout + result.stderr
+    assert "32 chains from the checkpoint's own chains, 2 steps, each a parallel-tempering sweep of 3" in logged
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    # two sweeps move some pixels of the training chains, not all: from noise half of them would differ
+    changed = (samples != state["chains"]).float().mean().item()
+    assert 0 < changed < 0.25, changed
+    result = run_capsrun("sample", *args[:2], "num_samples=33", cwd=tmp_path, data_root=mnist_root)
+    assert result.returncode == 2 and "the checkpoint holds 32 chains; e.g. num_samples=32" in result.stderr
 
 
 @pytest.mark.parametrize(
     "command, args, message",
     [
-        ("sample", ["init=prior"], "init must be noise or data"),
+        ("sample", ["init=prior"], "init must be noise, data or chains"),
         ("sample", ["gibbs_steps=-5"], "gibbs_steps must be an integer >= 1"),
         ("sample", ["temperature=0"], "temperature must be a number > 0"),
         ("sample", ["tempering=0"], "tempering must be an integer >= 1"),
@@ -221,6 +233,17 @@ def test_a_tempering_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path, a
     result = run_capsrun("train", *SMALL["rbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "tempering must be >= 1" in lines[0], result.stderr
+
+
+def test_init_chains_needs_persistent_chains(mnist_root, tmp_path):
+    run = tmp_path / "cd"
+    args = [*SMALL["rbm"], *COMMON, "model.persistent=false", "trainer.epochs=1", "ais.at_end=false"]
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    args = [f"checkpoint={run}/checkpoints/last.pt", "init=chains"]
+    result = run_capsrun("sample", *args, cwd=tmp_path, data_root=mnist_root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "init=chains needs a checkpoint trained with persistent chains (PCD); use init=noise" in lines[0]
 
 
 def test_capsule_rbm_never_reads_the_labels(tmp_path):

@@ -318,6 +318,11 @@ def test_bad_values_are_one_line(override, needle, mnist_root, tmp_path):
     one_line_error(train(tmp_path / "run", mnist_root, override, epochs=1), needle)
 
 
+def test_a_linear_tail_that_cannot_work_is_one_line(mnist_root, tmp_path):
+    result = train(tmp_path / "run", mnist_root, "scheduler=linear", "scheduler.tail=1.0", epochs=1)
+    one_line_error(result, "scheduler: tail must be in [0, 1), got 1.0")
+
+
 def test_images_of_a_size_the_model_cannot_take_are_one_line(mnist_root, tmp_path):
     """dataset.canvas makes 40x40 MultiMNIST images; the model is sized by dataset.image_size."""
     result = train(

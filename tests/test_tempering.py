@@ -187,6 +187,22 @@ def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
     assert "ladder_chains" not in RBM(image_size=4, hidden=5, chains=6).state_dict()  # plain PCD: keys as before
 
 
+def test_gibbs_chains_start_the_ladder_where_it_is_told():
+    """``below``: the levels under the top start there (a checkpoint's own ladder, ``capsrun sample
+    init=chains``), not at draws from the base rate; the same sweeps as the ladder run by hand."""
+    model = _rbm()
+    start = torch.bernoulli(torch.full((30, 1, 3, 3), 0.5, dtype=torch.float64))
+    below = torch.stack([torch.full_like(start, float(k % 2)) for k in range(4)])  # all-0 and all-1 levels
+    run = sampling.gibbs_chains(model, start, 3, tempering=5, base=BASE, below=below, seed=7)
+    torch.manual_seed(7)
+    levels, _, _ = model.tempered([*below.clone().unbind(0), start.clone()], 3, BASE)
+    assert torch.equal(run.v, levels[-1])
+    from_base = sampling.gibbs_chains(model, start, 3, tempering=5, base=BASE, seed=7)
+    assert not torch.equal(from_base.v, run.v)  # the start of the levels below reaches the top
+    with pytest.raises(ValueError, match="below must be"):
+        sampling.gibbs_chains(model, start, 3, tempering=4, base=BASE, below=below)
+
+
 def test_tempering_needs_persistent_chains():
     with pytest.raises(ValueError, match="tempering"):
         RBM(tempering=0)

@@ -11,7 +11,7 @@ import torch
 from capsrun import checkpoint
 from capsrun.errors import CheckpointError
 from capsrun.metrics import Meter
-from capsrun.schedules import ExponentialDecay, exponential_decay
+from capsrun.schedules import ExponentialDecay, LinearDecay, exponential_decay, linear_decay
 
 # --- ExponentialDecay -------------------------------------------------------------------------
 
@@ -71,6 +71,54 @@ def test_exponential_decay_warmup_ramps_linearly_then_decays():
     assert decay(3) == pytest.approx(1.0 * 0.5**0.3)
     assert decay(4) == pytest.approx(0.5**0.4)
     assert ExponentialDecay(0.5, 10, floor=0.0)(0) == 1.0  # no warmup by default
+
+
+# --- LinearDecay ------------------------------------------------------------------------------
+
+
+def test_linear_decay_without_a_tail_is_one_straight_line_to_final():
+    decay = LinearDecay(100, final=0.2)
+    assert [decay(s) for s in (0, 50, 100, 1000)] == pytest.approx([1.0, 0.6, 0.2, 0.2])
+
+
+def test_linear_decay_tail_is_a_second_slower_line():
+    # 100 steps, the last 25 from 0.04 to 0: steps 0-75 from 1 to 0.04, steps 75-100 from 0.04 to 0
+    decay = LinearDecay(100, tail=0.25, tail_lr=0.04)
+    assert decay(0) == 1.0
+    assert decay(30) == pytest.approx(1 - 0.96 * 30 / 75)
+    assert decay(75) == pytest.approx(0.04)
+    assert decay(85) == pytest.approx(0.04 * 15 / 25)
+    assert decay(100) == 0.0 and decay(500) == 0.0
+    lrs = [decay(s) for s in range(101)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    # the tail spends a quarter of the steps below 0.04; a straight line only 4 of them
+    assert sum(x < 0.04 for x in lrs) == 25 and sum(LinearDecay(100)(s) < 0.04 for s in range(101)) == 4
+
+
+def test_linear_decay_tail_pickles_and_old_state_loads():
+    decay = pickle.loads(pickle.dumps(LinearDecay(100, tail=0.5, tail_lr=0.1)))
+    assert decay(50) == pytest.approx(0.1)
+    # a checkpoint's scheduler state from before the tail existed holds total_steps and final only
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    sched = linear_decay(opt, 100, tail=0.5, tail_lr=0.1)
+    state = sched.state_dict()
+    state["lr_lambdas"] = [{"total_steps": 100, "final": 0.0}]
+    sched.load_state_dict(state)
+    assert sched.lr_lambdas[0](50) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tail": 1.0}, "tail must be in"),
+        ({"tail": -0.1}, "tail must be in"),
+        ({"tail_lr": 1.5}, "tail_lr must be in"),
+        ({"final": 0.5, "tail": 0.2, "tail_lr": 0.1}, "tail_lr must be in"),
+    ],
+)
+def test_linear_decay_rejects_tails_that_cannot_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        linear_decay(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), 100, **kwargs)
 
 
 # --- Meter ------------------------------------------------------------------------------------

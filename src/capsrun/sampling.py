@@ -315,12 +315,14 @@ def gibbs_chains(
     seed: int = 0,
     tempering: int = 1,
     base: torch.Tensor | None = None,
+    below: torch.Tensor | None = None,
 ) -> Chains:
     """Run ``len(start)`` chains of the model's own sampler for ``steps`` steps from ``start``
     (visible states [N, C, H, W]). ``tempering`` > 1: each step is a sweep of parallel tempering
     (:meth:`~capsrun.models.energy.EnergyModel.tempered`) over that many inverse temperatures
-    from the base-rate model ``base`` [C*H*W] (its levels below 1 start from it) to the model,
-    whose level starts at ``start``: ``tempering`` chain steps and the swaps per step.
+    from the base-rate model ``base`` [C*H*W] to the model, whose level starts at ``start``:
+    ``tempering`` chain steps and the swaps per step. The levels below 1 start at ``below``
+    [tempering - 1, N, C, H, W] (a checkpoint's own ladder) or, when None, at draws from ``base``.
     The global RNG is left as it was."""
     if tempering > 1 and (base is None or temperature != 1):
         raise ValueError("tempering needs the base-rate model (base) and temperature 1")
@@ -333,9 +335,13 @@ def gibbs_chains(
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            if tempering > 1:
-                below = torch.sigmoid(base).expand(len(start), -1)
-                levels = [torch.bernoulli(below).view_as(start) for _ in range(tempering - 1)] + [start]
+            if tempering > 1 and below is not None:
+                if below.shape != (tempering - 1, *start.shape):
+                    raise ValueError(f"below must be [{tempering - 1}, *{list(start.shape)}], got {list(below.shape)}")
+                levels = [*below.clone().unbind(0), start]
+            elif tempering > 1:
+                p = torch.sigmoid(base).expand(len(start), -1)
+                levels = [torch.bernoulli(p).view_as(start) for _ in range(tempering - 1)] + [start]
             done = 0
             while done < steps:  # in segments between snapshots: a chain's state persists within one
                 n = min(every, steps - done)

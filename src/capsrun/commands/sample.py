@@ -90,16 +90,33 @@ def sample(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _own_chains(model, n: int, tempering: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``init=chains``: the first ``n`` of the checkpoint's persistent chains ``[n, C, H, W]`` and,
+    when it was trained on a ladder of ``tempering`` levels, that ladder's levels below 1
+    ``[tempering - 1, n, C, H, W]`` (else None: those levels start from the base-rate model).
+    Why: a frozen model whose own chains, started where training left them, drift to another
+    class mix has an equilibrium that is not its training chains' (README, "The capsule RBM")."""
+    chains = getattr(model, "chains", None)
+    if chains is None or len(chains) == 0 or not bool(model.chains_started):
+        raise ConfigError("init=chains needs a checkpoint trained with persistent chains (PCD); use init=noise")
+    if n > len(chains):
+        raise ConfigError(f"init=chains: the checkpoint holds {len(chains)} chains; e.g. num_samples={len(chains)}")
+    own = getattr(model, "ladder_chains", None)
+    below = own[:, :n] if own is not None and len(own) == tempering - 1 else None
+    return chains[:n].clone(), below
+
+
 def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.device, path: Path, epoch: int) -> dict:
     """``capsrun sample`` for an energy model (the RBM, the capsule RBM): chains of the model's own
-    sampler from noise or data; grids, ``samples.pt`` (the final states, float [N, C, H, W] in
-    [0, 1]) and, with ``eval_classifier``, how a CapsNet sees them."""
+    sampler from noise, data or the checkpoint's own chains (``init``); grids, ``samples.pt`` (the
+    final states, float [N, C, H, W] in [0, 1]) and, with ``eval_classifier``, how a CapsNet sees
+    them."""
     from capsrun.tblog import TBLogger
 
     for key in ("num_samples", "gibbs_steps"):
         build.integer(cfg[key], key, example=100)
-    if cfg.init not in ("noise", "data"):
-        raise ConfigError(f"init must be noise or data, got {cfg.init!r}; e.g. init=noise")
+    if cfg.init not in ("noise", "data", "chains"):
+        raise ConfigError(f"init must be noise, data or chains, got {cfg.init!r}; e.g. init=noise")
     temperature = build.number(cfg.temperature, "temperature", lambda v: v > 0, "a number > 0", 1.0)
     tempering = cfg.get("tempering")
     if tempering is None:  # the model's own sampler: the ladder it was trained with (1: its plain chain)
@@ -116,12 +133,16 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     base = common.sampler_base(model, loaders) if tempering > 1 else None
     test = loaders.evals["test"]
     gen = torch.Generator().manual_seed(cfg.seed)
+    below = None
     if cfg.init == "data":
         start = model.visible_states(sampling.first_images(test, cfg.num_samples))
+    elif cfg.init == "chains":
+        start, below = _own_chains(model, cfg.num_samples, tempering)
     else:
         start = model.noise(cfg.num_samples, gen).to(dev)
     ladder = f", each a parallel-tempering sweep of {tempering} levels" if tempering > 1 else ""
-    log.info("%d chains from %s, %d steps%s ...", len(start), cfg.init, cfg.gibbs_steps, ladder)
+    source = {"noise": "noise", "data": "test images", "chains": "the checkpoint's own chains"}[cfg.init]
+    log.info("%d chains from %s, %d steps%s ...", len(start), source, cfg.gibbs_steps, ladder)
     run = sampling.gibbs_chains(
         model,
         start,
@@ -132,6 +153,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         seed=cfg.seed,
         tempering=tempering,
         base=base,
+        below=below,
     )
     v, snaps, acceptance = run.v, run.snapshots, run.acceptance
     judge = None if classifier is None else common.judge(classifier, model, test, cfg.sample_quality)
