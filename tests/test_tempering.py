@@ -98,31 +98,50 @@ def test_swap_is_accepted_with_the_ratio_of_the_tempered_densities(monkeypatch):
     proposals; the share exchanged matches min(1, p_0.3(y) p_0.8(x) / (p_0.3(x) p_0.8(y))) with
     the hidden units summed by hand."""
     model = _rbm()
-    monkeypatch.setattr(model, "transition", lambda v, enc, beta, base: (v, enc, torch.ones(len(v))))
+    monkeypatch.setattr(model, "transition", lambda v, enc, beta, base, encode=True: (v, enc, torch.ones(len(v))))
     states = _images()
     x, y = states[37], states[422]
     lo, hi = 0.3, 0.8
     d = {b: _tempered_log_density(model, torch.stack([x, y]), b) for b in (lo, hi)}
     exact = min(1.0, math.exp(float((d[lo][1] + d[hi][0] - d[lo][0] - d[hi][1]).detach())))
     n = 40000
-    levels = [x.expand(n, -1, -1, -1).clone(), y.expand(n, -1, -1, -1).clone()]
-    encs = [model.encode(v) for v in levels]
+    states = torch.stack([x.expand(n, -1, -1, -1), y.expand(n, -1, -1, -1)])
     torch.manual_seed(0)
-    _, rates = tempered_sweep(model, levels, encs, [lo, hi], BASE, parity=0)
+    betas = torch.tensor([lo, hi], dtype=torch.float64)
+    states, enc, _, rates = tempered_sweep(model, states, model.encode(states.flatten(0, 1)), betas, BASE, parity=0)
     assert 0.05 < exact < 0.95  # a case where the test decides
     assert abs(float(rates[0]) - exact) < 4 * math.sqrt(exact * (1 - exact) / n), (float(rates[0]), exact)
-    swapped = (levels[0].flatten(1) == y.flatten()).all(1)
+    swapped = (states[0].flatten(1) == y.flatten()).all(1)
     assert float(swapped.double().mean()) == pytest.approx(float(rates[0]))
-    assert torch.equal(levels[1][swapped], x.expand(int(swapped.sum()), -1, -1, -1))
-    torch.testing.assert_close(encs[0], model.encode(levels[0]))  # the hidden inputs travel with their states
+    assert torch.equal(states[1][swapped], x.expand(int(swapped.sum()), -1, -1, -1))
+    assert torch.equal(states[1][~swapped], y.expand(int((~swapped).sum()), -1, -1, -1))
+    torch.testing.assert_close(enc, model.encode(states.flatten(0, 1)))  # the hidden inputs travel with their states
 
 
 def test_swap_rates_count_only_the_pairs_tried():
     model = _rbm()
-    levels = [torch.bernoulli(torch.full((50, 1, 3, 3), 0.5, dtype=torch.float64)) for _ in range(4)]
-    encs = [model.encode(v) for v in levels]
-    _, rates = tempered_sweep(model, levels, encs, ladder(4), BASE, parity=1)
+    states = torch.bernoulli(torch.full((4, 50, 1, 3, 3), 0.5, dtype=torch.float64))
+    betas = torch.tensor(ladder(4), dtype=torch.float64)
+    _, _, _, rates = tempered_sweep(model, states, model.encode(states.flatten(0, 1)), betas, BASE, parity=1)
     assert rates[0] == 0 and rates[2] == 0 and 0 <= rates[1] <= 1
+
+
+@pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
+def test_one_inverse_temperature_per_row_is_each_row_at_its_own(make):
+    """The ladder runs as one batch with a beta per row: the free energy (and the capsules'
+    evidence) of each row is the one computed at that row's beta alone."""
+    model = make()
+    v = _images()[::37]
+    betas = torch.linspace(0, 1, len(v), dtype=torch.float64)
+    enc = model.encode(v)
+    rows = torch.stack(
+        [model.free_energy_at(v[i : i + 1], model.encode(v[i : i + 1]), float(b), BASE)[0] for i, b in enumerate(betas)]
+    )
+    torch.testing.assert_close(model.free_energy_at(v, enc, betas, BASE), rows)
+    torch.testing.assert_close(model.visible_logits(betas, None)[3], float(betas[3]) * model.visible_bias)
+    if isinstance(model, CapsuleRBM):
+        evidence = torch.stack([model.evidence(enc.s[i : i + 1], float(b))[0] for i, b in enumerate(betas)])
+        torch.testing.assert_close(model.evidence(enc.s, betas), evidence)
 
 
 @pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
@@ -132,7 +151,7 @@ def test_every_level_of_the_ladder_samples_its_tempered_distribution(make):
     model = make()
     n, betas = 20000, ladder(4)
     torch.manual_seed(1)
-    levels = [torch.bernoulli(torch.full((n, 1, 3, 3), 0.5, dtype=torch.float64)) for _ in betas]
+    levels = torch.bernoulli(torch.full((len(betas), n, 1, 3, 3), 0.5, dtype=torch.float64))
     levels, acceptance, rates = model.tempered(levels, 150, BASE)
     for v, beta in zip(levels, betas):
         exact = _exact(model, beta)
@@ -162,12 +181,14 @@ def test_the_ladder_crosses_between_wells_that_a_plain_chain_cannot():
     torch.manual_seed(3)
     plain, _ = model.gibbs(start, 300)
     below = torch.sigmoid(BASE).expand(n, -1)
-    levels = [torch.bernoulli(below).view_as(start) for _ in range(11)] + [start]
+    levels = torch.stack([torch.bernoulli(below).view_as(start) for _ in range(11)] + [start])
     levels, _, rates = model.tempered(levels, 600, BASE)
     share_on = {k: float((v.flatten(1).sum(1) >= 5).double().mean()) for k, v in (("plain", plain), ("pt", levels[-1]))}
     assert share_on["plain"] < 0.01, share_on  # stuck where it started
     assert abs(share_on["pt"] - on) < 0.05, (share_on, on)
-    assert _tv(levels[-1], exact) < 1.5 * _floor(exact, n)
+    # two wells make the chains' draws lumpier than independent ones: over seeds 0-5 a correct
+    # ladder gives 1.1-1.8x the floor of exact draws; one that lost a well is near 0.5 / floor
+    assert _tv(levels[-1], exact) < 2.2 * _floor(exact, n)
 
 
 def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
@@ -195,7 +216,7 @@ def test_gibbs_chains_start_the_ladder_where_it_is_told():
     below = torch.stack([torch.full_like(start, float(k % 2)) for k in range(4)])  # all-0 and all-1 levels
     run = sampling.gibbs_chains(model, start, 3, tempering=5, base=BASE, below=below, seed=7)
     torch.manual_seed(7)
-    levels, _, _ = model.tempered([*below.clone().unbind(0), start.clone()], 3, BASE)
+    levels, _, _ = model.tempered(torch.cat([below, start[None]]), 3, BASE)
     assert torch.equal(run.v, levels[-1])
     from_base = sampling.gibbs_chains(model, start, 3, tempering=5, base=BASE, seed=7)
     assert not torch.equal(from_base.v, run.v)  # the start of the levels below reaches the top

@@ -22,9 +22,9 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 
 from capsrun.batch import unpack
+from capsrun.images import tile
 from capsrun.losses import gaussian_kl
 
 
@@ -83,7 +83,7 @@ def capsule_perturbations(model: nn.Module, x: torch.Tensor, deltas: torch.Tenso
 
 def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     """``[N, C, H, W]`` -> one image ``[C', H', W']`` with ``nrow`` images per row."""
-    return make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=0.5)
+    return tile(images.float().cpu().clamp(0, 1), nrow)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -338,10 +338,10 @@ def gibbs_chains(
             if tempering > 1 and below is not None:
                 if below.shape != (tempering - 1, *start.shape):
                     raise ValueError(f"below must be [{tempering - 1}, *{list(start.shape)}], got {list(below.shape)}")
-                levels = [*below.clone().unbind(0), start]
+                levels = torch.cat([below, start[None]])
             elif tempering > 1:
                 p = torch.sigmoid(base).expand(len(start), -1)
-                levels = [torch.bernoulli(p).view_as(start) for _ in range(tempering - 1)] + [start]
+                levels = torch.stack([torch.bernoulli(p).view_as(start) for _ in range(tempering - 1)] + [start])
             done = 0
             while done < steps:  # in segments between snapshots: a chain's state persists within one
                 n = min(every, steps - done)

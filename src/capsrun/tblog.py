@@ -22,7 +22,8 @@ import yaml
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
-from torchvision.utils import make_grid
+
+from capsrun.images import tile
 
 
 @dataclass
@@ -147,7 +148,7 @@ class TBLogger:
             if recon.dim() == 5:  # two objects per image (MultiMNIST): Fig. 5's colours
                 recon = two_colour_overlay(images, recon)
                 images = images.expand(-1, 3, -1, -1)
-            grid = make_grid(torch.cat([images, recon]), nrow=images.shape[0], padding=2, pad_value=0.5)
+            grid = tile(torch.cat([images, recon]), nrow=images.shape[0])
             if result.labels is not None and result.labels.dim() == 1 and result.scores is not None:
                 predicted = result.scores[: len(result.labels)].argmax(-1)
                 grid = captioned(grid, result.labels.tolist(), predicted.tolist(), images.shape[-1] + 2)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from capsrun import build, checkpoint, sampling
 from capsrun.batch import unpack
 from capsrun.errors import ConfigError
+from capsrun.images import write_png
 
 log = logging.getLogger("capsrun")
 
@@ -115,6 +116,5 @@ def trained_model(path: Path, dev: torch.device) -> tuple[torch.nn.Module, DictC
 
 
 def save_png(path: Path, image: torch.Tensor) -> None:
-    from torchvision.utils import save_image
-
-    checkpoint.atomic_write(path, lambda f: save_image(image, f, format="png"))
+    """An image ``[C, H, W]`` in [0, 1] as a PNG, written atomically."""
+    checkpoint.atomic_write(path, lambda f: write_png(image, f))

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsrun.models.energy import EnergyModel
+from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row
 
 
 class Routed(NamedTuple):
@@ -194,11 +194,12 @@ class CapsuleRBM(EnergyModel):
 
     # --- the energy and the chain --------------------------------------------------------------
 
-    def evidence(self, s: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        """beta b_j + sum_d softplus(beta s_jd) ``[B, N]``: p_beta(z_j = 1 | v) = sigmoid of it."""
-        return beta * self.switch_bias + F.softplus(beta * s).sum(-1)
+    def evidence(self, s: torch.Tensor, beta: Beta = 1.0) -> torch.Tensor:
+        """beta b_j + sum_d softplus(beta s_jd) ``[B, N]``: p_beta(z_j = 1 | v) = sigmoid of it
+        (``beta`` a float or one per row [B])."""
+        return per_row(beta, 2) * self.switch_bias + F.softplus(per_row(beta, 3) * s).sum(-1)
 
-    def hidden_energy(self, enc: Routed, beta: float) -> torch.Tensor:
+    def hidden_energy(self, enc: Routed, beta: Beta) -> torch.Tensor:
         return F.softplus(self.evidence(enc.s, beta)).sum(-1)
 
     def log_hidden_states(self) -> float:
@@ -208,25 +209,26 @@ class CapsuleRBM(EnergyModel):
         """p(z_j = 1 | v) ``[B, N]``: the probability that capsule j fires."""
         return torch.sigmoid(self.evidence(enc.s))
 
-    def sample_hidden(self, enc: Routed, beta: float = 1.0) -> torch.Tensor:
+    def sample_hidden(self, enc: Routed, beta: Beta = 1.0) -> torch.Tensor:
         """z_j h_j ~ p_beta(z, h | v) ``[B, N, D]`` (zero where the switch is off)."""
-        on = torch.bernoulli(torch.sigmoid(self.evidence(enc.s, beta)))
-        return on.unsqueeze(-1) * torch.bernoulli(torch.sigmoid(beta * enc.s))
+        scaled = per_row(beta, 3) * enc.s  # beta s, once for the switch and the pose
+        on = bernoulli(torch.sigmoid(per_row(beta, 2) * self.switch_bias + F.softplus(scaled).sum(-1)))
+        return on.unsqueeze(-1) * bernoulli(torch.sigmoid(scaled))
 
     @torch.no_grad()
-    def transition(self, v, enc: Routed, beta: float = 1.0, base: torch.Tensor | None = None):
+    def transition(self, v, enc: Routed, beta: Beta = 1.0, base: torch.Tensor | None = None, encode: bool = True):
         """z, h ~ p_beta(z, h | v); v' ~ the visible conditional with the couplings frozen at c(v),
         accepted with the MH ratio (see the module docstring). ``(v', routing of v', acceptance)``."""
         pose = self.sample_hidden(enc, beta)
         bias = self.visible_logits(beta, base)
-        g = beta * self._top_down(enc.coupling, pose) + bias  # logits of p_beta(v | z, h; c(v))
+        g = per_row(beta, 2) * self._top_down(enc.coupling, pose) + bias  # logits of p_beta(v | z, h; c(v))
         flat = v.flatten(1)
-        proposal = torch.bernoulli(torch.sigmoid(g))
+        proposal = bernoulli(torch.sigmoid(g))
         new = proposal.view_as(v)
-        enc_new = self.encode(new)
         if not self.mh or self.iterations == 1:  # one iteration: the couplings are uniform, the ratio 1
-            return new, enc_new, torch.ones(len(v), device=v.device)
-        g_new = beta * self._top_down(enc_new.coupling, pose) + bias
+            return new, self.encode(new) if encode else None, torch.ones(len(v), device=v.device)
+        enc_new = self.encode(new)
+        g_new = per_row(beta, 2) * self._top_down(enc_new.coupling, pose) + bias
         # log p(v', z, h) - log p(v, z, h) + log q(v | v') - log q(v' | v); p(v, z, h) ~ exp(v . g(v))
         log_ratio = (
             (proposal * g_new).sum(1)

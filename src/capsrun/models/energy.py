@@ -24,6 +24,21 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+Beta = float | torch.Tensor  # one inverse temperature, or one per row of the batch [B]
+
+
+def per_row(beta: Beta, dims: int) -> Beta:
+    """``beta`` ready to scale a tensor of ``dims`` dimensions whose first is the batch: a float as
+    it is, one per row [B] viewed as [B, 1, ...]."""
+    return beta.view(-1, *([1] * (dims - 1))) if isinstance(beta, torch.Tensor) else beta
+
+
+def bernoulli(p: torch.Tensor) -> torch.Tensor:
+    """Binary draws with probabilities ``p`` (any shape): u < p, u uniform in [0, 1). On a CPU the
+    very draws of ``torch.bernoulli(p)`` from the same seed (tested), 3.4x faster (2,000 x 784:
+    5.7 ms against 19.5 ms, 2 cores): the draws were half of what a ladder sweep cost."""
+    return (torch.rand_like(p) < p).to(p.dtype)
+
 
 class RBMOutput(NamedTuple):
     """``hidden_prob`` [B, N]: p(hidden unit / capsule on | v_data); ``free_energy`` [B]: F(v_data);
@@ -101,14 +116,17 @@ class EnergyModel(nn.Module):
         """What the free energy and the chain need of ``v`` [B, C, H, W] (the hidden inputs)."""
         raise NotImplementedError
 
-    def hidden_energy(self, enc: Any, beta: float) -> torch.Tensor:
-        """log sum_h exp(-beta E_hidden(v, h)) ``[B]``: the hidden units summed out at ``beta``."""
+    def hidden_energy(self, enc: Any, beta: Beta) -> torch.Tensor:
+        """log sum_h exp(-beta E_hidden(v, h)) ``[B]``: the hidden units summed out at ``beta``
+        (a float, or one inverse temperature per row ``[B]``)."""
         raise NotImplementedError
 
     def transition(
-        self, v: torch.Tensor, enc: Any, beta: float = 1.0, base: torch.Tensor | None = None
+        self, v: torch.Tensor, enc: Any, beta: Beta = 1.0, base: torch.Tensor | None = None, encode: bool = True
     ) -> tuple[torch.Tensor, Any, torch.Tensor]:
-        """One step of the chain that leaves p_beta invariant: ``(v', encode(v'), acceptance [B])``."""
+        """One step of the chain that leaves p_beta invariant: ``(v', encode(v'), acceptance [B])``;
+        ``beta`` a float or one inverse temperature per row ``[B]`` (a whole ladder in one batch).
+        ``encode=False``: the last step of a run, whose encode(v') nobody reads; it may be None."""
         raise NotImplementedError
 
     def firing(self, enc: Any) -> torch.Tensor:
@@ -128,17 +146,29 @@ class EnergyModel(nn.Module):
 
     # --- shared -------------------------------------------------------------------------------
 
-    def visible_logits(self, beta: float, base: torch.Tensor | None) -> torch.Tensor:
-        """The visible biases of p_beta: beta a + (1 - beta) base ``[C*H*W]``."""
+    def visible_logits(self, beta: Beta, base: torch.Tensor | None) -> torch.Tensor:
+        """The visible biases of p_beta: beta a + (1 - beta) base, ``[C*H*W]`` for one inverse
+        temperature, ``[B, C*H*W]`` for one per row (``beta`` [B])."""
+        if isinstance(beta, torch.Tensor):
+            b = beta.unsqueeze(-1)
+            return b * self.visible_bias if base is None else b * self.visible_bias + (1 - b) * base
         if base is None or beta == 1:
             return beta * self.visible_bias
         return beta * self.visible_bias + (1 - beta) * base
 
     def free_energy_at(
-        self, v: torch.Tensor, enc: Any, beta: float = 1.0, base: torch.Tensor | None = None
+        self, v: torch.Tensor, enc: Any, beta: Beta = 1.0, base: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """-log sum_h p*_beta(v, h) ``[B]`` (the model's F(v) at beta = 1)."""
-        return -(v.flatten(1) @ self.visible_logits(beta, base)) - self.hidden_energy(enc, beta)
+        """-log sum_h p*_beta(v, h) ``[B]`` (the model's F(v) at beta = 1); ``beta`` a float or one
+        per row ``[B]``."""
+        if isinstance(beta, torch.Tensor):  # beta (v . a) + (1 - beta) (v . base): two dot products
+            flat = v.flatten(1)
+            visible = beta * (flat @ self.visible_bias)
+            if base is not None:
+                visible = visible + (1 - beta) * (flat @ base)
+        else:
+            visible = v.flatten(1) @ self.visible_logits(beta, base)
+        return -visible - self.hidden_energy(enc, beta)
 
     def free_energy(self, v: torch.Tensor) -> torch.Tensor:
         """F(v) ``[B]``: log p(v) = -F(v) - log Z."""
@@ -158,8 +188,8 @@ class EnergyModel(nn.Module):
         try:
             beta, enc = 1.0 / temperature, self.encode(v)
             acceptance = torch.zeros((), device=v.device)
-            for _ in range(steps):
-                v, enc, acc = self.transition(v, enc, beta)
+            for t in range(steps):
+                v, enc, acc = self.transition(v, enc, beta, encode=t < steps - 1)
                 acceptance = acceptance + acc.mean()
         finally:
             self.mh = mh_was
@@ -197,28 +227,30 @@ class EnergyModel(nn.Module):
     @torch.no_grad()
     def tempered(
         self,
-        levels: list[torch.Tensor],
+        states: torch.Tensor,
         steps: int,
         base: torch.Tensor,
         first_sweep: int = 0,
-        betas: Sequence[float] | None = None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """``steps`` sweeps of parallel tempering over ``levels`` (one state [n, C, H, W] per inverse
-        temperature ``betas``, increasing to 1; None: the model's own tuned ladder when it has one
-        of that size, else :func:`ladder`) above the base-rate model ``base``; returns the levels,
-        the mean acceptance of the beta = 1 chain and the swap rate of each neighbouring pair
-        ``[K - 1]``."""
+        betas: Sequence[float] | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``steps`` sweeps of parallel tempering over ``states`` [K, n, C, H, W] (one level per
+        inverse temperature ``betas``, increasing to 1; None: the model's own tuned ladder when it
+        has one of K levels, else :func:`ladder`) above the base-rate model ``base``; returns the
+        states, the mean acceptance of the beta = 1 chain and the swap rate of each neighbouring
+        pair ``[K - 1]``."""
         if betas is None:
             own = getattr(self, "betas", None)
-            betas = own.tolist() if own is not None and len(own) == len(levels) else ladder(len(levels))
-        encs = [self.encode(v) for v in levels]
-        acceptance = torch.zeros((), device=levels[-1].device)
-        swapped = torch.zeros(len(levels) - 1, device=levels[-1].device)
+            betas = own if own is not None and len(own) == len(states) else ladder(len(states))
+        betas = torch.as_tensor(betas, dtype=states.dtype).to(states.device)
+        enc = self.encode(states.flatten(0, 1))
+        acceptance = torch.zeros((), device=states.device)
+        swapped = torch.zeros(len(states) - 1, device=states.device)
         for t in range(steps):
-            acc, rates = tempered_sweep(self, levels, encs, betas, base, (first_sweep + t) % 2)
+            last = t == steps - 1
+            states, enc, acc, rates = tempered_sweep(self, states, enc, betas, base, (first_sweep + t) % 2, not last)
             acceptance, swapped = acceptance + acc.mean(), swapped + rates
-        tried = [sum((first_sweep + t) % 2 == k % 2 for t in range(steps)) for k in range(len(levels) - 1)]
-        return levels, acceptance / max(steps, 1), swapped / torch.tensor(tried).clamp_min(1).to(swapped)
+        tried = [sum((first_sweep + t) % 2 == k % 2 for t in range(steps)) for k in range(len(states) - 1)]
+        return states, acceptance / max(steps, 1), swapped / torch.tensor(tried).clamp_min(1).to(swapped)
 
     def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """CD-k: ``cd_steps`` steps from the data; PCD: from the persistent chains (the first ``B``
@@ -241,11 +273,11 @@ class EnergyModel(nn.Module):
                 below.copy_(self.noise(below.shape[0] * len(self.chains)).view_as(below).to(below))
             self.chains_started.fill_(True)
         if self.tempering > 1:
-            levels = [*self.ladder_chains[:, :b].unbind(0), self.chains[:b]]
+            states = torch.cat([self.ladder_chains[:, :b], self.chains[None, :b]])
             first = int(self.sweeps)
-            levels, acceptance, rates = self.tempered(levels, self.cd_steps, self.base_rate, first, self.betas.tolist())
-            self.ladder_chains[:, :b] = torch.stack(levels[:-1])
-            self.chains[:b] = levels[-1]
+            states, acceptance, rates = self.tempered(states, self.cd_steps, self.base_rate, first, self.betas)
+            self.ladder_chains[:, :b] = states[:-1]
+            self.chains[:b] = states[-1]
             self.sweeps.add_(self.cd_steps)
             # the running swap rate of each pair, of the pairs tried (one sweep tries every other)
             tried = torch.zeros_like(self.swap_rates, dtype=torch.bool)
@@ -255,7 +287,7 @@ class EnergyModel(nn.Module):
             self.swap_rates[tried] = 0.98 * self.swap_rates[tried] + 0.02 * rates[tried].double()
             if int(self.sweeps) % RETUNE_EVERY < self.cd_steps:
                 self.betas.copy_(retune(self.betas, self.swap_rates))
-            return levels[-1], acceptance, rates[tried].min()
+            return states[-1], acceptance, rates[tried].min()
         v, acceptance = self.gibbs(self.chains[:b], self.cd_steps, self.mh)
         self.chains[:b] = v
         return v, acceptance, None
@@ -329,50 +361,59 @@ def retune(betas: torch.Tensor, rates: torch.Tensor, step: float = 0.5) -> torch
     return torch.cummax(moved, 0).values  # increasing, as the sweep needs
 
 
-def _where(mask: torch.Tensor, a: Any, b: Any) -> Any:
-    """``a`` where ``mask`` [n] is set, else ``b``, for a tensor [n, ...] or a tuple of them."""
-    if isinstance(a, torch.Tensor):
-        return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
-    return type(a)(*(_where(mask, x, y) for x, y in zip(a, b)))
+def take(enc: Any, rows: torch.Tensor) -> Any:
+    """The rows ``rows`` of an :meth:`EnergyModel.encode` output: a tensor [B, ...] or a tuple of
+    them; a tensor expanded along its rows (stride 0: every row the same) stays expanded."""
+    if isinstance(enc, torch.Tensor):
+        return enc[: len(rows)] if enc.stride(0) == 0 else enc.index_select(0, rows)
+    return type(enc)(*(take(x, rows) for x in enc))
 
 
 @torch.no_grad()
 def tempered_sweep(
     model: EnergyModel,
-    levels: list[torch.Tensor],
-    encs: list[Any],
-    betas: Sequence[float],
+    states: torch.Tensor,
+    enc: Any,
+    betas: torch.Tensor,
     base: torch.Tensor,
     parity: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sweep of parallel tempering (replica exchange; Swendsen & Wang 1986, Geyer 1991), in
-    place on ``levels`` (states [n, C, H, W], one per inverse temperature ``betas``, increasing)
-    and their ``encs``: one step of the model's own chain at every level, then every neighbouring
-    pair (k, k + 1) with k of ``parity`` proposes to exchange its states, accepted with
+    encode: bool = True,
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """One sweep of parallel tempering (replica exchange; Swendsen & Wang 1986, Geyer 1991) over
+    ``states`` [K, n, C, H, W] (level k at inverse temperature ``betas`` [K], increasing) and
+    ``enc``, their :meth:`~EnergyModel.encode` as one batch of K * n. Every neighbouring pair
+    (k, k + 1) with k of ``parity`` proposes to exchange its states, chain by chain, accepted with
 
         log a = F_k(x) + F_k+1(y) - F_k(y) - F_k+1(x)     (x at level k, y at level k + 1)
 
     where F_beta is the free energy of p_beta, the base-rate model ``base`` tempered into the model
-    (Salakhutdinov & Murray 2008, as AIS uses). Both moves leave the product of the p_beta
-    invariant, so the last level samples the model. Returns the acceptance of the last level's
-    chain step [n] and the swap rate of every pair [K - 1] (0 for the pairs not of ``parity``)."""
-    acceptance = None
-    for k, beta in enumerate(betas):
-        levels[k], encs[k], acceptance = model.transition(levels[k], encs[k], beta, base)
-    rates = torch.zeros(len(levels) - 1, device=levels[-1].device)
-    for k in range(parity, len(levels) - 1, 2):
-        x, y, ex, ey, lo, hi = levels[k], levels[k + 1], encs[k], encs[k + 1], betas[k], betas[k + 1]
-        log_a = (
-            model.free_energy_at(x, ex, lo, base)
-            + model.free_energy_at(y, ey, hi, base)
-            - model.free_energy_at(y, ey, lo, base)
-            - model.free_energy_at(x, ex, hi, base)
-        )
+    (Salakhutdinov & Murray 2008, as AIS uses); then one step of the model's own chain at every
+    level, all K levels as one batch with one inverse temperature per row (one matmul each way
+    for the whole ladder). Both moves leave the product of the p_beta invariant, so the last level
+    samples the model. Returns the states, their ``enc`` (None when ``encode`` is False: the last
+    sweep of a run), the acceptance of the last level's chain step [n] and the swap rate of every
+    pair [K - 1] (0 for the pairs not of ``parity``)."""
+    k_levels, n = states.shape[:2]
+    flat = states.flatten(0, 1)
+    own = betas.repeat_interleave(n)
+    lo = torch.arange(parity, k_levels - 1, 2, device=states.device)
+    rates = torch.zeros(k_levels - 1, device=states.device)
+    if len(lo):
+        partner = torch.arange(k_levels, device=states.device)
+        partner[lo], partner[lo + 1] = lo + 1, lo
+        # each state's free energy at its own level and at its partner's: 2 evaluations for all
+        f_own = model.free_energy_at(flat, enc, own, base).view(k_levels, n)
+        f_other = model.free_energy_at(flat, enc, betas[partner].repeat_interleave(n), base).view(k_levels, n)
+        log_a = f_own[lo] + f_own[lo + 1] - f_other[lo] - f_other[lo + 1]  # [pairs, n]
         swap = torch.rand_like(log_a).log() < log_a
-        levels[k], levels[k + 1] = _where(swap, y, x), _where(swap, x, y)
-        encs[k], encs[k + 1] = _where(swap, ey, ex), _where(swap, ex, ey)
-        rates[k] = swap.float().mean()
-    return acceptance, rates
+        source = torch.arange(k_levels, device=states.device).unsqueeze(1).repeat(1, n)  # level each state comes from
+        source[lo] = torch.where(swap, lo.unsqueeze(1) + 1, lo.unsqueeze(1))
+        source[lo + 1] = torch.where(swap, lo.unsqueeze(1), lo.unsqueeze(1) + 1)
+        rows = (source * n + torch.arange(n, device=states.device)).flatten()
+        flat, enc = flat.index_select(0, rows), take(enc, rows)
+        rates[lo] = swap.to(rates.dtype).mean(1)
+    flat, enc, acc = model.transition(flat, enc, own, base, encode=encode)
+    return flat.view_as(states), enc, acc.view(k_levels, n)[-1], rates
 
 
 class RBMLoss(nn.Module):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsrun.models.energy import EnergyModel
+from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row
 
 
 class RBM(EnergyModel):
@@ -57,8 +57,8 @@ class RBM(EnergyModel):
         """The hidden units' inputs W v + b ``[B, H]``."""
         return F.linear(v.flatten(1), self.weight, self.hidden_bias)
 
-    def hidden_energy(self, enc: torch.Tensor, beta: float) -> torch.Tensor:
-        return F.softplus(beta * enc).sum(-1)
+    def hidden_energy(self, enc: torch.Tensor, beta: Beta) -> torch.Tensor:
+        return F.softplus(per_row(beta, 2) * enc).sum(-1)
 
     def log_hidden_states(self) -> float:
         return len(self.hidden_bias) * math.log(2)
@@ -66,18 +66,18 @@ class RBM(EnergyModel):
     def firing(self, enc: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(enc)
 
-    def _visible_prob(self, h: torch.Tensor, beta: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
+    def _visible_prob(self, h: torch.Tensor, beta: Beta = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
         """p_beta(v = 1 | h) ``[B, V]``."""
-        return torch.sigmoid(beta * (h @ self.weight) + self.visible_logits(beta, base))
+        return torch.sigmoid(per_row(beta, 2) * (h @ self.weight) + self.visible_logits(beta, base))
 
     @torch.no_grad()
-    def transition(self, v, enc, beta: float = 1.0, base: torch.Tensor | None = None):
+    def transition(self, v, enc, beta: Beta = 1.0, base: torch.Tensor | None = None, encode: bool = True):
         """Block Gibbs: h ~ p_beta(h | v), then v ~ p_beta(v | h); always accepted."""
-        h = torch.bernoulli(torch.sigmoid(beta * enc))
-        v = torch.bernoulli(self._visible_prob(h, beta, base)).view_as(v)
-        return v, self.encode(v), torch.ones(len(v), device=v.device)
+        h = bernoulli(torch.sigmoid(per_row(beta, 2) * enc))
+        v = bernoulli(self._visible_prob(h, beta, base)).view_as(v)
+        return v, self.encode(v) if encode else None, torch.ones(len(v), device=v.device)
 
     @torch.no_grad()
     def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
-        h = torch.bernoulli(self.hidden_prob(v))
+        h = bernoulli(self.hidden_prob(v))
         return self._visible_prob(h).view_as(v)
