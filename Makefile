@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
+# pytest-xdist workers for `make test` (one per core; each test file runs on one worker): 0 runs in one process
+WORKERS ?= auto
 
 .PHONY: install train test test-fast bench tensorboard clean
 
@@ -18,7 +20,7 @@ train: install  ## train the paper's CapsNet on MNIST (extra overrides: make tra
 	$(BIN)/capsrun train model=capsnet $(ARGS)
 
 test: install  ## the whole test suite, as CI runs it (CPU, no network; about ten minutes on 2 cores)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install  ## the unit tests only, no end-to-end CLI runs (about a minute)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)

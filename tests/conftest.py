@@ -15,6 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite on one pytest-xdist worker per core: one thread each, in this
+    # process and in the capsrun processes it starts, or two workers' thread pools fight over the
+    # cores (an in-process sampler test took 9x longer so)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 # A model small enough to train in seconds on 2 CPU cores, small batches, no progress bar
 # (conf/debug/tiny.yaml); every CLI test uses it.
 TINY = ["debug=tiny"]
