@@ -250,3 +250,31 @@ def test_multirun_makes_one_dir_per_job(mnist_root, tmp_path):
         start = records["_hparams_/session_start_info"].session_start_info
         assert start.group_name == f"iterations={iterations} (sweep/{job.name})"
         assert records["_hparams_/session_end_info"].session_end_info.status == 1  # STATUS_SUCCESS
+
+
+def test_sigint_after_the_weight_average_began_then_resume_equals_uninterrupted(mnist_root, tmp_path):
+    """``trainer.average``: a run stopped while it averages resumes to the same weights, the same
+    mean and the same metrics (those of the mean) as one never stopped."""
+    args = [*TINY, "trainer.epochs=2", "trainer.average=0.75"]
+    reference = tmp_path / "reference"
+    ok(run_capsrun("train", *args, f"hydra.run.dir={reference}", cwd=tmp_path, data_root=mnist_root))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**__import__("os").environ, "CAPSRUN_DATA": str(mnist_root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "averaging the weights from step" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, "".join(lines) + rest
+    stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["state"]["epoch"] == 0 and stopped["average"]["steps"] >= 1  # inside epoch 1, averaging
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
+    _assert_same_run(reference, run_dir)
+    mine, theirs = (torch.load(d / "checkpoints/last.pt", weights_only=True)["average"] for d in (run_dir, reference))
+    assert mine["steps"] == theirs["steps"] > stopped["average"]["steps"]
+    for name, value in theirs["params"].items():
+        torch.testing.assert_close(mine["params"][name], value, rtol=1e-6, atol=1e-7, msg=name)

@@ -40,6 +40,8 @@ def _assert_clean_error(result, *needles: str) -> None:
         ("dataset=mnsit", "unknown dataset 'mnsit' (did you mean dataset=mnist?)"),
         ("+model.net.dgit_dim=4", "digit_dim"),
         ("trainer.precision=fp16", "trainer.precision must be one of fp32, tf32, bf16, got 'fp16'"),
+        ("trainer.average=1", "trainer.average must be a number in [0, 1), got 1"),
+        ("trainer.average=-0.1", "trainer.average must be a number in [0, 1)"),
     ],
 )
 def test_bad_config_values(override, needle, mnist_root, tmp_path):

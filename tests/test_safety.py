@@ -230,3 +230,12 @@ def test_a_checkpoint_naming_a_moved_schedule_still_resumes_the_same_run():
     assert rundir.resume_conflicts(old, new) == []
     other = {"scheduler": {"_target_": "capsrun.schedules.linear_decay", "decay_rate": 0.96}}
     assert rundir.resume_conflicts(old, other)[0][0] == "scheduler._target_"
+
+
+def test_a_checkpoint_from_before_trainer_average_resumes_only_without_averaging():
+    old = {"seed": 0, "trainer": {"batch_size": 8}}  # written before trainer.average existed
+    assert rundir.resume_conflicts(old, {"seed": 0, "trainer": {"batch_size": 8, "average": 0.0}}) == []
+    assert rundir.resume_conflicts(old, {"seed": 0, "trainer": {"batch_size": 8, "average": 0.2}}) == [
+        ("trainer.average", 0.0, 0.2)
+    ]
+    assert "average" not in old["trainer"]  # the caller's config is left as it was

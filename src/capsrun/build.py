@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import checkpoint, datasets, distributed, speed
+from capsrun import averaging, checkpoint, datasets, distributed, speed
 from capsrun.batch import unpack
 from capsrun.errors import CheckpointError, ConfigError
 from capsrun.tblog import Trial
@@ -66,6 +66,7 @@ def validate_train(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.batch_size", example="128")
     _positive_int(cfg, "trainer.eval_batch_size", example="512")
     _positive_int(cfg, "trainer.log_every", example="50")
+    average_fraction(cfg)
     precision(cfg)
     compile_mode(cfg)
     channels_last = cfg.trainer.get("channels_last", "auto")
@@ -91,6 +92,12 @@ def validate_train(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.{key} must be an integer >= 0, got {value!r}; e.g. dataset.{key}=4")
     if cfg.dataset.name not in datasets.DATASETS:
         raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(datasets.DATASETS)}")
+
+
+def average_fraction(cfg: DictConfig) -> float:
+    """``trainer.average``: the last fraction of the optimizer steps whose weights are averaged
+    (:mod:`capsrun.averaging`), 0 for none."""
+    return number(cfg.trainer.get("average", 0.0), "trainer.average", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.2)
 
 
 def precision(cfg: DictConfig) -> str:
@@ -445,6 +452,14 @@ def from_checkpoint(
     state = ckpt["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its model weights are not a mapping of tensors; {_CHECKPOINT_HINT}")
+    mean = averaging.averaged_weights(ckpt)  # last.pt of a run that averages: the run's result is the mean
+    if mean is not None:
+        if not isinstance(mean, dict) or not all(isinstance(v, torch.Tensor) for v in mean.values()):
+            raise CheckpointError(f"{path}: its averaged weights are not a mapping of tensors; {_CHECKPOINT_HINT}")
+        if not set(mean) <= set(state):
+            raise CheckpointError(f"{path}: its averaged weights name parameters its model lacks; {_CHECKPOINT_HINT}")
+        state = {**state, **mean}
+        log.info("%s: the weights averaged over its last %d steps (trainer.average)", path, ckpt["average"]["steps"])
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
@@ -596,6 +611,8 @@ def run(cfg: DictConfig, dev: torch.device, world: distributed.World, epoch_hook
     opts = optimizers(cfg, net, loss)
     total_steps = cfg.trainer.epochs * len(data.train)
     sched = scheduler(cfg, opts[0], total_steps=total_steps)
+    start = averaging.start_step(average_fraction(cfg), total_steps)
+    average = None if start is None else averaging.WeightAverage(net, start)
     hooks = epoch_hooks(net, data) if epoch_hooks is not None else []
     health = health_monitor(cfg, data.evals["test"])
     train_model, train_loader, eval_loaders = net, data.train, data.evals
@@ -630,4 +647,5 @@ def run(cfg: DictConfig, dev: torch.device, world: distributed.World, epoch_hook
         epoch_hooks=hooks,
         step_hooks=[] if health is None else [health],
         loaders=data,
+        average=average,
     )

@@ -34,7 +34,11 @@ FIXED = (
     "trainer.batch_size",
     "data.train_limit",
     "data.val_split",
+    "trainer.average",
 )
+
+# FIXED settings added since: a checkpoint written before one existed was trained with this value
+ADDED = {"trainer.average": 0.0}
 
 
 def writable(path: Path, what: str) -> None:
@@ -120,6 +124,13 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
     """``(key, checkpoint's value, this run's value)`` for each :data:`FIXED` setting that differs
     between two resolved configs (a ``_target_`` capsrun has since moved counts as the same)."""
     saved = _current_targets(saved)
+    for key, value in ADDED.items():
+        if select(saved, key) is None:
+            *parents, last = key.split(".")
+            node = saved
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
     found = []
     for root in FIXED:
         for key in _differences(select(saved, root), select(current, root), root):

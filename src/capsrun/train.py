@@ -6,6 +6,7 @@ forces a host-device sync per step. ``fit`` writes TensorBoard through one :clas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from capsrun import checkpoint, distributed, speed
+from capsrun.averaging import WeightAverage
 from capsrun.batch import aligned_top, unpack
 from capsrun.datasets import BatchLoader
 from capsrun.errors import CapsrunError, CheckpointError
@@ -220,7 +222,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore(path: Path, model, objective, optimizers, scheduler, meters: list[Meter], device) -> TrainState:
+def restore(
+    path: Path, model, objective, optimizers, scheduler, meters: list[Meter], device, average: WeightAverage | None
+) -> TrainState:
     """Load a checkpoint into the objects and return the state to continue from."""
     ckpt = checkpoint.load(path, map_location=device)
     if "optimizer" not in ckpt:
@@ -245,6 +249,8 @@ def restore(path: Path, model, objective, optimizers, scheduler, meters: list[Me
         ) from None
     for meter, s in zip(meters, ckpt["meters"]):
         meter.load_state_dict(s, device)
+    if average is not None and "average" in ckpt:
+        average.load_state_dict(ckpt["average"])
     _set_rng_state(ckpt["rng"])
     saved = dict(ckpt["state"])
     if "best_accuracy" in saved:  # what checkpoints written before the rename call the best score
@@ -381,7 +387,9 @@ class Run:
     ``step_hooks``: called as ``hook(model, step)`` after every ``hook.every_steps``-th optimizer
     step, while that step's gradients are still there; each returns a
     :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health). ``config``:
-    what the checkpoints keep; ``trial``: what TensorBoard shows of the run."""
+    what the checkpoints keep; ``trial``: what TensorBoard shows of the run. ``average``: the
+    weights' running mean over the last steps (``trainer.average``); once it has begun,
+    evaluation, the epoch hooks and best.pt see the mean, not the last weights."""
 
     model: nn.Module
     objective: nn.Module
@@ -400,6 +408,7 @@ class Run:
     epoch_hooks: Sequence[Callable[[nn.Module, int, bool], dict[str, Any]]] = ()
     step_hooks: Sequence[Any] = ()
     loaders: Any = None  # the whole splits (datasets.Loaders), for what is built beside the run
+    average: WeightAverage | None = None
 
 
 @dataclass(frozen=True)
@@ -433,13 +442,16 @@ def snapshot(run: Run, state: TrainState, meters: Sequence[Meter]) -> dict[str, 
         "state": asdict(state),
         "epoch": state.epoch,
         "config": run.config,
+        **({"average": run.average.state_dict()} if run.average is not None else {}),
     }
 
 
 def weights(run: Run, state: TrainState) -> dict[str, Any]:
-    """best.pt: what eval, sample and analyze read (no optimizer state, a third of last.pt's size)."""
+    """best.pt: what eval, sample and analyze read (no optimizer state, a third of last.pt's size);
+    written while the weight average, once begun, is in the model."""
     return {
         "model": run.model.state_dict(),
+        "averaged_steps": 0 if run.average is None else run.average.steps,
         "objective": run.objective.state_dict(),
         "epoch": state.epoch,
         "config": run.config,
@@ -496,6 +508,10 @@ class _StepLog:
                 if "train/accuracy" in metrics:
                     postfix["acc"] = f"{metrics['train/accuracy']:.2f}"
                 self.bar.set_postfix(postfix)
+        if run.average is not None:
+            run.average.update(run.model, step)
+            if step == run.average.start_step + 1 and self.main:
+                log.info("averaging the weights from step %d on (trainer.average): evaluation sees their mean", step)
         for hook in run.step_hooks if self.main else ():
             if step % hook.every_steps == 0:
                 self.tb.health(hook(run.model, step), step)
@@ -575,35 +591,40 @@ def _train_epoch(run: Run, loop: Loop, state: TrainState, meters, on_step: _Step
 
 def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Path, train_seconds: float) -> dict:
     """After an epoch's training: evaluate, run the epoch hooks, apply the best-checkpoint rule,
-    log, and write best.pt (if due), metrics.json and last.pt, in that order; returns the metrics."""
+    log, and write best.pt (if due), metrics.json and last.pt, in that order; returns the metrics.
+    Once the weight average has begun (``run.average``) all but last.pt see the mean weights."""
     main, epoch_meter = run.world.is_main, meters[0]
     train_metrics = epoch_meter.compute("train")
-    results, eval_seconds = _evaluate_splits(run, loop)
-    metrics = {
-        **train_metrics,
-        **{k: v for r in results.values() for k, v in r.metrics.items()},
-        "time/epoch_seconds": train_seconds,
-        "time/train_images_per_second": run.train_loader.num_examples / train_seconds,
-        "time/eval_seconds": eval_seconds,
-    }
-    hook_images: dict[str, torch.Tensor] = {}
-    for hook in run.epoch_hooks if main else ():
-        extra = hook(run.model, state.epoch + 1, state.epoch + 1 == loop.epochs)
-        hook_images.update(extra.pop("images", {}))
-        metrics.update(extra)
-    state.epoch += 1
-    state.batch = 0
-    epoch_meter.reset()
-    better = _record_best(run, state, metrics)
-    metrics["epoch"] = state.epoch
-    state.last_metrics = metrics
-    _log_epoch(tb, metrics, train_metrics, results["test"], hook_images, state.step)
+    with run.average.applied(run.model) if run.average is not None else contextlib.nullcontext(False) as averaged:
+        results, eval_seconds = _evaluate_splits(run, loop)
+        metrics = {
+            **train_metrics,
+            **{k: v for r in results.values() for k, v in r.metrics.items()},
+            "time/epoch_seconds": train_seconds,
+            "time/train_images_per_second": run.train_loader.num_examples / train_seconds,
+            "time/eval_seconds": eval_seconds,
+        }
+        if averaged:
+            metrics["average/steps"] = run.average.steps
+        hook_images: dict[str, torch.Tensor] = {}
+        for hook in run.epoch_hooks if main else ():
+            extra = hook(run.model, state.epoch + 1, state.epoch + 1 == loop.epochs)
+            hook_images.update(extra.pop("images", {}))
+            metrics.update(extra)
+        state.epoch += 1
+        state.batch = 0
+        epoch_meter.reset()
+        better = _record_best(run, state, metrics)
+        metrics["epoch"] = state.epoch
+        state.last_metrics = metrics
+        _log_epoch(tb, metrics, train_metrics, results["test"], hook_images, state.step)
+        if main:
+            tb.flush()
+            if better:
+                checkpoint.save(run_dir / "checkpoints" / "best.pt", weights(run, state))
     if main:
         # last.pt is the record of a completed epoch, so it is written last: a kill before it
         # replays the epoch from the previous last.pt, which rewrites the same files
-        tb.flush()
-        if better:
-            checkpoint.save(run_dir / "checkpoints" / "best.pt", weights(run, state))
         checkpoint.save_json(run_dir / "metrics.json", metrics)
         checkpoint.save(run_dir / "checkpoints" / "last.pt", snapshot(run, state, meters))
     split, name, _ = _selection(run)
@@ -637,7 +658,7 @@ def fit(
     meters = [epoch_meter, interval_meter]
     state = TrainState()
     if resume_from is not None:
-        state = restore(resume_from, model, run.objective, run.optimizers, run.scheduler, meters, device)
+        state = restore(resume_from, model, run.objective, run.optimizers, run.scheduler, meters, device, run.average)
         if not main:  # the saved partial sums are rank 0's: count them once
             epoch_meter.reset()
             interval_meter.reset()
