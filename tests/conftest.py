@@ -132,3 +132,25 @@ class PoisonedLoss(torch.nn.Module):
             if self.poison_at is not None and self.calls >= self.poison_at:
                 loss = loss * math.nan
         return {"total": loss}
+
+
+def toy_run(lr: float = 0.1, loss: torch.nn.Module | None = None, average: float | None = None, **run_kw):
+    """A :class:`capsrun.train.Run` of :class:`Toy` on 32 random 2x2 images (4 steps of 8 an epoch,
+    the same weights and data in every call); ``average``: ``trainer.average`` over 3 epochs."""
+    from capsrun.averaging import WeightAverage, start_step
+    from capsrun.datasets import BatchLoader
+    from capsrun.tblog import Trial
+    from capsrun.train import Run
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    run_kw.setdefault("config", {})
+    run_kw.setdefault("trial", Trial("toy", {}))
+    if average is not None:
+        run_kw["average"] = WeightAverage(model, start_step(average, 12))
+    train, test = BatchLoader(x, y, 8, shuffle=True), BatchLoader(x, y, 16)
+    return Run(model, loss or PoisonedLoss(), train, {"test": test}, [opt], sched, **run_kw)

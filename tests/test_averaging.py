@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 from capsrun import averaging, build, checkpoint
-from capsrun.datasets import BatchLoader
-from capsrun.tblog import Trial
-from capsrun.train import Loop, Run, evaluate, fit
-from conftest import PoisonedLoss, Toy
+from capsrun.train import Loop, evaluate, fit
+from conftest import PoisonedLoss, Toy, toy_run
 
 
 def test_the_average_is_the_mean_of_the_steps_after_the_start():
@@ -56,27 +54,6 @@ def test_start_step_averages_the_last_fraction_and_at_least_one_step(fraction, t
     assert averaging.start_step(fraction, total) == start
 
 
-def _toy_run(average: float | None):
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
-    model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=5.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    run = Run(
-        model,
-        PoisonedLoss(),
-        BatchLoader(x, y, 8, shuffle=True),
-        {"test": BatchLoader(x, y, 16)},
-        [opt],
-        sched,
-        config={},
-        trial=Trial("toy", {}),
-        average=None if average is None else averaging.WeightAverage(model, averaging.start_step(average, 12)),
-    )
-    return run
-
-
 class _Record:
     """A step hook that keeps the weights after every optimizer step."""
 
@@ -92,7 +69,7 @@ class _Record:
 
 def test_a_run_with_averaging_evaluates_and_keeps_the_mean_of_its_last_steps(tmp_path, monkeypatch):
     monkeypatch.setattr("capsrun.tblog.TBLogger.health", lambda self, health, step: None)
-    run = _toy_run(average=0.5)  # 3 epochs of 4 steps: the mean of steps 7-12
+    run = toy_run(lr=5.0, average=0.5)  # 3 epochs of 4 steps: the mean of steps 7-12
     record = _Record()
     run.step_hooks = [record]
     metrics = fit(run, Loop(epochs=3, log_every=100, progress=False), tmp_path)

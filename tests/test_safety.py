@@ -16,11 +16,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from capsrun import build, checkpoint, rundir
-from capsrun.datasets import BatchLoader, cifar10
+from capsrun.datasets import cifar10
 from capsrun.errors import CheckpointError, ConfigError, DatasetError
-from capsrun.tblog import Trial
-from capsrun.train import Diverged, EvalResult, Loop, NonFiniteWatch, Run, _warn_if_collapsed, finite_model, fit
-from conftest import PoisonedLoss, Toy, compose_config
+from capsrun.train import Diverged, EvalResult, Loop, NonFiniteWatch, _warn_if_collapsed, finite_model, fit
+from conftest import PoisonedLoss, compose_config, toy_run
 
 # --- the registry ----------------------------------------------------------------------------------
 
@@ -161,14 +160,8 @@ def test_finite_model():
 
 
 def test_a_run_that_diverges_keeps_the_last_finite_checkpoints(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
-    train, test = BatchLoader(x, y, 8, shuffle=True), BatchLoader(x, y, 16)
-    model, loss = Toy(), PoisonedLoss(poison_at=6)  # 4 steps an epoch: NaN at step 6, in epoch 2
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    run = toy_run(loss=PoisonedLoss(poison_at=6))  # 4 steps an epoch: NaN at step 6, in epoch 2
     with pytest.raises(Diverged, match="became nan at step 6"):
-        run = Run(model, loss, train, {"test": test}, [opt], sched, config={}, trial=Trial("toy", {}))
         fit(run, Loop(epochs=3, log_every=100, progress=False), tmp_path)
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(tmp_path / "checkpoints" / name, weights_only=True)

@@ -13,10 +13,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as cs_metadata
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 
-from capsrun.datasets import BatchLoader
 from capsrun.tblog import Trial, trial_summaries
-from capsrun.train import Diverged, Interrupted, Loop, Run, fit
-from conftest import PoisonedLoss, Toy
+from capsrun.train import Diverged, Interrupted, Loop, fit
+from conftest import PoisonedLoss, toy_run
 
 TRIAL = Trial(
     name="routing.iterations=3 (sweep/1)",
@@ -27,22 +26,7 @@ TRIAL = Trial(
 
 
 def _fit(run_dir, epochs=2, loss=None, **kw):
-    torch.manual_seed(0)  # the same initial weights in every call
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.rand(32, 1, 2, 2, generator=gen), torch.randint(0, 3, (32,), generator=gen)
-    model = Toy()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    run = Run(
-        model,
-        loss or PoisonedLoss(),
-        BatchLoader(x, y, 8, shuffle=True),
-        {"test": BatchLoader(x, y, 16)},
-        [opt],
-        sched,
-        config={"stored": True},
-        trial=TRIAL,
-    )
+    run = toy_run(loss=loss, config={"stored": True}, trial=TRIAL)
     return fit(run, Loop(epochs=epochs, log_every=100, progress=False), run_dir, **kw)
 
 

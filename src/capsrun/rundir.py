@@ -122,10 +122,11 @@ def _current_targets(config: Any) -> Any:
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, checkpoint's value, this run's value)`` for each :data:`FIXED` setting that differs
-    between two resolved configs (a ``_target_`` capsrun has since moved counts as the same)."""
+    between two resolved configs (a ``_target_`` capsrun has since moved counts as the same; a
+    setting of :data:`ADDED` that the checkpoint's config lacks counts as its value there)."""
     saved = _current_targets(saved)
     for key, value in ADDED.items():
-        if select(saved, key) is None:
+        if select(saved, key) is None and select(current, key) is not None:
             *parents, last = key.split(".")
             node = saved
             for part in parents:
