@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from capsrun import averaging, build, checkpoint
+from capsrun.errors import CheckpointError
 from capsrun.train import Loop, evaluate, fit
 from conftest import PoisonedLoss, Toy, toy_run
 
@@ -119,3 +120,21 @@ def test_eval_and_sample_read_the_mean_from_last_pt(tmp_path):
     save({"evil": torch.zeros(1)})
     with pytest.raises(build.CheckpointError, match="averaged weights name parameters its model lacks"):
         build.from_checkpoint(path, torch.device("cpu"))
+
+
+def test_a_resume_refuses_a_crafted_weight_average_in_one_line(tmp_path):
+    """A last.pt whose ``average`` entry is not the model's mean: a CheckpointError, no traceback."""
+    fit(toy_run(lr=5.0, average=0.5), Loop(epochs=3, log_every=100, progress=False), tmp_path / "run")
+    good = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    crafted = {
+        "unknown names": {**good["average"], "params": {"evil": torch.zeros(1)}},
+        "a wrong shape": {**good["average"], "params": {k: torch.zeros(7) for k in good["average"]["params"]}},
+        "counts not numbers": {**good["average"], "steps": "six"},
+        "not a mapping": "mean",
+    }
+    for what, average in crafted.items():
+        path = tmp_path / "crafted.pt"
+        checkpoint.save(path, {**good, "average": average})
+        with pytest.raises(CheckpointError, match="does not fit the configured model") as caught:
+            fit(toy_run(average=0.5), Loop(epochs=4, log_every=100, progress=False), tmp_path / what, resume_from=path)
+        assert "weight average" in str(caught.value) and "\n" not in str(caught.value), what

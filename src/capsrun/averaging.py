@@ -70,8 +70,19 @@ class WeightAverage:
         return {"start_step": self.start_step, "steps": self.steps, "params": dict(self.params)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.start_step, self.steps = int(state["start_step"]), int(state["steps"])
-        for name, value in state["params"].items():
+        """Continue the mean a checkpoint holds; a ValueError naming what does not fit otherwise."""
+        params = state.get("params") if isinstance(state, dict) else None
+        if not isinstance(params, dict) or set(params) != set(self.params):
+            raise ValueError("its weight average does not name the model's parameters")
+        for name, value in params.items():
+            if not isinstance(value, torch.Tensor) or value.shape != self.params[name].shape:
+                raise ValueError(f"its weight average of {name} is not a tensor of the parameter's shape")
+        counts = state.get("start_step"), state.get("steps")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError("its weight average's step counts are not whole numbers")
+        if counts[1] > 0:  # begun: continue that mean (a longer run does not move its start)
+            self.start_step, self.steps = counts
+        for name, value in params.items():
             self.params[name].copy_(value)
 
 

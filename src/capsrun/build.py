@@ -459,7 +459,7 @@ def from_checkpoint(
         if not set(mean) <= set(state):
             raise CheckpointError(f"{path}: its averaged weights name parameters its model lacks; {_CHECKPOINT_HINT}")
         state = {**state, **mean}
-        log.info("%s: the weights averaged over its last %d steps (trainer.average)", path, ckpt["average"]["steps"])
+        log.info("%s: the weights averaged over its last %s steps (trainer.average)", path, ckpt["average"]["steps"])
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -241,6 +241,8 @@ def restore(
         for optimizer, saved in zip(optimizers[1:], extra):
             optimizer.load_state_dict(saved)
         scheduler.load_state_dict(ckpt["scheduler"])
+        if average is not None and "average" in ckpt:
+            average.load_state_dict(ckpt["average"])
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(
@@ -249,8 +251,6 @@ def restore(
         ) from None
     for meter, s in zip(meters, ckpt["meters"]):
         meter.load_state_dict(s, device)
-    if average is not None and "average" in ckpt:
-        average.load_state_dict(ckpt["average"])
     _set_rng_state(ckpt["rng"])
     saved = dict(ckpt["state"])
     if "best_accuracy" in saved:  # what checkpoints written before the rename call the best score
