@@ -138,3 +138,18 @@ def test_a_resume_refuses_a_crafted_weight_average_in_one_line(tmp_path):
         with pytest.raises(CheckpointError, match="does not fit the configured model") as caught:
             fit(toy_run(average=0.5), Loop(epochs=4, log_every=100, progress=False), tmp_path / what, resume_from=path)
         assert "weight average" in str(caught.value) and "\n" not in str(caught.value), what
+
+
+def test_best_pt_is_the_mean_once_it_has_begun_whatever_the_metric_says(tmp_path, monkeypatch):
+    """The selection metric never improves after epoch 1 here; best.pt is still the mean of the
+    last epochs, the run's result, not epoch 1's weights."""
+    monkeypatch.setattr("capsrun.train.improved", lambda score, best, first: first)
+    run = toy_run(lr=5.0, average=0.5)
+    record = _Record()
+    run.step_hooks = [record]
+    monkeypatch.setattr("capsrun.tblog.TBLogger.health", lambda self, health, step: None)
+    fit(run, Loop(epochs=3, log_every=100, progress=False), tmp_path)
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == 3 and best["averaged_steps"] == 6
+    for key in record.weights[0]:
+        torch.testing.assert_close(best["model"][key], torch.stack([w[key] for w in record.weights[6:]]).mean(0))

@@ -389,7 +389,8 @@ class Run:
     :class:`capsrun.diagnostics.Health`, logged under ``health/`` (capsule health). ``config``:
     what the checkpoints keep; ``trial``: what TensorBoard shows of the run. ``average``: the
     weights' running mean over the last steps (``trainer.average``); once it has begun,
-    evaluation, the epoch hooks and best.pt see the mean, not the last weights."""
+    evaluation and the epoch hooks see the mean, not the last weights, and best.pt is the mean
+    after every epoch (the best-checkpoint rule no longer picks)."""
 
     model: nn.Module
     objective: nn.Module
@@ -615,6 +616,8 @@ def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Pat
         state.batch = 0
         epoch_meter.reset()
         better = _record_best(run, state, metrics)
+        # the mean is the run's result once it has begun: best.pt follows it, whatever the metric says
+        better = better or averaged
         metrics["epoch"] = state.epoch
         state.last_metrics = metrics
         _log_epoch(tb, metrics, train_metrics, results["test"], hook_images, state.step)
