@@ -147,7 +147,7 @@ def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, w
         "sample_quality.real_images=100",
         f"hydra.run.dir={out}",
     ]
-    ok(run_capsrun("sample", *args, cwd=work, data_root=mnist_root))
+    result = ok(run_capsrun("sample", *args, cwd=work, data_root=mnist_root))
     for png in ("gibbs", "gibbs_mean", "chain"):
         image = np.asarray(Image.open(out / f"{png}.png"))
         assert image.ndim == 3 and image.shape[0] > 28
@@ -160,6 +160,9 @@ def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, w
     assert 0 <= metrics["samples/recognised_real"] <= 100
     assert sum(metrics[f"samples/class_share/{k}"] for k in range(10)) == pytest.approx(100.0)
     assert metrics["samples/judge_temperature"] > 0 and "samples/recognised_uncalibrated" in metrics
+    # the 100 test images after the reference 100: real digits' distance at 9 images, beside the samples'
+    assert metrics["samples/frechet_distance_real"] > 0 and metrics["samples/frechet_distance_real_std"] > 0
+    assert f"(9 binarised test images: {metrics['samples/frechet_distance_real']:.3f}" in result.stdout + result.stderr
     assert "samples/swap_rate" not in metrics  # trained without tempering: its own sampler is the plain chain
 
 
@@ -209,6 +212,7 @@ def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root,
         ("sample", ["tempering=0"], "tempering must be an integer >= 1"),
         ("sample", ["tempering=3", "temperature=2"], "tempering samples the model at temperature 1"),
         ("sample", ["sample_quality.confidence=1.5"], "sample_quality.confidence must be a number in (0, 1)"),
+        ("sample", ["sample_quality.held_out=-1"], "sample_quality.held_out must be an integer >= 0"),
         ("eval", ["ais.temperatures=1"], "ais.temperatures must be an integer >= 2"),
         ("eval", ["ais.runs=0"], "ais.runs must be an integer >= 1"),
         ("eval", ["ais.base_images=-1"], "ais.base_images must be an integer >= 1"),

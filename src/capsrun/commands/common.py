@@ -44,11 +44,27 @@ def load_classifier(cfg: DictConfig, dev: torch.device, dataset: DictConfig):
 def judge(classifier, model, test, sq: DictConfig) -> sampling.Judge:
     """The judge of an energy model's samples: ``classifier`` with the first
     ``sq.real_images`` test images, binarised as the model sees them, calibrated on them when
-    ``sq.calibrate`` (:func:`capsrun.sampling.judge_temperature`)."""
-    real, labels = sampling.first_labelled(test, sq.real_images)
-    found = sampling.Judge(classifier, model.visible_states(real), labels, calibrate=bool(sq.get("calibrate", True)))
-    log.info("sample judge: temperature %.3g on %d binarised test images", found.temperature, len(real))
+    ``sq.calibrate`` (:func:`capsrun.sampling.judge_temperature`); the next ``sq.held_out`` test
+    images (as many as the test set has) give the Frechet distance of real digits at the
+    samples' number (:func:`capsrun.sampling.frechet_floor`)."""
+    reference, held = reference_settings(sq)
+    images, labels = sampling.first_labelled(test, reference + held)
+    real, labels, held_out = model.visible_states(images[:reference]), labels[:reference], images[reference:]
+    held_out = model.visible_states(held_out) if len(held_out) >= 2 else None
+    found = sampling.Judge(classifier, real, labels, calibrate=bool(sq.get("calibrate", True)), held_out=held_out)
+    log.info(
+        "sample judge: temperature %.3g on %d binarised test images; %d more held out (real digits' Frechet distance)",
+        found.temperature,
+        len(real),
+        0 if held_out is None else len(held_out),
+    )
     return found
+
+
+def reference_settings(sq: DictConfig) -> tuple[int, int]:
+    """``sample_quality.real_images`` (>= 2) and ``sample_quality.held_out`` (>= 0), checked."""
+    reference = build.integer(sq.get("real_images"), "sample_quality.real_images", 2, 5000)
+    return reference, build.integer(sq.get("held_out", 0), "sample_quality.held_out", 0, 5000)
 
 
 def confidence_setting(value: Any, key: str) -> float:

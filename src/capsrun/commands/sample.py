@@ -125,6 +125,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     if tempering > 1 and temperature != 1:
         raise ConfigError("tempering samples the model at temperature 1; give one of them, e.g. tempering=1")
     confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
+    common.reference_settings(cfg.sample_quality)
     classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
     model.eval()
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
@@ -199,8 +200,13 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
                 else ""
             )
             + "), "
-            f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.2f}"
+            f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.3f}"
         )
+        if "samples/frechet_distance_real" in metrics:
+            quality += (
+                f" ({len(v)} binarised test images: {metrics['samples/frechet_distance_real']:.3f}"
+                f" +- {metrics['samples/frechet_distance_real_std']:.3f})"
+            )
     log.info(
         "acceptance %.3f, free energy of samples %.2f vs test data %.2f%s; gibbs.png, gibbs_mean.png, chain.png, "
         "samples.pt from %s (epoch %d) in %s",

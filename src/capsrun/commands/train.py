@@ -218,6 +218,7 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
         steps = build._positive_int(cfg, "model.samples.gibbs_steps", example="1000")
         tempering = build._positive_int(cfg, "model.samples.tempering", example="10")
         confidence = common.confidence_setting(sq.confidence, "sample_quality.confidence")
+        common.reference_settings(sq)
         judge = None
         if classifier is None:
             log.info(
