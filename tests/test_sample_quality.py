@@ -128,7 +128,7 @@ def test_the_judge_reports_real_images_frechet_distance_at_the_samples_number():
     held_out = torch.rand(12, 1, 2, 2, generator=gen)
     found = sampling.Judge(judge, real, labels, held_out=held_out)
     m = found.quality(held_out[:5], 3)
-    floor, spread = sampling.frechet_floor(found.features, found.held_out, 5)
+    floor, spread = sampling.frechet_floor(found.features, found.held_out_features, 5)
     assert m["samples/frechet_distance_real"] == pytest.approx(floor)
     assert m["samples/frechet_distance_real_std"] == pytest.approx(spread)
     assert "samples/frechet_distance_real" not in found.quality(torch.rand(13, 1, 2, 2, generator=gen), 3)

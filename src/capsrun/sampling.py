@@ -208,7 +208,9 @@ class Judge:
         self.classifier = classifier
         self.temperature = judge_temperature(classifier_lengths(classifier, real), labels) if calibrate else 1.0
         _, self.features, self.confidence = classifier_outputs(classifier, real, temperature=self.temperature)
-        self.held_out = None if held_out is None or len(held_out) < 2 else classifier_outputs(classifier, held_out)[1]
+        self.held_out_features = None  # [M, F]: what frechet_floor draws from
+        if held_out is not None and len(held_out) >= 2:
+            self.held_out_features = classifier_outputs(classifier, held_out)[1]
 
     def quality(self, samples: torch.Tensor, num_classes: int, confidence: float = 0.9) -> dict[str, float]:
         """:func:`unconditional_quality` of ``samples`` at this judge's temperature, with
@@ -218,8 +220,8 @@ class Judge:
         real = (self.features, self.confidence)
         metrics = unconditional_quality(self.classifier, samples, real, num_classes, confidence, self.temperature)
         metrics["samples/judge_temperature"] = self.temperature
-        if self.held_out is not None and 2 <= len(samples) <= len(self.held_out):
-            floor, spread = frechet_floor(self.features, self.held_out, len(samples))
+        if self.held_out_features is not None and 2 <= len(samples) <= len(self.held_out_features):
+            floor, spread = frechet_floor(self.features, self.held_out_features, len(samples))
             metrics["samples/frechet_distance_real"], metrics["samples/frechet_distance_real_std"] = floor, spread
         if self.temperature != 1.0:
             _, _, raw = classifier_outputs(self.classifier, samples)
