@@ -166,6 +166,41 @@ def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, w
     assert "samples/swap_rate" not in metrics  # trained without tempering: its own sampler is the plain chain
 
 
+def test_sample_judges_the_chains_along_the_way(energy_run, mnist_root, work, classifier):
+    """judge_every=10 of 30 steps: the judge's figures after 10 and 20 steps in the log, in
+    metrics.json's by_step and in TensorBoard at those steps (the final ones at 30); judging
+    draws nothing from the chains: the samples equal a run without it."""
+    _, run = energy_run
+    args = [
+        f"checkpoint={run}/checkpoints/best.pt",
+        "num_samples=9",
+        "gibbs_steps=30",
+        "tempering=3",
+        f"eval_classifier={classifier}",
+        "sample_quality.real_images=100",
+    ]
+    out, plain = work / f"judged_{run.name}", work / f"unjudged_{run.name}"
+    result = ok(run_capsrun("sample", *args, "judge_every=10", f"hydra.run.dir={out}", cwd=work, data_root=mnist_root))
+    ok(run_capsrun("sample", *args, f"hydra.run.dir={plain}", cwd=work, data_root=mnist_root))
+    logged = result.stdout + result.stderr
+    assert "after 10 steps: " in logged and "after 20 steps: " in logged and "after 30 steps" not in logged
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["step"] for m in metrics["by_step"]] == [10, 20]
+    for m in metrics["by_step"]:
+        assert sum(m[f"samples/class_share/{k}"] for k in range(10)) == pytest.approx(100.0)
+        assert m["samples/frechet_distance"] >= 0 and 0 <= m["samples/recognised"] <= 100
+    ea = event_accumulator.EventAccumulator(str(out))
+    ea.Reload()
+    events = ea.Scalars("samples/recognised")
+    assert [e.step for e in events] == [10, 20, 30]
+    assert [e.value for e in events] == pytest.approx(
+        [*(m["samples/recognised"] for m in metrics["by_step"]), metrics["samples/recognised"]]
+    )
+    assert "by_step" not in json.loads((plain / "metrics.json").read_text())
+    same = torch.load(out / "samples.pt", weights_only=True), torch.load(plain / "samples.pt", weights_only=True)
+    assert torch.equal(*same)
+
+
 def test_sample_with_a_tempering_ladder(energy_run, mnist_root, work):
     """tempering=4 on a model trained without: the base-rate model from the training images, each
     step a sweep of 4 levels; the swap rate in metrics.json."""
@@ -213,6 +248,8 @@ def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root,
         ("sample", ["tempering=3", "temperature=2"], "tempering samples the model at temperature 1"),
         ("sample", ["sample_quality.confidence=1.5"], "sample_quality.confidence must be a number in (0, 1)"),
         ("sample", ["sample_quality.held_out=-1"], "sample_quality.held_out must be an integer >= 0"),
+        ("sample", ["judge_every=-1"], "judge_every must be an integer >= 0"),
+        ("sample", ["judge_every=100"], "judge_every needs a judge: add eval_classifier="),
         ("eval", ["ais.temperatures=1"], "ais.temperatures must be an integer >= 2"),
         ("eval", ["ais.runs=0"], "ais.runs must be an integer >= 1"),
         ("eval", ["ais.base_images=-1"], "ais.base_images must be an integer >= 1"),

@@ -239,3 +239,49 @@ def test_gibbs_chains_with_tempering_report_the_swap_rates():
     assert len(run.snapshots) == 4 and torch.equal(run.snapshots[-1], run.v)
     with pytest.raises(ValueError, match="base-rate"):
         sampling.gibbs_chains(model, start, 20, tempering=5)
+
+
+@pytest.mark.parametrize("tempering", [1, 5])
+def test_gibbs_chains_in_segments_draw_what_one_run_draws(tempering):
+    """The chains run in segments (progress, snapshots, ``observe``): 37 steps in segments equal
+    37 steps run by hand in one go, bit for bit, and what ``observe`` sees after 20 of them is the
+    final state of a 20-step run with the same seed (the state carries over exactly)."""
+    model = _capsrbm() if tempering == 1 else _rbm()
+    start = torch.bernoulli(torch.full((30, 1, 3, 3), 0.5, dtype=torch.float64))
+    seen: dict[int, torch.Tensor] = {}
+    run = sampling.gibbs_chains(
+        model, start, 37, snapshots=3, seed=5, tempering=tempering, base=BASE,
+        observe=lambda step, v: seen.setdefault(step, v.clone()), observe_every=20,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    if tempering > 1:
+        p = torch.sigmoid(BASE).expand(len(start), -1)
+        levels = torch.stack([torch.bernoulli(p).view_as(start) for _ in range(tempering - 1)] + [start])
+        by_hand = model.tempered(levels, 37, BASE)[0][-1]
+    else:
+        by_hand = model.gibbs(start, 37)[0]
+    assert torch.equal(run.v, by_hand)
+    assert list(seen) == [20]  # not at the last step: the caller has the final state
+    shorter = sampling.gibbs_chains(model, start, 20, seed=5, tempering=tempering, base=BASE)
+    assert torch.equal(seen[20], shorter.v)
+    assert [len(run.snapshots), torch.equal(run.snapshots[-1], run.v)] == [3, True]
+    with pytest.raises(ValueError, match="observe_every"):
+        sampling.gibbs_chains(model, start, 3, observe_every=-1)
+
+
+def test_gibbs_chains_swap_rates_count_the_tries_of_each_pair():
+    """Pair k proposes on every other sweep; the reported rate is its swaps over its own tries,
+    the same whether the sweeps run in one segment or in many odd-length ones (7 sweeps: pairs 0
+    and 2 try 4 times, pairs 1 and 3 three times)."""
+    model = _rbm()
+    start = torch.bernoulli(torch.full((50, 1, 3, 3), 0.5, dtype=torch.float64))
+    looked = []
+    run = sampling.gibbs_chains(
+        model, start, 7, tempering=5, base=BASE, seed=2, observe=lambda step, _: looked.append(step), observe_every=3
+    )
+    torch.manual_seed(2)
+    p = torch.sigmoid(BASE).expand(len(start), -1)
+    levels = torch.stack([torch.bernoulli(p).view_as(start) for _ in range(4)] + [start])
+    _, _, rates = model.tempered(levels, 7, BASE)  # one segment: swaps over tries, counted in there
+    assert looked == [3, 6]  # segments of 3, 3 and 1 sweeps
+    assert run.swap_rates == pytest.approx(rates.tolist(), abs=1e-6)  # float32 rates

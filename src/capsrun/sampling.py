@@ -16,6 +16,7 @@ Nothing here reads a config or a file; :mod:`capsrun.commands` wires it up.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -343,6 +344,9 @@ class Chains(NamedTuple):
     swap_rates: list[float]
 
 
+SEGMENT = 10  # chain steps between two looks at the chains (progress, snapshots, observe)
+
+
 @torch.no_grad()
 def gibbs_chains(
     model: nn.Module,
@@ -355,6 +359,9 @@ def gibbs_chains(
     tempering: int = 1,
     base: torch.Tensor | None = None,
     below: torch.Tensor | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
+    observe_every: int = 0,
+    progress: bool = False,
 ) -> Chains:
     """Run ``len(start)`` chains of the model's own sampler for ``steps`` steps from ``start``
     (visible states [N, C, H, W]). ``tempering`` > 1: each step is a sweep of parallel tempering
@@ -362,15 +369,25 @@ def gibbs_chains(
     from the base-rate model ``base`` [C*H*W] to the model, whose level starts at ``start``:
     ``tempering`` chain steps and the swaps per step. The levels below 1 start at ``below``
     [tempering - 1, N, C, H, W] (a checkpoint's own ladder) or, when None, at draws from ``base``.
-    The global RNG is left as it was."""
+    ``observe(step, v)`` is called after every ``observe_every`` steps before the last (0: never);
+    ``progress``: a progress bar. The chains run in segments of at most :data:`SEGMENT` steps;
+    the states carry over exactly (a segment re-encodes what the last one's final step did not),
+    so neither changes a draw. The global RNG is left as it was."""
     if tempering > 1 and (base is None or temperature != 1):
         raise ValueError("tempering needs the base-rate model (base) and temperature 1")
+    if observe_every < 0:
+        raise ValueError(f"observe_every must be >= 0, got {observe_every}")
+    from tqdm import tqdm
+
     was_training = model.training
     model.eval()
     devices = [start.device] if start.device.type == "cuda" else []
     every = max(steps // snapshots, 1) if snapshots else steps + 1
     taken, acceptance, v = [], 0.0, start
-    swapped = torch.zeros(max(tempering - 1, 0), dtype=torch.float64)
+    swaps = torch.zeros(max(tempering - 1, 0), dtype=torch.float64)
+    tried = torch.zeros_like(swaps)
+    desc = "sweeps" if tempering > 1 else "steps"
+    bar = tqdm(total=steps, desc=desc, unit="", leave=False, disable=None if progress else True)
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -382,23 +399,36 @@ def gibbs_chains(
                 p = torch.sigmoid(base).expand(len(start), -1)
                 levels = torch.stack([torch.bernoulli(p).view_as(start) for _ in range(tempering - 1)] + [start])
             done = 0
-            while done < steps:  # in segments between snapshots: a chain's state persists within one
-                n = min(every, steps - done)
+            while done < steps:
+                stop = min(steps, done + SEGMENT, (done // every + 1) * every)
+                if observe_every:
+                    stop = min(stop, (done // observe_every + 1) * observe_every)
+                n = stop - done
                 if tempering > 1:
                     levels, acc, rates = model.tempered(levels, n, base, first_sweep=done)
-                    swapped += rates.double().cpu() * n
+                    # pair k proposes a swap on the sweeps t with t % 2 == k % 2: count them exactly
+                    pairs = torch.arange(tempering - 1, dtype=torch.float64)
+                    times = torch.arange(done, stop, dtype=torch.float64)
+                    tries = ((times[None] - pairs[:, None]) % 2 == 0).sum(1).double()
+                    swaps += rates.double().cpu() * tries
+                    tried += tries
                     v = levels[-1]
                 else:
                     v, acc = model.gibbs(v, n, mh=mh, temperature=temperature)
                 acceptance += float(acc) * n
-                done += n
-                if snapshots and n == every and len(taken) < snapshots:
+                done = stop
+                bar.update(n)
+                if snapshots and done % every == 0 and len(taken) < snapshots:
                     taken.append(v.clone())
+                if observe is not None and observe_every and done % observe_every == 0 and done < steps:
+                    with torch.random.fork_rng(devices=devices):  # whatever it draws, the chains draw the same
+                        observe(done, v)
     finally:
+        bar.close()
         model.train(was_training)
     if snapshots and (not taken or not torch.equal(taken[-1], v)):
         taken = [*taken[: snapshots - 1], v.clone()]
-    return Chains(v, taken, acceptance / max(steps, 1), (swapped / max(steps, 1)).tolist())
+    return Chains(v, taken, acceptance / max(steps, 1), (swaps / tried.clamp_min(1)).tolist())
 
 
 def _due(epoch: int, last: bool, every: int) -> bool:

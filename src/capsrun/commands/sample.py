@@ -111,10 +111,13 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     sampler from noise, data or the checkpoint's own chains (``init``); grids, ``samples.pt`` (the
     final states, float [N, C, H, W] in [0, 1]) and, with ``eval_classifier``, how a CapsNet sees
     them."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from capsrun.tblog import TBLogger
 
     for key in ("num_samples", "gibbs_steps"):
         build.integer(cfg[key], key, example=100)
+    judge_every = build.integer(cfg.get("judge_every", 0), "judge_every", 0, 500)
     if cfg.init not in ("noise", "data", "chains"):
         raise ConfigError(f"init must be noise, data or chains, got {cfg.init!r}; e.g. init=noise")
     temperature = build.number(cfg.temperature, "temperature", lambda v: v > 0, "a number > 0", 1.0)
@@ -127,6 +130,8 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
     common.reference_settings(cfg.sample_quality)
     classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
+    if judge_every and classifier is None:
+        raise ConfigError("judge_every needs a judge: add eval_classifier=<best.pt of a capsnet>, or judge_every=0")
     model.eval()
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
     needs_train = tempering > 1 and not hasattr(model, "base_rate")  # the ladder's base-rate model
@@ -143,21 +148,35 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         start = model.noise(cfg.num_samples, gen).to(dev)
     ladder = f", each a parallel-tempering sweep of {tempering} levels" if tempering > 1 else ""
     source = {"noise": "noise", "data": "test images", "chains": "the checkpoint's own chains"}[cfg.init]
-    log.info("%d chains from %s, %d steps%s ...", len(start), source, cfg.gibbs_steps, ladder)
-    run = sampling.gibbs_chains(
-        model,
-        start,
-        cfg.gibbs_steps,
-        snapshots=8,
-        mh=cfg.mh,
-        temperature=float(temperature),
-        seed=cfg.seed,
-        tempering=tempering,
-        base=base,
-        below=below,
-    )
-    v, snaps, acceptance = run.v, run.snapshots, run.acceptance
     judge = None if classifier is None else common.judge(classifier, model, test, cfg.sample_quality)
+    classes = run_cfg.dataset.num_classes
+    by_step: list[dict] = []
+
+    def judged(step: int, states: torch.Tensor) -> None:
+        """``judge_every``: how the judge sees the chains after ``step`` steps (the log now;
+        TensorBoard at that step and metrics.json's ``by_step`` at the end)."""
+        seen = judge.quality(states, classes, confidence)
+        by_step.append({"step": step, **seen})
+        log.info("after %d steps: %s", step, _quality_line(seen, classes, confidence, len(states)))
+
+    log.info("%d chains from %s, %d steps%s ...", len(start), source, cfg.gibbs_steps, ladder)
+    with logging_redirect_tqdm():  # judge_every's log lines above the progress bar, not through it
+        run = sampling.gibbs_chains(
+            model,
+            start,
+            cfg.gibbs_steps,
+            snapshots=8,
+            mh=cfg.mh,
+            temperature=float(temperature),
+            seed=cfg.seed,
+            tempering=tempering,
+            base=base,
+            below=below,
+            observe=judged if judge_every else None,
+            observe_every=judge_every,
+            progress=bool(cfg.trainer.progress),
+        )
+    v, snaps, acceptance = run.v, run.snapshots, run.acceptance
     real = model.visible_states(sampling.first_images(test, 1000))
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         metrics = {
@@ -169,12 +188,14 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
             metrics["samples/swap_rate"] = min(run.swap_rates)
         mean = model.reconstruct(v)
     if judge is not None:
-        metrics.update(judge.quality(v, run_cfg.dataset.num_classes, confidence))
+        metrics.update(judge.quality(v, classes, confidence))
     nrow = max(int(len(v) ** 0.5), 1)
     rows = min(len(v), 8)
     chain = torch.stack([start[:rows], *(s[:rows] for s in snaps)], 1).flatten(0, 1)  # row i: chain i
     out_dir, tb = common.output_dir(), TBLogger(common.output_dir())
     try:
+        for earlier in by_step:
+            tb.scalars({k: x for k, x in earlier.items() if k != "step"}, earlier["step"])
         for name, image in (
             ("gibbs", sampling.grid(v, nrow)),
             ("gibbs_mean", sampling.grid(mean, nrow)),
@@ -182,31 +203,14 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         ):
             common.save_png(out_dir / f"{name}.png", image)
             tb.image(f"samples/{name}", image, 0)
-        tb.scalars(metrics, 0)
+        tb.scalars(metrics, cfg.gibbs_steps)  # at the step count: the end of judge_every's curve
     finally:
         tb.close()
     samples = v.detach().float().cpu().clamp(0, 1).contiguous()
     checkpoint.atomic_write(out_dir / "samples.pt", lambda f: torch.save(samples, f))
-    checkpoint.save_json(out_dir / "metrics.json", {**metrics, "checkpoint": str(path)})
-    quality = ""
-    if classifier is not None:
-        shares = [metrics[f"samples/class_share/{k}"] for k in range(run_cfg.dataset.num_classes)]
-        quality = (
-            f"; {metrics['samples/recognised']:.1f}% recognised with confidence > {confidence} "
-            f"(binarised test images: {metrics['samples/recognised_real']:.1f}%"
-            + (
-                f"; uncalibrated {metrics['samples/recognised_uncalibrated']:.1f}%"
-                if "samples/recognised_uncalibrated" in metrics
-                else ""
-            )
-            + "), "
-            f"classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.3f}"
-        )
-        if "samples/frechet_distance_real" in metrics:
-            quality += (
-                f" ({len(v)} binarised test images: {metrics['samples/frechet_distance_real']:.3f}"
-                f" +- {metrics['samples/frechet_distance_real_std']:.3f})"
-            )
+    extra = {"by_step": by_step} if by_step else {}
+    checkpoint.save_json(out_dir / "metrics.json", {**metrics, **extra, "checkpoint": str(path)})
+    quality = "" if classifier is None else "; " + _quality_line(metrics, classes, confidence, len(v))
     log.info(
         "acceptance %.3f, free energy of samples %.2f vs test data %.2f%s; gibbs.png, gibbs_mean.png, chain.png, "
         "samples.pt from %s (epoch %d) in %s",
@@ -219,3 +223,21 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         out_dir,
     )
     return metrics
+
+
+def _quality_line(metrics: dict, classes: int, confidence: float, n: int) -> str:
+    """The judge's figures in words: recognised share, class range, Frechet distance and its floor."""
+    shares = [metrics[f"samples/class_share/{k}"] for k in range(classes)]
+    uncalibrated = metrics.get("samples/recognised_uncalibrated")
+    line = (
+        f"{metrics['samples/recognised']:.1f}% recognised with confidence > {confidence} "
+        f"(binarised test images: {metrics['samples/recognised_real']:.1f}%"
+        + ("" if uncalibrated is None else f"; uncalibrated {uncalibrated:.1f}%")
+        + f"), classes {min(shares):.0f}-{max(shares):.0f}%, Frechet distance {metrics['samples/frechet_distance']:.3f}"
+    )
+    if "samples/frechet_distance_real" in metrics:
+        line += (
+            f" ({n} binarised test images: {metrics['samples/frechet_distance_real']:.3f}"
+            f" +- {metrics['samples/frechet_distance_real_std']:.3f})"
+        )
+    return line
