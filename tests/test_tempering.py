@@ -12,7 +12,7 @@ import torch
 
 from capsrun import sampling
 from capsrun.models.capsrbm import CapsuleRBM
-from capsrun.models.energy import RBMLoss, base_rate, ladder, retune, tempered_sweep
+from capsrun.models.energy import RBMLoss, base_rate, ladder, retune, swap_tries, tempered_sweep
 from capsrun.models.rbm import RBM
 from test_capsrbm import _histogram, _rbm
 from test_capsrbm import _sampling_floor as _floor
@@ -285,3 +285,10 @@ def test_gibbs_chains_swap_rates_count_the_tries_of_each_pair():
     _, _, rates = model.tempered(levels, 7, BASE)  # one segment: swaps over tries, counted in there
     assert looked == [3, 6]  # segments of 3, 3 and 1 sweeps
     assert run.swap_rates == pytest.approx(rates.tolist(), abs=1e-6)  # float32 rates
+
+
+def test_swap_tries_count_each_pairs_proposals_by_parity():
+    """Pair k proposes on the sweeps t with t % 2 == k % 2, counted by hand."""
+    assert swap_tries(0, 7, 4).tolist() == [4, 3, 4, 3]  # t = 0..6: 4 even sweeps, 3 odd
+    assert swap_tries(3, 1, 2).tolist() == [0, 1]  # t = 3: only the odd pair
+    assert swap_tries(1, 2, 3).tolist() == [1, 1, 1]

@@ -27,6 +27,7 @@ from torch import nn
 from capsrun.batch import unpack
 from capsrun.images import tile
 from capsrun.losses import gaussian_kl
+from capsrun.models.energy import swap_tries
 
 
 def can_generate(model: nn.Module) -> bool:
@@ -406,10 +407,7 @@ def gibbs_chains(
                 n = stop - done
                 if tempering > 1:
                     levels, acc, rates = model.tempered(levels, n, base, first_sweep=done)
-                    # pair k proposes a swap on the sweeps t with t % 2 == k % 2: count them exactly
-                    pairs = torch.arange(tempering - 1, dtype=torch.float64)
-                    times = torch.arange(done, stop, dtype=torch.float64)
-                    tries = ((times[None] - pairs[:, None]) % 2 == 0).sum(1).double()
+                    tries = swap_tries(done, n, tempering - 1)  # the rates are per try: count them back
                     swaps += rates.double().cpu() * tries
                     tried += tries
                     v = levels[-1]

@@ -249,8 +249,8 @@ class EnergyModel(nn.Module):
             last = t == steps - 1
             states, enc, acc, rates = tempered_sweep(self, states, enc, betas, base, (first_sweep + t) % 2, not last)
             acceptance, swapped = acceptance + acc.mean(), swapped + rates
-        tried = [sum((first_sweep + t) % 2 == k % 2 for t in range(steps)) for k in range(len(states) - 1)]
-        return states, acceptance / max(steps, 1), swapped / torch.tensor(tried).clamp_min(1).to(swapped)
+        tried = swap_tries(first_sweep, steps, len(states) - 1)
+        return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped)
 
     def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """CD-k: ``cd_steps`` steps from the data; PCD: from the persistent chains (the first ``B``
@@ -359,6 +359,14 @@ def retune(betas: torch.Tensor, rates: torch.Tensor, step: float = 0.5) -> torch
     placed[0], placed[-1] = 0.0, 1.0
     moved = (1 - step) * betas + step * placed
     return torch.cummax(moved, 0).values  # increasing, as the sweep needs
+
+
+def swap_tries(first_sweep: int, steps: int, pairs: int) -> torch.Tensor:
+    """How often each neighbouring pair k of a ladder proposes a swap in the sweeps
+    ``first_sweep`` .. ``first_sweep + steps - 1`` ``[pairs]``: pair k on the sweeps t with
+    t % 2 == k % 2 (:func:`tempered_sweep`'s parity)."""
+    t = torch.arange(first_sweep, first_sweep + steps)
+    return ((t[None] - torch.arange(pairs)[:, None]) % 2 == 0).sum(1).double()
 
 
 def take(enc: Any, rows: torch.Tensor) -> Any:
