@@ -208,6 +208,23 @@ def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
     assert "ladder_chains" not in RBM(image_size=4, hidden=5, chains=6).state_dict()  # plain PCD: keys as before
 
 
+def test_a_batch_bigger_than_the_chains_takes_its_model_term_from_every_chain():
+    """PCD with fewer fantasy particles than images a batch (Tieleman 2008): the model term is the
+    mean free energy of all the chains, which keep their new states; the data term has every image."""
+    torch.manual_seed(0)
+    x = (torch.rand(8, 1, 4, 4) < 0.3).float()
+    for tempering in (1, 3):
+        model = RBM(image_size=4, hidden=5, chains=3, tempering=tempering)
+        out = model.train()(x)
+        assert out.free_energy.shape == (8,) and out.model_free_energy.shape == (3,)
+        with torch.no_grad():
+            torch.testing.assert_close(out.model_free_energy, model.free_energy(model.chains))
+        losses = RBMLoss()(out, x)
+        torch.testing.assert_close(losses["total"], out.free_energy.mean() - out.model_free_energy.mean())
+        if tempering > 1:
+            assert model.ladder_chains.shape == (2, 3, 1, 4, 4)
+
+
 def test_gibbs_chains_start_the_ladder_where_it_is_told():
     """``below``: the levels under the top start there (a checkpoint's own ladder, ``capsrun sample
     init=chains``), not at draws from the base rate; the same sweeps as the ladder run by hand."""

@@ -66,7 +66,8 @@ class EnergyModel(nn.Module):
 
     ``cd_steps``: chain steps per training step (CD-k from the data, or PCD's steps per update);
     ``persistent``: PCD (Tieleman, ICML 2008) with ``chains`` chains started at the first batch
-    (``chain_init=data``) or at noise; ``data_init``: visible biases from the first training batch's
+    (``chain_init=data``) or at noise; a batch of B images takes its model term from min(B,
+    ``chains``) of them; ``data_init``: visible biases from the first training batch's
     pixel means (Hinton, "A practical guide to training RBMs", UTML TR 2010-003, Sec. 8.1);
     ``tempering``: the persistent chains are the beta = 1 level of a parallel-tempering ladder of
     that many inverse temperatures from the base-rate model to the model (:func:`tempered_sweep`;
@@ -257,17 +258,16 @@ class EnergyModel(nn.Module):
         of them), which keep the result; with ``tempering`` > 1, ``cd_steps`` sweeps of the
         ladder whose top they are. Returns the samples, the chains' mean acceptance and, with
         tempering, the lowest swap rate of the ladder (else None)."""
-        b = len(v_data)
         if not self.persistent:
             return (*self.gibbs(v_data, self.cd_steps, self.mh), None)
-        if b > len(self.chains):
-            raise ValueError(
-                f"a batch of {b} needs at least as many persistent chains (model.net.chains={len(self.chains)})"
-            )
+        # PCD's model term needs no more fantasy particles than a batch has images (Tieleman 2008
+        # kept 100 whatever the batch): a bigger batch with as many chains halves the chains'
+        # sweeps per epoch, the cost that dominates a tempered step
+        b = min(len(v_data), len(self.chains))
         if not self.chains_started:
             self.chains.copy_(self.noise(len(self.chains)).to(self.chains))
             if self.chain_init == "data":
-                self.chains[:b] = v_data
+                self.chains[:b] = v_data[:b]
             if self.tempering > 1:
                 below = self.ladder_chains
                 below.copy_(self.noise(below.shape[0] * len(self.chains)).view_as(below).to(below))
