@@ -231,6 +231,8 @@ def test_bad_settings_are_refused():
         RBM(cd_steps=0)
     with pytest.raises(ValueError, match="chain_init"):
         RBM(chain_init="prior")
+    with pytest.raises(ValueError, match="model.net.chains must be >= 1"):
+        RBM(chains=0)
 
 
 def test_one_routing_iteration_takes_the_one_matmul_path_with_the_same_values():

@@ -90,6 +90,8 @@ class EnergyModel(nn.Module):
             raise ValueError(f"cd_steps must be >= 1, got {cd_steps}")
         if tempering < 1 or (tempering > 1 and not persistent):
             raise ValueError(f"tempering must be >= 1 (and 1 unless persistent), got {tempering}")
+        if persistent and chains < 1:
+            raise ValueError(f"PCD needs at least one persistent chain: model.net.chains must be >= 1, got {chains}")
         if chain_init not in ("data", "noise"):
             raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
         self.image_shape = tuple(image_shape)
@@ -254,14 +256,14 @@ class EnergyModel(nn.Module):
         return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped)
 
     def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """CD-k: ``cd_steps`` steps from the data; PCD: from the persistent chains (the first ``B``
-        of them), which keep the result; with ``tempering`` > 1, ``cd_steps`` sweeps of the
+        """CD-k: ``cd_steps`` steps from the data; PCD: from the persistent chains (the first
+        min(B, ``chains``) of them), which keep the result; with ``tempering`` > 1, ``cd_steps`` sweeps of the
         ladder whose top they are. Returns the samples, the chains' mean acceptance and, with
         tempering, the lowest swap rate of the ladder (else None)."""
         if not self.persistent:
             return (*self.gibbs(v_data, self.cd_steps, self.mh), None)
         # PCD's model term needs no more fantasy particles than a batch has images (Tieleman 2008
-        # kept 100 whatever the batch): a bigger batch with as many chains halves the chains'
+        # kept 100 whatever the batch): a bigger batch over the same chains runs fewer of their
         # sweeps per epoch, the cost that dominates a tempered step
         b = min(len(v_data), len(self.chains))
         if not self.chains_started:
