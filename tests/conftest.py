@@ -87,6 +87,53 @@ def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: f
     )
 
 
+@pytest.fixture
+def capsrun_here(monkeypatch, capfd):
+    """The same ``capsrun`` entry point as :func:`run_capsrun`, run in this process and returning
+    the same kind of result: for the many bad-value checks, each of which a subprocess would make
+    pay about 3 s of interpreter, torch and Hydra start-up for a one-line answer. What needs a
+    process of its own (signals, kills, a crafted file that must run nothing) keeps
+    :func:`run_capsrun`."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from capsrun import cli, rundir
+
+    def run(*args: str, cwd: Path, data_root: Path | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        if data_root is not None:
+            monkeypatch.setenv("CAPSRUN_DATA", str(data_root))
+        monkeypatch.setattr(sys, "argv", ["capsrun", *args])
+        root, loggers = logging.getLogger(), dict(logging.Logger.manager.loggerDict)
+        handlers, level = root.handlers[:], root.level
+        disabled = {name: lg.disabled for name, lg in loggers.items() if isinstance(lg, logging.Logger)}
+        locks, rng = dict(rundir._held), torch.random.get_rng_state()
+        capfd.readouterr()
+        GlobalHydra.instance().clear()
+        try:
+            cli._main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            GlobalHydra.instance().clear()
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:], root.level = handlers, level
+            for name, was in disabled.items():
+                logging.getLogger(name).disabled = was
+            for path in set(rundir._held) - set(locks):  # what the process would let go of at exit
+                os.close(rundir._held.pop(path))
+            torch.random.set_rng_state(rng)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["capsrun", *args], code, out, err)
+
+    return run
+
+
 def compose_config(config_name: str, *overrides: str):
     """The config ``capsrun <config_name> <overrides>`` would run with, composed in-process."""
     from hydra import compose, initialize_config_dir

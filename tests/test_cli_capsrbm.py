@@ -255,9 +255,9 @@ def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root,
         ("eval", ["ais.base_images=-1"], "ais.base_images must be an integer >= 1"),
     ],
 )
-def test_bad_sampling_and_ais_settings_are_one_line(energy_run, mnist_root, work, command, args, message):
+def test_bad_sampling_and_ais_settings_are_one_line(energy_run, mnist_root, work, command, args, message, capsrun_here):
     _, run = energy_run
-    result = run_capsrun(command, f"checkpoint={run}/checkpoints/best.pt", *args, cwd=work, data_root=mnist_root)
+    result = capsrun_here(command, f"checkpoint={run}/checkpoints/best.pt", *args, cwd=work, data_root=mnist_root)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

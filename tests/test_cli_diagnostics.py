@@ -129,8 +129,8 @@ def test_analyze_a_multirun_dir_compares_the_runs(mnist_root, tmp_path):
         ("analyze", ["checkpoint=.", "split=val"], "split must be test or train"),
     ],
 )
-def test_bad_diagnostics_input_is_one_line(mnist_root, tmp_path, command, args, message):
-    result = run_capsrun(command, *TINY[:4] if command == "train" else (), *args, cwd=tmp_path, data_root=mnist_root)
+def test_bad_diagnostics_input_is_one_line(mnist_root, tmp_path, command, args, message, capsrun_here):
+    result = capsrun_here(command, *TINY[:4] if command == "train" else (), *args, cwd=tmp_path, data_root=mnist_root)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

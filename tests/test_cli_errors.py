@@ -44,8 +44,8 @@ def _assert_clean_error(result, *needles: str) -> None:
         ("trainer.average=-0.1", "trainer.average must be a number in [0, 1)"),
     ],
 )
-def test_bad_config_values(override, needle, mnist_root, tmp_path):
-    result = run_capsrun(
+def test_bad_config_values(override, needle, mnist_root, tmp_path, capsrun_here):
+    result = capsrun_here(
         "train", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, data_root=mnist_root
     )
     _assert_clean_error(result, needle)
@@ -81,8 +81,8 @@ def test_cuda_requested_without_cuda(mnist_root, tmp_path):
         ("multimnist", "MNIST/raw"),
     ],
 )
-def test_missing_dataset_without_download_says_where_to_put_files(dataset, folder, tmp_path):
-    result = run_capsrun(
+def test_missing_dataset_without_download_says_where_to_put_files(dataset, folder, tmp_path, capsrun_here):
+    result = capsrun_here(
         "train",
         *TINY,
         f"dataset={dataset}",

@@ -314,8 +314,10 @@ def test_stale_temporary_files_are_cleaned_on_the_next_start(finished, mnist_roo
         ("model.net.decoder_hidden=[32,-4]", "capsnet model"),
     ],
 )
-def test_bad_values_are_one_line(override, needle, mnist_root, tmp_path):
-    one_line_error(train(tmp_path / "run", mnist_root, override, epochs=1), needle)
+def test_bad_values_are_one_line(override, needle, mnist_root, tmp_path, capsrun_here):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", override]
+    one_line_error(capsrun_here("train", *args, cwd=tmp_path, data_root=mnist_root), needle)
 
 
 def test_a_linear_tail_that_cannot_work_is_one_line(mnist_root, tmp_path):

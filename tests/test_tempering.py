@@ -152,6 +152,8 @@ def test_every_level_of_the_ladder_samples_its_tempered_distribution(make):
     n, betas = 20000, ladder(4)
     torch.manual_seed(1)
     levels = torch.bernoulli(torch.full((len(betas), n, 1, 3, 3), 0.5, dtype=torch.float64))
+    # measured (capsrbm): the lower levels reach the floor within 25-50 sweeps, the top one does
+    # not at 60 (1.3-1.5x the floor on seeds 2-4; this seed: 1.1x at 100 and 150 sweeps)
     levels, acceptance, rates = model.tempered(levels, 150, BASE)
     for v, beta in zip(levels, betas):
         exact = _exact(model, beta)
