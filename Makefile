@@ -19,7 +19,7 @@ install: $(BIN)/capsrun  ## create .venv and install capsrun with its dev tools
 train: install  ## train the paper's CapsNet on MNIST (extra overrides: make train ARGS="trainer.epochs=5")
 	$(BIN)/capsrun train model=capsnet $(ARGS)
 
-test: install  ## the whole test suite, as CI runs it (CPU, no network; about ten minutes on 2 cores)
+test: install  ## the whole test suite, as CI runs it (CPU, no network; about 12 minutes on 2 cores)
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install  ## the unit tests only, no end-to-end CLI runs (about a minute)
