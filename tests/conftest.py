@@ -116,7 +116,7 @@ def capsrun_here(monkeypatch, capfd):
             cli._main(list(args))
             code = 0
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1  # as the interpreter does
         finally:
             GlobalHydra.instance().clear()
             for handler in root.handlers:
