@@ -45,7 +45,7 @@ def test_small_capsnet_learns_real_mnist(tmp_path):
         "trainer.batch_size=32",
     )
     # one epoch (188 updates) of a 1.9M-parameter CapsNet on 6,000 real digits: measured 95.40 %
-    # here (2 epochs at batch 128, 94 updates, took twice the time for the same 95.40 %); chance 10 %
+    # here, as 2 epochs at batch 128 (94 updates) gave; chance 10 %
     assert metrics["test/accuracy"] > 92.0, metrics
 
 
@@ -62,7 +62,7 @@ def test_small_vcaps_learns_real_mnist(tmp_path):
         "trainer.batch_size=32",
     )
     # measured 85.95 % here (one epoch of 6,000 real digits at batch 32, 188 updates; 3 epochs at
-    # batch 128 gave 84.5 % in three times the time), classification by smallest KL; chance 10 %
+    # batch 128 gave 84.5 %), classification by smallest KL; chance 10 %
     assert metrics["test/accuracy"] > 70.0, metrics
     assert metrics["test/kl/present"] < metrics["test/kl/absent"]
 
