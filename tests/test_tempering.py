@@ -12,7 +12,7 @@ import torch
 
 from capsrun import sampling
 from capsrun.models.capsrbm import CapsuleRBM
-from capsrun.models.energy import RBMLoss, base_rate, ladder, retune, swap_tries, tempered_sweep
+from capsrun.models.energy import RETUNE_EVERY, RBMLoss, base_rate, ladder, retune, swap_tries, tempered_sweep
 from capsrun.models.rbm import RBM
 from test_capsrbm import _histogram, _rbm
 from test_capsrbm import _sampling_floor as _floor
@@ -208,6 +208,32 @@ def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
     again.load_state_dict(state)
     assert torch.equal(again.ladder_chains, model.ladder_chains)
     assert "ladder_chains" not in RBM(image_size=4, hidden=5, chains=6).state_dict()  # plain PCD: keys as before
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", [RBM, CapsuleRBM], ids=["rbm", "capsrbm"])
+def test_tempered_training_retunes_its_ladder_on_the_model_device(make, device):
+    """Every RETUNE_EVERY sweeps the ladder is re-spaced from its running swap rates; that must run
+    where the model lives (on an H200 it first stopped with a CPU/CUDA mix in retune's
+    searchsorted) and move the inner levels, the ends staying 0 and 1."""
+    torch.manual_seed(0)
+    model = (
+        make(image_size=4, patch=2, chains=4, tempering=4)
+        if make is CapsuleRBM
+        else make(image_size=4, hidden=5, chains=4, tempering=4)
+    )
+    model = model.to(device).train()
+    x = (torch.rand(4, 1, 4, 4, device=device) < 0.3).float()
+    start = model.betas.clone()
+    for _ in range(RETUNE_EVERY):
+        model(x)
+    betas = model.betas
+    assert betas.device.type == device and int(model.sweeps) == RETUNE_EVERY
+    assert float(betas[0]) == 0 and float(betas[-1]) == 1 and bool((betas.diff() > 0).all())
+    assert not torch.equal(betas, start)  # the rates were not all equal: the inner levels moved
 
 
 def test_a_batch_bigger_than_the_chains_takes_its_model_term_from_every_chain():

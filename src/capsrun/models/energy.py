@@ -353,7 +353,7 @@ def retune(betas: torch.Tensor, rates: torch.Tensor, step: float = 0.5) -> torch
     betas, rates = betas.double(), rates.double().clamp(1e-3, 0.999)
     gaps = betas.diff().clamp_min(1e-9)
     length = torch.cat([betas.new_zeros(1), torch.sqrt(-torch.log(rates)).cumsum(0)])  # at each beta_k
-    targets = torch.linspace(0, float(length[-1]), len(betas), dtype=torch.float64)
+    targets = torch.linspace(0, float(length[-1]), len(betas), dtype=torch.float64, device=betas.device)
     # invert the piecewise-linear map beta -> length at the equal targets
     k = torch.searchsorted(length, targets, right=True).clamp(1, len(gaps)) - 1
     frac = ((targets - length[k]) / (length[k + 1] - length[k]).clamp_min(1e-12)).clamp(0, 1)
