@@ -214,18 +214,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("make", [RBM, CapsuleRBM], ids=["rbm", "capsrbm"])
-def test_tempered_training_retunes_its_ladder_on_the_model_device(make, device):
+@pytest.mark.parametrize(("make", "sizes"), [(RBM, {"hidden": 5}), (CapsuleRBM, {"patch": 2})], ids=["rbm", "capsrbm"])
+def test_tempered_training_retunes_its_ladder_on_the_model_device(make, sizes, device):
     """Every RETUNE_EVERY sweeps the ladder is re-spaced from its running swap rates; that must run
     where the model lives (on an H200 it first stopped with a CPU/CUDA mix in retune's
     searchsorted) and move the inner levels, the ends staying 0 and 1."""
     torch.manual_seed(0)
-    model = (
-        make(image_size=4, patch=2, chains=4, tempering=4)
-        if make is CapsuleRBM
-        else make(image_size=4, hidden=5, chains=4, tempering=4)
-    )
-    model = model.to(device).train()
+    model = make(image_size=4, chains=4, tempering=4, **sizes).to(device).train()
     x = (torch.rand(4, 1, 4, 4, device=device) < 0.3).float()
     start = model.betas.clone()
     for _ in range(RETUNE_EVERY):
