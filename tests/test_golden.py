@@ -1,8 +1,8 @@
 """Refactors change no result: tiny seeded runs of every model, trained through the real CLI on
 generated files, give the same weights (SHA-256 of every tensor of last.pt) and the same final
 metrics as recorded in tests/golden/runs.json. Exact equality needs the same arithmetic, so the
-comparison runs on one thread and only where the record was made (the same torch version and
-CPU kernel set); elsewhere it is skipped, saying why. After a change that is meant to change
+comparison runs on one thread and only where the record was made (the same torch version, CPU
+kernel set and CPU model); elsewhere it is skipped, saying why. After a change that is meant to change
 results, rewrite the record: ``python tests/test_golden.py`` (and say so in the commit)."""
 
 from __future__ import annotations
@@ -37,8 +37,25 @@ RUNS = {
 }  # fmt: skip
 
 
+def cpu_model() -> str:
+    """The CPU's vendor, family and model (Linux /proc/cpuinfo): two CPUs with the same kernel
+    set (AVX-512) still round differently (measured: an AMD EPYC of family 25 gave other weights
+    than the record's AVX-512 host, at the record's own commit), so the record names its CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    info = dict(line.split(":", 1) for line in lines if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return " / ".join(info.get(k, "?") for k in ("vendor_id", "cpu family", "model", "model name"))
+
+
 def machine() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_model(),
+    }
 
 
 def digest(run_dir: Path) -> dict:

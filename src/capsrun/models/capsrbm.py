@@ -63,9 +63,10 @@ level three seeds give a test log-likelihood of -72.31, -72.44 and -72.04 nats (
 the same recipe: -70.95 and -70.17), and 300 chains from noise draw every digit, 6-14 % per class
 after 3,000 ladder sweeps (after 1,000, two seeds still draw 2 % 1s); with 1,000 chains its
 samples' Frechet distance in a CapsNet's capsule space is no worse than the RBM's (0.0144 against
-0.0151; 1,000 real digits 0.0135 +- 0.0009). ``experiment=capsrbm_mnist`` runs 40 chains a level,
-which trains in under 25 minutes on a 2-core AVX2 CPU: -73.49 nats, and 300 chains x 3,000 sweeps
-88.7 % recognised, 6-15 % per class, Frechet distance 0.019 (the RBM anchor: 0.023).
+0.0151; 1,000 real digits 0.0135 +- 0.0009). ``experiment=capsrbm_mnist`` is that recipe: 25-26
+minutes on a 2-core AVX-512 CPU (seeds 3 and 4: -71.42 and -71.85 nats), about an hour on a 2-core
+AVX2 one. With 40 chains a level it takes half that time for 1.5-2.5 nats, and on two of four seeds
+one class falls below 5 % of the samples.
 
 Gradient: d log p(v) / d theta = -dF(v)/d theta + E_model[dF/d theta], through the routing,
 estimated by CD-k or PCD chains (:class:`~capsrun.models.energy.EnergyModel`).
