@@ -2,8 +2,8 @@
 generated files, give the same weights (SHA-256 of every tensor of last.pt) and the same final
 metrics as recorded in tests/golden/runs.json. Exact equality needs the same arithmetic, so the
 comparison runs on one thread and only where the record was made (the same torch version, CPU
-kernel set and CPU model); elsewhere it is skipped, saying why. After a change that is meant to change
-results, rewrite the record: ``python tests/test_golden.py`` (and say so in the commit)."""
+kernel set and CPU model); elsewhere it is skipped, saying why. After a change that is meant to
+change results, rewrite the record: ``python tests/test_golden.py`` (and say so in the commit)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ RUNS = {
 
 
 def cpu_model() -> str:
-    """The CPU's vendor, family and model (Linux /proc/cpuinfo): two CPUs with the same kernel
+    """The CPU's vendor, family, model and model name (Linux /proc/cpuinfo): two CPUs with the same kernel
     set (AVX-512) still round differently (measured: an AMD EPYC of family 25 gave other weights
     than the record's AVX-512 host, at the record's own commit), so the record names its CPU."""
     try:
