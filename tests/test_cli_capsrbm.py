@@ -304,3 +304,26 @@ def test_capsule_rbm_never_reads_the_labels(tmp_path):
         ok(run_capsrun("train", *args, cwd=root, data_root=root, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
         weights.append(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_training_on_a_tapered_ladder(mnist_root, tmp_path):
+    """``model.net.ladder_width=8``: 8 chains a level below the 32 at the top (what
+    experiment=capsrbm_mnist runs, sized for the fixtures); the checkpoint keeps that ladder and
+    ``init=chains`` samples all 32 top chains, the levels below from the base rate. A width above
+    the chains: one line, exit 2."""
+    run = tmp_path / "tapered"
+    args = [*SMALL["capsrbm"], *COMMON, "model.tempering=3", "trainer.epochs=1", "ais.at_end=false"]
+    ok(run_capsrun("train", *args, "model.net.ladder_width=8", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert state["ladder_chains"].shape == (2, 8, 1, 28, 28) and state["chains"].shape == (32, 1, 28, 28)
+    rates = _scalars(run, "train/chain/swap_rate")
+    assert rates and all(0 <= r <= 1 for r in rates) and max(rates) > 0
+    out = tmp_path / "own"
+    args_s = [f"checkpoint={run}/checkpoints/last.pt", "init=chains", "num_samples=32", "gibbs_steps=2"]
+    ok(run_capsrun("sample", *args_s, f"hydra.run.dir={out}", cwd=tmp_path, data_root=mnist_root))
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (32, 1, 28, 28) and 0 < (samples != state["chains"]).float().mean().item() < 0.25
+    bad = run_capsrun("train", *args, "model.net.ladder_width=33", cwd=tmp_path, data_root=mnist_root)
+    err = bad.stderr.strip()
+    assert bad.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "model.net.ladder_width must be null or between 1 and model.net.chains (32), got 33" in err

@@ -12,7 +12,16 @@ import torch
 
 from capsrun import sampling
 from capsrun.models.capsrbm import CapsuleRBM
-from capsrun.models.energy import RETUNE_EVERY, RBMLoss, base_rate, ladder, retune, swap_tries, tempered_sweep
+from capsrun.models.energy import (
+    RETUNE_EVERY,
+    RBMLoss,
+    base_rate,
+    ladder,
+    level_pairs,
+    retune,
+    swap_tries,
+    tempered_sweep,
+)
 from capsrun.models.rbm import RBM
 from test_capsrbm import _histogram, _rbm
 from test_capsrbm import _sampling_floor as _floor
@@ -161,6 +170,63 @@ def test_every_level_of_the_ladder_samples_its_tempered_distribution(make):
     assert ((rates > 0.05) & (rates <= 1)).all() and 0 < acceptance <= 1
 
 
+def test_level_pairs_meet_chain_by_chain_or_a_random_subset_of_the_wider_level():
+    """Levels of 2, 2 and 3 chains, one after another in the batch (rows 0-1, 2-3, 4-6): parity 0
+    pairs level 0 with 1 chain by chain; parity 1 pairs level 1's 2 chains with 2 distinct chains
+    of the top, drawn afresh each sweep, so that over sweeps every top chain takes part."""
+    ((lo, hi),) = level_pairs([2, 2, 3], 0)
+    assert lo.tolist() == [0, 1] and hi.tolist() == [2, 3]
+    torch.manual_seed(0)
+    met = torch.zeros(7)
+    for _ in range(300):
+        ((lo, hi),) = level_pairs([2, 2, 3], 1)
+        assert lo.tolist() == [2, 3] and len(set(hi.tolist())) == 2 and set(hi.tolist()) <= {4, 5, 6}
+        met[hi] += 1
+    assert met[:4].sum() == 0 and ((met[4:] / 300 - 2 / 3).abs() < 0.1).all(), met  # each top chain 2/3 of sweeps
+    assert level_pairs([5, 5], 1) == []  # one pair, of parity 0
+
+
+def test_a_ladder_of_equal_widths_given_as_widths_is_the_same_ladder():
+    """The flat form (``widths``) and the [K, n] form of one ladder draw the same sweeps."""
+    model = _rbm()
+    levels = torch.bernoulli(torch.full((4, 50, 1, 3, 3), 0.5, dtype=torch.float64))
+    torch.manual_seed(5)
+    stacked, acc, rates = model.tempered(levels, 7, BASE)
+    torch.manual_seed(5)
+    flat, acc_flat, rates_flat = model.tempered(levels.flatten(0, 1), 7, BASE, widths=[50] * 4)
+    assert torch.equal(flat, stacked.flatten(0, 1)) and torch.equal(rates_flat, rates) and acc_flat == acc
+
+
+@pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
+def test_a_tapered_ladder_samples_every_level_s_distribution(make):
+    """20,000 chains at the top, 5,000 at each level below (the cheaper ladder of training's
+    ``ladder_width``), 150 sweeps from noise: every level within 1.3x the floor of exact draws of
+    its own size."""
+    model = make()
+    betas, widths = ladder(4), [5000, 5000, 5000, 20000]
+    torch.manual_seed(1)
+    states = torch.bernoulli(torch.full((sum(widths), 1, 3, 3), 0.5, dtype=torch.float64))
+    states, acceptance, rates = model.tempered(states, 150, BASE, widths=widths)
+    for v, beta in zip(states.split(widths), betas):
+        exact = _exact(model, beta)
+        assert _tv(v, exact) < 1.3 * _floor(exact, len(v)), (beta, _tv(v, exact))
+    assert ((rates > 0.05) & (rates <= 1)).all() and 0 < acceptance <= 1
+
+
+def test_a_tapered_ladder_still_crosses_between_wells():
+    """4,000 top chains all in the 'off' well, 500 a level below: the top reaches the wells' mass
+    (its chains take turns at the swaps with the narrower level)."""
+    model = _two_wells()
+    on = float(_exact(model)[_images().flatten(1).sum(1) >= 5].sum())
+    n, m = 4000, 500
+    below = torch.bernoulli(torch.sigmoid(BASE).expand(11 * m, -1)).view(-1, 1, 3, 3)
+    states = torch.cat([below, torch.zeros(n, 1, 3, 3, dtype=torch.float64)])
+    torch.manual_seed(3)
+    states, _, rates = model.tempered(states, 600, BASE, widths=[m] * 11 + [n])
+    share = float((states[-n:].flatten(1).sum(1) >= 5).double().mean())
+    assert abs(share - on) < 0.05, (share, on)
+
+
 def _two_wells() -> RBM:
     """One hidden unit with large weights: a well at 'all pixels on' and one at 'all off' with
     about equal mass, and a barrier between them that block Gibbs does not cross."""
@@ -208,6 +274,25 @@ def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
     again.load_state_dict(state)
     assert torch.equal(again.ladder_chains, model.ladder_chains)
     assert "ladder_chains" not in RBM(image_size=4, hidden=5, chains=6).state_dict()  # plain PCD: keys as before
+
+
+def test_training_on_a_tapered_ladder_keeps_fewer_chains_below_the_top():
+    """``ladder_width``: 2 chains a level below 6 at the top; the model term is still every top
+    chain's free energy, and the checkpoint holds the narrower ladder. Wider than the top: refused."""
+    torch.manual_seed(0)
+    model = RBM(image_size=4, hidden=5, chains=6, tempering=3, ladder_width=2)
+    x = (torch.rand(6, 1, 4, 4) < 0.3).float()
+    for _ in range(3):
+        out = model.train()(x)
+    assert model.ladder_chains.shape == (2, 2, 1, 4, 4) and int(model.sweeps) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(out.model_free_energy, model.free_energy(model.chains))
+    assert 0 <= float(RBMLoss()(out, x)["chain/swap_rate"]) <= 1
+    again = RBM(image_size=4, hidden=5, chains=6, tempering=3, ladder_width=2)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.ladder_chains, model.ladder_chains)
+    with pytest.raises(ValueError, match=r"ladder_width must be null or between 1 and model.net.chains \(6\), got 7"):
+        RBM(image_size=4, hidden=5, chains=6, tempering=3, ladder_width=7)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]

@@ -92,8 +92,9 @@ def sample(cfg: DictConfig) -> dict[str, float]:
 
 def _own_chains(model, n: int, tempering: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``init=chains``: the first ``n`` of the checkpoint's persistent chains ``[n, C, H, W]`` and,
-    when it was trained on a ladder of ``tempering`` levels, that ladder's levels below 1
-    ``[tempering - 1, n, C, H, W]`` (else None: those levels start from the base-rate model).
+    when it was trained on a ladder of ``tempering`` levels with at least ``n`` chains a level,
+    that ladder's levels below 1 ``[tempering - 1, n, C, H, W]`` (else None: those levels start
+    from the base-rate model).
     Why: a frozen model whose own chains, started where training left them, drift to another
     class mix has an equilibrium that is not its training chains' (README, "The capsule RBM")."""
     chains = getattr(model, "chains", None)
@@ -101,8 +102,8 @@ def _own_chains(model, n: int, tempering: int) -> tuple[torch.Tensor, torch.Tens
         raise ConfigError("init=chains needs a checkpoint trained with persistent chains (PCD); use init=noise")
     if n > len(chains):
         raise ConfigError(f"init=chains: the checkpoint holds {len(chains)} chains; e.g. num_samples={len(chains)}")
-    own = getattr(model, "ladder_chains", None)
-    below = own[:, :n] if own is not None and len(own) == tempering - 1 else None
+    own = getattr(model, "ladder_chains", None)  # narrower than n (ladder_width): from the base rate
+    below = own[:, :n] if own is not None and len(own) == tempering - 1 and own.shape[1] >= n else None
     return chains[:n].clone(), below
 
 

@@ -140,10 +140,18 @@ class CapsuleRBM(EnergyModel):
         chain_init: str = "data",
         data_init: bool = True,
         tempering: int = 1,
+        ladder_width: int | None = None,
         mh: bool = True,
     ):
         super().__init__(
-            (in_channels, image_size, image_size), cd_steps, persistent, chains, chain_init, data_init, tempering
+            (in_channels, image_size, image_size),
+            cd_steps,
+            persistent,
+            chains,
+            chain_init,
+            data_init,
+            tempering,
+            ladder_width,
         )
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")

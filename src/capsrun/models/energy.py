@@ -84,6 +84,7 @@ class EnergyModel(nn.Module):
         chain_init: str = "data",
         data_init: bool = True,
         tempering: int = 1,
+        ladder_width: int | None = None,
     ):
         super().__init__()
         if cd_steps < 1:
@@ -92,6 +93,10 @@ class EnergyModel(nn.Module):
             raise ValueError(f"tempering must be >= 1 (and 1 unless persistent), got {tempering}")
         if persistent and chains < 1:
             raise ValueError(f"PCD needs at least one persistent chain: model.net.chains must be >= 1, got {chains}")
+        if ladder_width is not None and not 1 <= ladder_width <= chains:
+            raise ValueError(
+                f"model.net.ladder_width must be null or between 1 and model.net.chains ({chains}), got {ladder_width}"
+            )
         if chain_init not in ("data", "noise"):
             raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
         self.image_shape = tuple(image_shape)
@@ -107,7 +112,8 @@ class EnergyModel(nn.Module):
         if tempering > 1:  # only then: checkpoints of plain PCD keep their keys
             # the levels beta < 1 of the ladder, their inverse temperatures (tuned as the model
             # trains, :func:`retune`), the running swap rates, and the base-rate model at beta = 0
-            self.register_buffer("ladder_chains", torch.zeros(tempering - 1, len(self.chains), *self.image_shape))
+            width = ladder_width or len(self.chains)  # a tapered ladder: fewer chains below the top
+            self.register_buffer("ladder_chains", torch.zeros(tempering - 1, width, *self.image_shape))
             self.register_buffer("betas", torch.tensor(ladder(tempering), dtype=torch.float64))
             self.register_buffer("swap_rates", torch.full((tempering - 1,), 0.5, dtype=torch.float64))
             self.register_buffer("base_rate", torch.zeros(n_visible))
@@ -235,24 +241,29 @@ class EnergyModel(nn.Module):
         base: torch.Tensor,
         first_sweep: int = 0,
         betas: Sequence[float] | torch.Tensor | None = None,
+        widths: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``steps`` sweeps of parallel tempering over ``states`` [K, n, C, H, W] (one level per
         inverse temperature ``betas``, increasing to 1; None: the model's own tuned ladder when it
         has one of K levels, else :func:`ladder`) above the base-rate model ``base``; returns the
         states, the mean acceptance of the beta = 1 chain and the swap rate of each neighbouring
-        pair ``[K - 1]``."""
+        pair ``[K - 1]``. With ``widths`` (chains a level, [K]): ``states`` [sum(widths), C, H, W],
+        the levels one after another (:func:`tempered_sweep`)."""
+        levels = len(widths) if widths is not None else len(states)
         if betas is None:
             own = getattr(self, "betas", None)
-            betas = own if own is not None and len(own) == len(states) else ladder(len(states))
+            betas = own if own is not None and len(own) == levels else ladder(levels)
         betas = torch.as_tensor(betas, dtype=states.dtype).to(states.device)
-        enc = self.encode(states.flatten(0, 1))
+        enc = self.encode(states if widths is not None else states.flatten(0, 1))
         acceptance = torch.zeros((), device=states.device)
-        swapped = torch.zeros(len(states) - 1, device=states.device)
+        swapped = torch.zeros(levels - 1, device=states.device)
         for t in range(steps):
             last = t == steps - 1
-            states, enc, acc, rates = tempered_sweep(self, states, enc, betas, base, (first_sweep + t) % 2, not last)
+            states, enc, acc, rates = tempered_sweep(
+                self, states, enc, betas, base, (first_sweep + t) % 2, not last, widths
+            )
             acceptance, swapped = acceptance + acc.mean(), swapped + rates
-        tried = swap_tries(first_sweep, steps, len(states) - 1)
+        tried = swap_tries(first_sweep, steps, levels - 1)
         return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped)
 
     def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -272,14 +283,18 @@ class EnergyModel(nn.Module):
                 self.chains[:b] = v_data[:b]
             if self.tempering > 1:
                 below = self.ladder_chains
-                below.copy_(self.noise(below.shape[0] * len(self.chains)).view_as(below).to(below))
+                below.copy_(self.noise(below.shape[0] * below.shape[1]).view_as(below).to(below))
             self.chains_started.fill_(True)
         if self.tempering > 1:
-            states = torch.cat([self.ladder_chains[:, :b], self.chains[None, :b]])
+            m = min(b, self.ladder_chains.shape[1])  # chains a level below the top
+            below = self.ladder_chains[:, :m]
+            states = torch.cat([below.flatten(0, 1), self.chains[:b]])
+            widths = [m] * len(below) + [b]
             first = int(self.sweeps)
-            states, acceptance, rates = self.tempered(states, self.cd_steps, self.base_rate, first, self.betas)
-            self.ladder_chains[:, :b] = states[:-1]
-            self.chains[:b] = states[-1]
+            states, acceptance, rates = self.tempered(states, self.cd_steps, self.base_rate, first, self.betas, widths)
+            top = states[len(below) * m :]
+            self.ladder_chains[:, :m] = states[: len(below) * m].view_as(below)
+            self.chains[:b] = top
             self.sweeps.add_(self.cd_steps)
             # the running swap rate of each pair, of the pairs tried (one sweep tries every other)
             tried = torch.zeros_like(self.swap_rates, dtype=torch.bool)
@@ -289,7 +304,7 @@ class EnergyModel(nn.Module):
             self.swap_rates[tried] = 0.98 * self.swap_rates[tried] + 0.02 * rates[tried].double()
             if int(self.sweeps) % RETUNE_EVERY < self.cd_steps:
                 self.betas.copy_(retune(self.betas, self.swap_rates))
-            return states[-1], acceptance, rates[tried].min()
+            return top, acceptance, rates[tried].min()
         v, acceptance = self.gibbs(self.chains[:b], self.cd_steps, self.mh)
         self.chains[:b] = v
         return v, acceptance, None
@@ -379,6 +394,27 @@ def take(enc: Any, rows: torch.Tensor) -> Any:
     return type(enc)(*(take(x, rows) for x in enc))
 
 
+def level_pairs(widths: Sequence[int], parity: int, device: torch.device | None = None) -> list:
+    """Which chains of a ladder with ``widths`` chains a level (levels one after another in one
+    batch) propose to swap in a sweep of ``parity``: for each neighbouring pair (k, k + 1) with
+    k % 2 == ``parity``, the rows ``(lo [m], hi [m])``, m = min(widths[k], widths[k + 1]); chain i of
+    a level with m chains meets chain i of the other, or a random m of its chains when it has more
+    (drawn afresh each sweep, independent of the states, so the swap test stays exact)."""
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+
+    def pick(k: int, m: int) -> torch.Tensor:
+        chosen = torch.arange(m, device=device) if widths[k] == m else torch.randperm(widths[k], device=device)[:m]
+        return chosen + offsets[k]
+
+    pairs = []
+    for k in range(parity, len(widths) - 1, 2):
+        m = min(widths[k], widths[k + 1])
+        pairs.append((pick(k, m), pick(k + 1, m)))
+    return pairs
+
+
 @torch.no_grad()
 def tempered_sweep(
     model: EnergyModel,
@@ -388,42 +424,53 @@ def tempered_sweep(
     base: torch.Tensor,
     parity: int,
     encode: bool = True,
+    widths: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
     """One sweep of parallel tempering (replica exchange; Swendsen & Wang 1986, Geyer 1991) over
     ``states`` [K, n, C, H, W] (level k at inverse temperature ``betas`` [K], increasing) and
-    ``enc``, their :meth:`~EnergyModel.encode` as one batch of K * n. Every neighbouring pair
-    (k, k + 1) with k of ``parity`` proposes to exchange its states, chain by chain, accepted with
+    ``enc``, their :meth:`~EnergyModel.encode` as one batch of K * n; or, with ``widths`` [K]
+    (chains a level), over ``states`` [sum(widths), C, H, W], the levels one after another (a
+    tapered ladder: fewer chains below the top cost less, :func:`level_pairs` pairs them). Every
+    neighbouring pair (k, k + 1) with k of ``parity`` proposes to exchange its states, chain by
+    chain, accepted with
 
         log a = F_k(x) + F_k+1(y) - F_k(y) - F_k+1(x)     (x at level k, y at level k + 1)
 
     where F_beta is the free energy of p_beta, the base-rate model ``base`` tempered into the model
     (Salakhutdinov & Murray 2008, as AIS uses); then one step of the model's own chain at every
-    level, all K levels as one batch with one inverse temperature per row (one matmul each way
+    level, all levels as one batch with one inverse temperature per row (one matmul each way
     for the whole ladder). Both moves leave the product of the p_beta invariant, so the last level
     samples the model. Returns the states, their ``enc`` (None when ``encode`` is False: the last
     sweep of a run), the acceptance of the last level's chain step [n] and the swap rate of every
     pair [K - 1] (0 for the pairs not of ``parity``)."""
-    k_levels, n = states.shape[:2]
-    flat = states.flatten(0, 1)
-    own = betas.repeat_interleave(n)
-    lo = torch.arange(parity, k_levels - 1, 2, device=states.device)
-    rates = torch.zeros(k_levels - 1, device=states.device)
-    if len(lo):
-        partner = torch.arange(k_levels, device=states.device)
-        partner[lo], partner[lo + 1] = lo + 1, lo
+    k_levels, tapered = len(betas), widths is not None
+    flat = states if tapered else states.flatten(0, 1)
+    if not tapered:
+        widths = [states.shape[1]] * k_levels
+    if len(widths) != k_levels or sum(widths) != len(flat):
+        raise ValueError(f"widths {list(widths)} do not match {k_levels} levels of {len(flat)} states")
+    counts = torch.tensor(widths, device=flat.device)
+    own = betas.repeat_interleave(counts)
+    pairs = level_pairs(widths, parity, flat.device)
+    rates = torch.zeros(k_levels - 1, device=flat.device)
+    if pairs:
+        lo, hi = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        partner = own.clone()  # each state's inverse temperature if it swaps (its own if it cannot)
+        partner[lo], partner[hi] = own[hi], own[lo]
         # each state's free energy at its own level and at its partner's: 2 evaluations for all
-        f_own = model.free_energy_at(flat, enc, own, base).view(k_levels, n)
-        f_other = model.free_energy_at(flat, enc, betas[partner].repeat_interleave(n), base).view(k_levels, n)
-        log_a = f_own[lo] + f_own[lo + 1] - f_other[lo] - f_other[lo + 1]  # [pairs, n]
+        f_own = model.free_energy_at(flat, enc, own, base)
+        f_other = model.free_energy_at(flat, enc, partner, base)
+        log_a = f_own[lo] + f_own[hi] - f_other[lo] - f_other[hi]  # [pairs' chains]
         swap = torch.rand_like(log_a).log() < log_a
-        source = torch.arange(k_levels, device=states.device).unsqueeze(1).repeat(1, n)  # level each state comes from
-        source[lo] = torch.where(swap, lo.unsqueeze(1) + 1, lo.unsqueeze(1))
-        source[lo + 1] = torch.where(swap, lo.unsqueeze(1), lo.unsqueeze(1) + 1)
-        rows = (source * n + torch.arange(n, device=states.device)).flatten()
+        rows = torch.arange(len(flat), device=flat.device)
+        rows[lo] = torch.where(swap, hi, lo)
+        rows[hi] = torch.where(swap, lo, hi)
         flat, enc = flat.index_select(0, rows), take(enc, rows)
-        rates[lo] = swap.to(rates.dtype).mean(1)
+        per_pair = swap.to(rates.dtype).split([len(p[0]) for p in pairs])
+        rates[parity::2] = torch.stack([r.mean() for r in per_pair])
     flat, enc, acc = model.transition(flat, enc, own, base, encode=encode)
-    return flat.view_as(states), enc, acc.view(k_levels, n)[-1], rates
+    top = acc[len(acc) - widths[-1] :]
+    return (flat if tapered else flat.view_as(states)), enc, top, rates
 
 
 class RBMLoss(nn.Module):

@@ -44,9 +44,17 @@ class RBM(EnergyModel):
         chain_init: str = "data",
         data_init: bool = True,
         tempering: int = 1,
+        ladder_width: int | None = None,
     ):
         super().__init__(
-            (in_channels, image_size, image_size), cd_steps, persistent, chains, chain_init, data_init, tempering
+            (in_channels, image_size, image_size),
+            cd_steps,
+            persistent,
+            chains,
+            chain_init,
+            data_init,
+            tempering,
+            ladder_width,
         )
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
