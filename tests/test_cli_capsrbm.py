@@ -313,7 +313,8 @@ def test_training_on_a_tapered_ladder(mnist_root, tmp_path):
     the chains: one line, exit 2."""
     run = tmp_path / "tapered"
     args = [*SMALL["capsrbm"], *COMMON, "model.tempering=3", "trainer.epochs=1", "ais.at_end=false"]
-    ok(run_capsrun("train", *args, "model.net.ladder_width=8", f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    taper = "model.net.ladder_width=8"
+    ok(run_capsrun("train", *args, taper, f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert state["ladder_chains"].shape == (2, 8, 1, 28, 28) and state["chains"].shape == (32, 1, 28, 28)
     rates = _scalars(run, "train/chain/swap_rate")

@@ -63,10 +63,12 @@ level three seeds give a test log-likelihood of -72.31, -72.44 and -72.04 nats (
 the same recipe: -70.95 and -70.17), and 300 chains from noise draw every digit, 6-14 % per class
 after 3,000 ladder sweeps (after 1,000, two seeds still draw 2 % 1s); with 1,000 chains its
 samples' Frechet distance in a CapsNet's capsule space is no worse than the RBM's (0.0144 against
-0.0151; 1,000 real digits 0.0135 +- 0.0009). ``experiment=capsrbm_mnist`` is that recipe: 25-26
-minutes on a 2-core AVX-512 CPU (seeds 3 and 4: -71.42 and -71.85 nats), about an hour on a 2-core
-AVX2 one. With 40 chains a level it takes half that time for 1.5-2.5 nats, and on two of four seeds
-one class falls below 5 % of the samples.
+0.0151; 1,000 real digits 0.0135 +- 0.0009). ``experiment=capsrbm_mnist`` is that recipe with a
+tapered ladder: 100 chains at the top, 30 a level below (``ladder_width``; only the top's chains
+give the model term): 16.5-17.9 minutes on a 2-core AVX-512 CPU for -71.9 to -72.9 nats (four
+seeds), every class at 5.3-15.0 % after 3,000 sweeps (after 1,000, one class at 0.3-4 %). With
+100 chains at every level: 25-26 minutes there, about an hour on a 2-core AVX2 one, -71.4 and
+-71.9 nats; 40 at every level: on two of four seeds one class falls below 5 %.
 
 Gradient: d log p(v) / d theta = -dF(v)/d theta + E_model[dF/d theta], through the routing,
 estimated by CD-k or PCD chains (:class:`~capsrun.models.energy.EnergyModel`).
@@ -231,7 +233,7 @@ class CapsuleRBM(EnergyModel):
         """z_j h_j ~ p_beta(z, h | v) ``[B, N, D]`` (zero where the switch is off)."""
         scaled = per_row(beta, 3) * enc.s  # beta s, once for the switch and the pose
         on = bernoulli(torch.sigmoid(per_row(beta, 2) * self.switch_bias + F.softplus(scaled).sum(-1)))
-        return on.unsqueeze(-1) * bernoulli(torch.sigmoid(scaled))
+        return bernoulli(torch.sigmoid(scaled)).mul_(on.unsqueeze(-1))  # in place on the fresh draws
 
     @torch.no_grad()
     def transition(self, v, enc: Routed, beta: Beta = 1.0, base: torch.Tensor | None = None, encode: bool = True):
@@ -239,7 +241,8 @@ class CapsuleRBM(EnergyModel):
         accepted with the MH ratio (see the module docstring). ``(v', routing of v', acceptance)``."""
         pose = self.sample_hidden(enc, beta)
         bias = self.visible_logits(beta, base)
-        g = per_row(beta, 2) * self._top_down(enc.coupling, pose) + bias  # logits of p_beta(v | z, h; c(v))
+        # logits of p_beta(v | z, h; c(v)), in place on the fresh top-down pass (no [B, V] temporaries)
+        g = self._top_down(enc.coupling, pose).mul_(per_row(beta, 2)).add_(bias)
         flat = v.flatten(1)
         proposal = bernoulli(torch.sigmoid(g))
         new = proposal.view_as(v)

@@ -36,8 +36,10 @@ def per_row(beta: Beta, dims: int) -> Beta:
 def bernoulli(p: torch.Tensor) -> torch.Tensor:
     """Binary draws with probabilities ``p`` (any shape): u < p, u uniform in [0, 1). On a CPU the
     very draws of ``torch.bernoulli(p)`` from the same seed (tested), 3.4x faster (2,000 x 784:
-    5.7 ms against 19.5 ms, 2 cores): the draws were half of what a ladder sweep cost."""
-    return (torch.rand_like(p) < p).to(p.dtype)
+    5.7 ms against 19.5 ms, 2 cores): the draws were half of what a ladder sweep cost. The
+    comparison is made in place on the uniforms (0.0 / 1.0 in ``p``'s dtype, the same values as
+    a bool tensor converted): 670 x 784 in 1.8-2.2 ms against 2.3-2.9 ms, 2 cores."""
+    return torch.rand_like(p).lt_(p)
 
 
 class RBMOutput(NamedTuple):
@@ -72,7 +74,10 @@ class EnergyModel(nn.Module):
     ``tempering``: the persistent chains are the beta = 1 level of a parallel-tempering ladder of
     that many inverse temperatures from the base-rate model to the model (:func:`tempered_sweep`;
     Desjardins et al., AISTATS 2010; Cho, Raiko & Ilin, IJCNN 2010), so that the negative phase
-    moves between the model's modes as a chain at one temperature cannot; 1: plain PCD.
+    moves between the model's modes as a chain at one temperature cannot; 1: plain PCD;
+    ``ladder_width``: chains a level below the top of that ladder (None: ``chains``). Only the
+    top's chains give the model term, the levels below carry states between the modes; fewer of
+    them cost less (:func:`level_pairs`: the top's chains take turns at the swaps).
     """
 
     def __init__(
