@@ -145,16 +145,8 @@ class CapsuleRBM(EnergyModel):
         ladder_width: int | None = None,
         mh: bool = True,
     ):
-        super().__init__(
-            (in_channels, image_size, image_size),
-            cd_steps,
-            persistent,
-            chains,
-            chain_init,
-            data_init,
-            tempering,
-            ladder_width,
-        )
+        shape = (in_channels, image_size, image_size)
+        super().__init__(shape, cd_steps, persistent, chains, chain_init, data_init, tempering, ladder_width)
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")
         if min(hidden_caps, hidden_dim, routing_iterations) < 1:

@@ -46,16 +46,8 @@ class RBM(EnergyModel):
         tempering: int = 1,
         ladder_width: int | None = None,
     ):
-        super().__init__(
-            (in_channels, image_size, image_size),
-            cd_steps,
-            persistent,
-            chains,
-            chain_init,
-            data_init,
-            tempering,
-            ladder_width,
-        )
+        shape = (in_channels, image_size, image_size)
+        super().__init__(shape, cd_steps, persistent, chains, chain_init, data_init, tempering, ladder_width)
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.weight = nn.Parameter(torch.randn(hidden, len(self.visible_bias)) * weight_std)
