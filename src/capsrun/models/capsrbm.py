@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row
+from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row, softplus
 
 
 class Routed(NamedTuple):
@@ -209,10 +209,10 @@ class CapsuleRBM(EnergyModel):
     def evidence(self, s: torch.Tensor, beta: Beta = 1.0) -> torch.Tensor:
         """beta b_j + sum_d softplus(beta s_jd) ``[B, N]``: p_beta(z_j = 1 | v) = sigmoid of it
         (``beta`` a float or one per row [B])."""
-        return per_row(beta, 2) * self.switch_bias + F.softplus(per_row(beta, 3) * s).sum(-1)
+        return per_row(beta, 2) * self.switch_bias + softplus(per_row(beta, 3) * s).sum(-1)
 
     def hidden_energy(self, enc: Routed, beta: Beta) -> torch.Tensor:
-        return F.softplus(self.evidence(enc.s, beta)).sum(-1)
+        return softplus(self.evidence(enc.s, beta)).sum(-1)
 
     def log_hidden_states(self) -> float:
         return self.caps * math.log1p(2.0**self.dim)  # per capsule: off, or on with 2^D poses
@@ -224,7 +224,7 @@ class CapsuleRBM(EnergyModel):
     def sample_hidden(self, enc: Routed, beta: Beta = 1.0) -> torch.Tensor:
         """z_j h_j ~ p_beta(z, h | v) ``[B, N, D]`` (zero where the switch is off)."""
         scaled = per_row(beta, 3) * enc.s  # beta s, once for the switch and the pose
-        on = bernoulli(torch.sigmoid(per_row(beta, 2) * self.switch_bias + F.softplus(scaled).sum(-1)))
+        on = bernoulli(torch.sigmoid(per_row(beta, 2) * self.switch_bias + softplus(scaled).sum(-1)))
         return bernoulli(torch.sigmoid(scaled)).mul_(on.unsqueeze(-1))  # in place on the fresh draws
 
     @torch.no_grad()
@@ -232,24 +232,23 @@ class CapsuleRBM(EnergyModel):
         """z, h ~ p_beta(z, h | v); v' ~ the visible conditional with the couplings frozen at c(v),
         accepted with the MH ratio (see the module docstring). ``(v', routing of v', acceptance)``."""
         pose = self.sample_hidden(enc, beta)
-        bias = self.visible_logits(beta, base)
-        # logits of p_beta(v | z, h; c(v)), in place on the fresh top-down pass (no [B, V] temporaries)
-        g = self._top_down(enc.coupling, pose).mul_(per_row(beta, 2)).add_(bias)
+        # logits of p_beta(v | z, h; c(v)), in place on the fresh top-down pass
+        g = self.visible_input(self._top_down(enc.coupling, pose), beta, base)
         flat = v.flatten(1)
         proposal = bernoulli(torch.sigmoid(g))
         new = proposal.view_as(v)
         if not self.mh or self.iterations == 1:  # one iteration: the couplings are uniform, the ratio 1
             return new, self.encode(new) if encode else None, torch.ones(len(v), device=v.device)
         enc_new = self.encode(new)
-        g_new = per_row(beta, 2) * self._top_down(enc_new.coupling, pose) + bias
+        g_new = self.visible_input(self._top_down(enc_new.coupling, pose), beta, base)
         # log p(v', z, h) - log p(v, z, h) + log q(v | v') - log q(v' | v); p(v, z, h) ~ exp(v . g(v))
         log_ratio = (
             (proposal * g_new).sum(1)
             - (flat * g).sum(1)
             + (flat * g_new).sum(1)
-            - F.softplus(g_new).sum(1)
+            - softplus(g_new).sum(1)
             - (proposal * g).sum(1)
-            + F.softplus(g).sum(1)
+            + softplus(g).sum(1)
         )
         accept = torch.rand_like(log_ratio).log() < log_ratio
         keep = accept.view(-1, 1, 1, 1)

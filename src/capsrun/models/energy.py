@@ -42,6 +42,18 @@ def bernoulli(p: torch.Tensor) -> torch.Tensor:
     return torch.rand_like(p).lt_(p)
 
 
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) (any shape). Where no gradient flows (the chains, the swap tests, AIS) it is
+    max(x, 0) + log(1 + e^-|x|), in place on two temporaries: on a CPU ``F.softplus`` runs a
+    scalar log1p, 3.7x slower (670 x 500: 1.67 ms against 0.45 ms, 2 cores; it was the most
+    costly element-wise pass of a ladder sweep), with the same absolute error (5e-7 against
+    float64 for |x| < 10), which is what free energies and logits need. Where a gradient flows,
+    ``F.softplus`` (its derivative at 0 is 1/2; that of the split form is not)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return torch.nn.functional.softplus(x)
+    return x.clamp_min(0).add_(x.abs().neg_().exp_().add_(1).log_())
+
+
 class RBMOutput(NamedTuple):
     """``hidden_prob`` [B, N]: p(hidden unit / capsule on | v_data); ``free_energy`` [B]: F(v_data);
     ``reconstruction`` [B, C, H, W]: p(v = 1 | h) after one up-down pass (evaluation only);
@@ -169,6 +181,17 @@ class EnergyModel(nn.Module):
         if base is None or beta == 1:
             return beta * self.visible_bias
         return beta * self.visible_bias + (1 - beta) * base
+
+    def visible_input(self, top_down: torch.Tensor, beta: Beta, base: torch.Tensor | None) -> torch.Tensor:
+        """The logits of p_beta(v = 1 | hidden) ``[B, V]`` from the hidden layer's top-down input
+        ``top_down`` [B, V], which it overwrites: beta (top_down + a) + (1 - beta) base, computed
+        as beta (top_down + a - base) + base, three passes in place (five passes and three
+        [B, V] temporaries written out: 1.8 ms of a 670-row ladder sweep, 2 cores)."""
+        if not isinstance(beta, torch.Tensor) and beta == 1:  # the model itself: no base
+            return top_down.add_(self.visible_bias)
+        if base is None:
+            return top_down.add_(self.visible_bias).mul_(per_row(beta, 2))
+        return top_down.add_(self.visible_bias - base).mul_(per_row(beta, 2)).add_(base)
 
     def free_energy_at(
         self, v: torch.Tensor, enc: Any, beta: Beta = 1.0, base: torch.Tensor | None = None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row
+from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row, softplus
 
 
 class RBM(EnergyModel):
@@ -58,7 +58,7 @@ class RBM(EnergyModel):
         return F.linear(v.flatten(1), self.weight, self.hidden_bias)
 
     def hidden_energy(self, enc: torch.Tensor, beta: Beta) -> torch.Tensor:
-        return F.softplus(per_row(beta, 2) * enc).sum(-1)
+        return softplus(per_row(beta, 2) * enc).sum(-1)
 
     def log_hidden_states(self) -> float:
         return len(self.hidden_bias) * math.log(2)
@@ -68,7 +68,7 @@ class RBM(EnergyModel):
 
     def _visible_prob(self, h: torch.Tensor, beta: Beta = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
         """p_beta(v = 1 | h) ``[B, V]``."""
-        return torch.sigmoid(per_row(beta, 2) * (h @ self.weight) + self.visible_logits(beta, base))
+        return torch.sigmoid(self.visible_input(h @ self.weight, beta, base))
 
     @torch.no_grad()
     def transition(self, v, enc, beta: Beta = 1.0, base: torch.Tensor | None = None, encode: bool = True):
