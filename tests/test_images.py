@@ -1,9 +1,11 @@
-"""Image grids and PNG files (capsrun.images) against hand-placed pixels, and the fast Bernoulli
-draw of the chains against torch.bernoulli."""
+"""Image grids and PNG files (capsrun.images) against hand-placed pixels, and the chains' fast
+element-wise helpers against torch's own: the Bernoulli draw against torch.bernoulli, softplus
+against float64."""
 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 from PIL import Image
 
 from capsrun.images import tile, write_png
-from capsrun.models.energy import bernoulli
+from capsrun.models.energy import bernoulli, softplus
 
 
 def test_tile_places_each_image_in_its_cell_with_two_pixel_borders():
@@ -54,3 +56,21 @@ def test_fast_bernoulli_draws_what_torch_bernoulli_draws():
     drawn = bernoulli(p)
     assert drawn.dtype == p.dtype and torch.equal(drawn, expected)
     assert float(bernoulli(torch.full((20000,), 0.3)).mean()) == pytest.approx(0.3, abs=0.015)
+
+
+def test_fast_softplus_is_log_1_plus_e_to_the_x_to_float32_accuracy():
+    assert float(softplus(torch.zeros(()))) == pytest.approx(math.log(2), abs=1e-7)
+    assert softplus(torch.tensor([100.0, -100.0])).tolist() == [100.0, 0.0]  # no overflow to inf
+    x = torch.linspace(-30, 30, 20001)
+    exact = torch.log1p(torch.exp(x.double()))
+    error = (softplus(x).double() - exact).abs()
+    # the same absolute error as torch's own float32 softplus (about one ulp of values near 1)
+    assert float(error.max()) < 1.5e-6
+    assert float(error.max()) < 3 * float((torch.nn.functional.softplus(x).double() - exact).abs().max())
+
+
+def test_softplus_where_a_gradient_flows_is_torch_s_with_its_derivative():
+    x = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    softplus(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.sigmoid(x.detach()))  # 1/2 at 0, where max(x, 0) has a kink
+    assert x.grad[1] == 0.5

@@ -154,6 +154,24 @@ def test_one_inverse_temperature_per_row_is_each_row_at_its_own(make):
 
 
 @pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
+def test_the_visible_input_is_the_tempered_visible_logits_in_place(make):
+    """beta (top-down + a) + (1 - beta) base, for one beta or one per row, written over the
+    top-down input; at beta = 1 exactly top-down + a, whatever the base."""
+    model = make()
+    top_down = torch.randn(5, 9, dtype=torch.float64)
+    betas = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+    a = model.visible_bias.detach()
+    expected = betas[:, None] * (top_down + a) + (1 - betas[:, None]) * BASE
+    given = top_down.clone()
+    out = model.visible_input(given, betas, BASE)
+    assert out.data_ptr() == given.data_ptr()  # in place: no [B, V] temporary
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(model.visible_input(top_down.clone(), betas, None), betas[:, None] * (top_down + a))
+    torch.testing.assert_close(model.visible_input(top_down.clone(), 0.5, BASE), 0.5 * (top_down + a) + 0.5 * BASE)
+    assert torch.equal(model.visible_input(top_down.clone(), 1.0, BASE), top_down + a)
+
+
+@pytest.mark.parametrize("make", [_rbm, _capsrbm], ids=["rbm", "capsrbm"])
 def test_every_level_of_the_ladder_samples_its_tempered_distribution(make):
     """20,000 ladders of 4 levels from noise, 150 sweeps: each level's states are distributed as
     p_beta (the bottom one as the base-rate model), within 1.3x the floor of exact draws."""

@@ -65,8 +65,10 @@ after 3,000 ladder sweeps (after 1,000, two seeds still draw 2 % 1s); with 1,000
 samples' Frechet distance in a CapsNet's capsule space is no worse than the RBM's (0.0144 against
 0.0151; 1,000 real digits 0.0135 +- 0.0009). ``experiment=capsrbm_mnist`` is that recipe with a
 tapered ladder: 100 chains at the top, 30 a level below (``ladder_width``; only the top's chains
-give the model term): 16.5-17.9 minutes on a 2-core AVX-512 CPU for -71.9 to -72.9 nats (four
-seeds), every class at 5.3-15.0 % after 3,000 sweeps (after 1,000, one class at 0.3-4 %). With
+give the model term): 12.4-13.3 minutes on a 2-core AVX-512 CPU (16.5-17.9 before the vectorised
+softplus of :func:`~capsrun.models.energy.softplus`) for -71.6 to -72.9 nats (seven runs), every
+class at 5.3-17.3 % after 3,000 sweeps on six of them (on one the 1s at 4.0 %, 6 % after 4,000;
+after 1,000, one class at 0.3-4 %). With
 100 chains at every level: 25-26 minutes there, about an hour on a 2-core AVX2 one, -71.4 and
 -71.9 nats; 40 at every level: on two of four seeds one class falls below 5 %.
 
