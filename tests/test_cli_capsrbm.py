@@ -213,6 +213,13 @@ def test_sample_with_a_tempering_ladder(energy_run, mnist_root, work):
     assert "parallel-tempering sweep of 4 levels" in result.stdout + result.stderr
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (9, 1, 28, 28) and set(samples.unique().tolist()) <= {0.0, 1.0}
+    assert "ladder" not in metrics
+    # ladder_from: the upper part of the ladder; no tuned one in this checkpoint, so evenly spaced
+    short = work / f"short_{run.name}"
+    args[-1:] = ["tempering=4", "ladder_from=0.4"]
+    result = ok(run_capsrun("sample", *args, f"hydra.run.dir={short}", cwd=work, data_root=mnist_root))
+    assert json.loads((short / "metrics.json").read_text())["ladder"] == pytest.approx([0.4, 0.6, 0.8, 1.0])
+    assert "sweep of 4 levels (inverse temperatures 0.4, 0.6, 0.8, 1)" in result.stdout + result.stderr
 
 
 def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root, tmp_path):
@@ -246,6 +253,8 @@ def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root,
         ("sample", ["temperature=0"], "temperature must be a number > 0"),
         ("sample", ["tempering=0"], "tempering must be an integer >= 1"),
         ("sample", ["tempering=3", "temperature=2"], "tempering samples the model at temperature 1"),
+        ("sample", ["tempering=3", "ladder_from=1"], "ladder_from must be a number in [0, 1)"),
+        ("sample", ["tempering=1", "ladder_from=0.5"], "ladder_from needs a tempering ladder of 2 or more levels"),
         ("sample", ["sample_quality.confidence=1.5"], "sample_quality.confidence must be a number in (0, 1)"),
         ("sample", ["sample_quality.held_out=-1"], "sample_quality.held_out must be an integer >= 0"),
         ("sample", ["judge_every=-1"], "judge_every must be an integer >= 0"),

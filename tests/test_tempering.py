@@ -21,6 +21,7 @@ from capsrun.models.energy import (
     retune,
     swap_tries,
     tempered_sweep,
+    upper_ladder,
 )
 from capsrun.models.rbm import RBM
 from test_capsrbm import _histogram, _rbm
@@ -67,6 +68,27 @@ def test_ladder_is_even_from_the_base_rate_model_to_the_model():
     assert ladder(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
     with pytest.raises(ValueError, match="at least 2 levels"):
         ladder(1)
+
+
+def test_upper_ladder_keeps_the_spacing_of_the_ladder_it_cuts():
+    """Levels at evenly spaced positions of the given ladder's index from where ``lowest`` falls
+    (by hand: 0.3 is position 1.5 of [0, 0.1, 0.5, 1]; positions 1.5, 2.25, 3 are 0.3, 0.625, 1)."""
+    torch.testing.assert_close(
+        upper_ladder([0.0, 0.1, 0.5, 1.0], 3, 0.3), torch.tensor([0.3, 0.625, 1.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(upper_ladder(ladder(5), 3, 0.5), torch.tensor([0.5, 0.75, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(upper_ladder(ladder(5), 4, 0.4), torch.tensor([0.4, 0.6, 0.8, 1.0], dtype=torch.float64))
+    tuned = torch.tensor([0.0, 0.05, 0.2, 0.6, 0.9, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(upper_ladder(tuned, 6, 0.0), tuned)  # from 0 with as many levels: itself
+    torch.testing.assert_close(upper_ladder(tuned, 3, 0.6), torch.tensor([0.6, 0.9, 1.0], dtype=torch.float64))
+    for args, message in [
+        (([0.0, 0.5, 0.9], 3, 0.2), "increase from 0 to 1"),
+        (([0.0, 0.7, 0.5, 1.0], 3, 0.2), "increase from 0 to 1"),
+        ((ladder(5), 1, 0.2), "at least 2 levels"),
+        ((ladder(5), 3, 1.0), r"in \[0, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            upper_ladder(*args)
 
 
 def _lengths(betas: torch.Tensor, sigma: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -365,6 +387,33 @@ def test_gibbs_chains_start_the_ladder_where_it_is_told():
     assert not torch.equal(from_base.v, run.v)  # the start of the levels below reaches the top
     with pytest.raises(ValueError, match="below must be"):
         sampling.gibbs_chains(model, start, 3, tempering=4, base=BASE, below=below)
+
+
+def test_a_ladder_that_stops_short_of_the_base_rate_model_still_samples_the_model():
+    """The two wells, every chain started in the 'off' one: a ladder of 6 levels from beta = 0.3
+    (where block Gibbs crosses between the wells by itself) gives the top the wells' exact mass,
+    as the full ladder from 0 does; ``betas`` are the levels gibbs_chains runs."""
+    model = _two_wells()
+    exact = _exact(model)
+    on = float(exact[_images().flatten(1).sum(1) >= 5].sum())
+    n = 2000
+    start = torch.zeros(n, 1, 3, 3, dtype=torch.float64)
+    betas = upper_ladder(ladder(12), 6, 0.3)
+    run = sampling.gibbs_chains(model, start, 400, tempering=6, base=BASE, betas=betas, seed=3)
+    share = float((run.v.flatten(1).sum(1) >= 5).double().mean())
+    assert abs(share - on) < 0.05, (share, on)
+    assert _tv(run.v, exact) < 2.2 * _floor(exact, n)  # as the full ladder's test above (0.8-1.4x on seeds 0-3)
+    torch.manual_seed(3)
+    below = torch.bernoulli(torch.sigmoid(BASE).expand(5 * n, -1)).view(5, n, 1, 3, 3)
+    levels, _, _ = model.tempered(torch.cat([below, start[None]]), 400, BASE, betas=betas)
+    assert torch.equal(run.v, levels[-1])  # the given levels, not the model's own
+    # from 0.8 the lowest level no longer crosses: the top stays short of the 'on' well (0.24-0.28, seeds 0-3)
+    high = sampling.gibbs_chains(
+        model, start[:1000], 400, tempering=6, base=BASE, betas=upper_ladder(ladder(12), 6, 0.8)
+    )
+    assert float((high.v.flatten(1).sum(1) >= 5).double().mean()) < on - 0.1
+    with pytest.raises(ValueError, match="betas has 6 levels, tempering 5"):
+        sampling.gibbs_chains(model, start, 3, tempering=5, base=BASE, betas=betas)
 
 
 def test_tempering_needs_persistent_chains():

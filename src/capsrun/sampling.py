@@ -360,6 +360,7 @@ def gibbs_chains(
     tempering: int = 1,
     base: torch.Tensor | None = None,
     below: torch.Tensor | None = None,
+    betas: torch.Tensor | None = None,
     observe: Callable[[int, torch.Tensor], None] | None = None,
     observe_every: int = 0,
     progress: bool = False,
@@ -370,12 +371,17 @@ def gibbs_chains(
     from the base-rate model ``base`` [C*H*W] to the model, whose level starts at ``start``:
     ``tempering`` chain steps and the swaps per step. The levels below 1 start at ``below``
     [tempering - 1, N, C, H, W] (a checkpoint's own ladder) or, when None, at draws from ``base``.
+    ``betas`` [tempering]: the ladder's inverse temperatures, increasing to 1 (None: the model's
+    own tuned ladder when it has ``tempering`` levels, else even from 0; see
+    :func:`~capsrun.models.energy.upper_ladder` for one that starts above 0).
     ``observe(step, v)`` is called after every ``observe_every`` steps before the last (0: never);
     ``progress``: a progress bar. The chains run in segments of at most :data:`SEGMENT` steps;
     the states carry over exactly (a segment re-encodes what the last one's final step did not),
     so neither changes a draw. The global RNG is left as it was."""
     if tempering > 1 and (base is None or temperature != 1):
         raise ValueError("tempering needs the base-rate model (base) and temperature 1")
+    if betas is not None and len(betas) != tempering:
+        raise ValueError(f"betas has {len(betas)} levels, tempering {tempering}")
     if observe_every < 0:
         raise ValueError(f"observe_every must be >= 0, got {observe_every}")
     from tqdm import tqdm
@@ -406,7 +412,7 @@ def gibbs_chains(
                     stop = min(stop, (done // observe_every + 1) * observe_every)
                 n = stop - done
                 if tempering > 1:
-                    levels, acc, rates = model.tempered(levels, n, base, first_sweep=done)
+                    levels, acc, rates = model.tempered(levels, n, base, first_sweep=done, betas=betas)
                     tries = swap_tries(done, n, tempering - 1)  # the rates are per try: count them back
                     swaps += rates.double().cpu() * tries
                     tried += tries

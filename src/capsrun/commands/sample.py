@@ -13,6 +13,8 @@ from capsrun import build, checkpoint, sampling
 from capsrun.batch import unpack
 from capsrun.commands import common
 from capsrun.errors import ConfigError
+from capsrun.models.energy import ladder as even_ladder
+from capsrun.models.energy import upper_ladder
 
 log = logging.getLogger("capsrun")
 
@@ -128,6 +130,10 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     tempering = build.integer(tempering, "tempering", example=10)
     if tempering > 1 and temperature != 1:
         raise ConfigError("tempering samples the model at temperature 1; give one of them, e.g. tempering=1")
+    lowest = cfg.get("ladder_from", 0)
+    ladder_from = build.number(lowest, "ladder_from", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55)
+    if ladder_from > 0 and tempering < 2:
+        raise ConfigError("ladder_from needs a tempering ladder of 2 or more levels; e.g. tempering=8 ladder_from=0.55")
     confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
     common.reference_settings(cfg.sample_quality)
     classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
@@ -147,7 +153,13 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         start, below = _own_chains(model, cfg.num_samples, tempering)
     else:
         start = model.noise(cfg.num_samples, gen).to(dev)
+    betas = None
+    if ladder_from > 0:  # the upper part of the model's tuned ladder (of an even one if it has none)
+        own = getattr(model, "betas", None)
+        betas = upper_ladder(own if own is not None else even_ladder(tempering), tempering, ladder_from).to(dev)
     ladder = f", each a parallel-tempering sweep of {tempering} levels" if tempering > 1 else ""
+    if betas is not None:
+        ladder += f" (inverse temperatures {', '.join(f'{b:.3g}' for b in betas.tolist())})"
     source = {"noise": "noise", "data": "test images", "chains": "the checkpoint's own chains"}[cfg.init]
     judge = None if classifier is None else common.judge(classifier, model, test, cfg.sample_quality)
     classes = run_cfg.dataset.num_classes
@@ -173,6 +185,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
             tempering=tempering,
             base=base,
             below=below,
+            betas=betas,
             observe=judged if judge_every else None,
             observe_every=judge_every,
             progress=bool(cfg.trainer.progress),
@@ -210,6 +223,8 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     samples = v.detach().float().cpu().clamp(0, 1).contiguous()
     checkpoint.atomic_write(out_dir / "samples.pt", lambda f: torch.save(samples, f))
     extra = {"by_step": by_step} if by_step else {}
+    if betas is not None:
+        extra["ladder"] = betas.tolist()
     checkpoint.save_json(out_dir / "metrics.json", {**metrics, **extra, "checkpoint": str(path)})
     quality = "" if classifier is None else "; " + _quality_line(metrics, classes, confidence, len(v))
     log.info(
