@@ -285,6 +285,15 @@ def test_a_tempering_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path, a
     assert result.returncode == 2 and len(lines) == 1 and "tempering must be >= 1" in lines[0], result.stderr
 
 
+def test_an_epoch_grid_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path):
+    args = ["model.samples.tempering=1", "model.samples.ladder_from=0.5"]
+    result = run_capsrun("train", *SMALL["rbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "model.samples.ladder_from needs a tempering ladder of 2 or more levels" in lines[0]
+    assert not list(tmp_path.rglob("last.pt"))
+
+
 def test_init_chains_needs_persistent_chains(mnist_root, tmp_path):
     run = tmp_path / "cd"
     args = [*SMALL["rbm"], *COMMON, "model.persistent=false", "trainer.epochs=1", "ais.at_end=false"]

@@ -416,6 +416,27 @@ def test_a_ladder_that_stops_short_of_the_base_rate_model_still_samples_the_mode
         sampling.gibbs_chains(model, start, 3, tempering=5, base=BASE, betas=betas)
 
 
+def test_the_epoch_grid_and_capsrun_sample_run_the_short_ladder_they_are_told():
+    """``short_ladder``: the upper part of the model's own tuned ladder, evenly spaced when it has
+    none; ``ChainSamples(ladder_from=...)`` draws exactly what gibbs_chains does on that ladder."""
+    model = _rbm()
+    assert sampling.short_ladder(model, 4, 0.0) is None  # 0: the model's sampler as it is
+    even = torch.tensor([0.4, 0.6, 0.8, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(sampling.short_ladder(model, 4, 0.4).double(), even)
+    tuned = RBM(image_size=3, hidden=3, tempering=6)
+    tuned.betas.copy_(torch.tensor([0.0, 0.05, 0.2, 0.6, 0.9, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(sampling.short_ladder(tuned, 3, 0.6).double(), torch.tensor([0.6, 0.9, 1.0]).double())
+    hook = sampling.ChainSamples((1, 3, 3), chains=20, steps=5, seed=2, tempering=4, base=BASE, ladder_from=0.4)
+    got = hook(model, 1, False)["images"]["samples/gibbs"]
+    start = model.noise(20, torch.Generator().manual_seed(2))
+    run = sampling.gibbs_chains(model, start, 5, seed=3, tempering=4, base=BASE, betas=even)
+    assert torch.equal(got, sampling.grid(run.v, 4))
+    other = sampling.gibbs_chains(model, start, 5, seed=3, tempering=4, base=BASE)  # the even ladder from 0
+    assert not torch.equal(got, sampling.grid(other.v, 4))
+    with pytest.raises(ValueError, match="ladder_from needs a tempering ladder"):
+        sampling.ChainSamples((1, 3, 3), tempering=1, ladder_from=0.4)
+
+
 def test_tempering_needs_persistent_chains():
     with pytest.raises(ValueError, match="tempering"):
         RBM(tempering=0)

@@ -440,6 +440,19 @@ def _due(epoch: int, last: bool, every: int) -> bool:
     return last or (every > 0 and epoch % every == 0)
 
 
+def short_ladder(model: nn.Module, levels: int, lowest: float) -> torch.Tensor | None:
+    """The inverse temperatures ``[levels]`` of a sampling ladder from ``lowest`` to 1, spaced as
+    the model's own tuned ladder (evenly when it has none; :func:`~capsrun.models.energy.upper_ladder`),
+    on the model's device; None when ``lowest`` is 0 (the ladder the model's sampler runs anyway)."""
+    if lowest == 0:
+        return None
+    from capsrun.models.energy import ladder, upper_ladder
+
+    own = getattr(model, "betas", None)
+    spacing = own if own is not None else ladder(levels)
+    return upper_ladder(spacing, levels, lowest).to(next(model.parameters()).device)
+
+
 class ChainSamples:
     """An epoch hook for an energy model, every ``every_epochs`` epochs and after the last:
     ``chains`` chains from uniform noise run ``steps`` steps of the model's own sampler; logged as
@@ -448,7 +461,8 @@ class ChainSamples:
     ``samples/free_energy``; with a ``judge`` (:class:`Judge`: a CapsNet trained on the real data,
     with binarised real images as the model sees them), :meth:`Judge.quality` of the samples.
     ``tempering`` > 1: the steps are parallel-tempering sweeps above the base-rate model ``base``
-    [C*H*W], logged with ``samples/swap_rate`` (the lowest pair's)."""
+    [C*H*W], logged with ``samples/swap_rate`` (the lowest pair's); ``ladder_from`` > 0: the
+    ladder runs from that inverse temperature to 1 (:func:`short_ladder`)."""
 
     def __init__(
         self,
@@ -462,7 +476,11 @@ class ChainSamples:
         confidence: float = 0.9,
         tempering: int = 1,
         base: torch.Tensor | None = None,
+        ladder_from: float = 0.0,
     ):
+        if ladder_from and tempering < 2:
+            raise ValueError("ladder_from needs a tempering ladder of 2 or more levels")
+        self.ladder_from = ladder_from
         self.image_shape, self.chains, self.steps, self.seed = image_shape, chains, steps, seed
         self.judge, self.num_classes, self.every_epochs, self.confidence = judge, num_classes, every_epochs, confidence
         self.tempering, self.base = tempering, base
@@ -473,7 +491,10 @@ class ChainSamples:
         dev = next(model.parameters()).device
         gen = torch.Generator().manual_seed(self.seed)  # the same start every epoch: comparable
         start = model.noise(self.chains, gen).to(dev)
-        run = gibbs_chains(model, start, self.steps, seed=self.seed + epoch, tempering=self.tempering, base=self.base)
+        betas = short_ladder(model, self.tempering, self.ladder_from)  # from the ladder as tuned so far
+        run = gibbs_chains(
+            model, start, self.steps, seed=self.seed + epoch, tempering=self.tempering, base=self.base, betas=betas
+        )
         v = run.v
         nrow = int(len(v) ** 0.5) or 1
         with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):

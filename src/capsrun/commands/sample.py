@@ -13,8 +13,6 @@ from capsrun import build, checkpoint, sampling
 from capsrun.batch import unpack
 from capsrun.commands import common
 from capsrun.errors import ConfigError
-from capsrun.models.energy import ladder as even_ladder
-from capsrun.models.energy import upper_ladder
 
 log = logging.getLogger("capsrun")
 
@@ -153,10 +151,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         start, below = _own_chains(model, cfg.num_samples, tempering)
     else:
         start = model.noise(cfg.num_samples, gen).to(dev)
-    betas = None
-    if ladder_from > 0:  # the upper part of the model's tuned ladder (of an even one if it has none)
-        own = getattr(model, "betas", None)
-        betas = upper_ladder(own if own is not None else even_ladder(tempering), tempering, ladder_from).to(dev)
+    betas = sampling.short_ladder(model, tempering, ladder_from)
     ladder = f", each a parallel-tempering sweep of {tempering} levels" if tempering > 1 else ""
     if betas is not None:
         ladder += f" (inverse temperatures {', '.join(f'{b:.3g}' for b in betas.tolist())})"

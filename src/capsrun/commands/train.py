@@ -217,6 +217,15 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
         chains = build._positive_int(cfg, "model.samples.chains", example="100")
         steps = build._positive_int(cfg, "model.samples.gibbs_steps", example="1000")
         tempering = build._positive_int(cfg, "model.samples.tempering", example="10")
+        lowest = OmegaConf.select(cfg, "model.samples.ladder_from", default=0)
+        ladder_from = build.number(
+            lowest, "model.samples.ladder_from", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55
+        )
+        if ladder_from > 0 and tempering < 2:
+            raise ConfigError(
+                "model.samples.ladder_from needs a tempering ladder of 2 or more levels; "
+                "e.g. model.samples.tempering=8 model.samples.ladder_from=0.55"
+            )
         confidence = common.confidence_setting(sq.confidence, "sample_quality.confidence")
         common.reference_settings(sq)
         judge = None
@@ -238,6 +247,7 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
                 confidence=confidence,
                 tempering=tempering,
                 base=common.sampler_base(model, loaders) if tempering > 1 else None,
+                ladder_from=ladder_from,
             )
         ]
         if cfg.ais.at_end:
