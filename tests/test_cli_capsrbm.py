@@ -294,6 +294,32 @@ def test_an_epoch_grid_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path)
     assert not list(tmp_path.rglob("last.pt"))
 
 
+def test_training_on_a_ladder_from_a_lowest_level(mnist_root, tmp_path):
+    """``model.ladder_from``: the checkpoint's ladder starts there and ``capsrun sample`` runs it;
+    a sampling ladder below it is refused in one line, as one for a model without tempering."""
+    run = tmp_path / "from"
+    args = [*SMALL["capsrbm"], *COMMON, "model.tempering=3", "model.ladder_from=0.5", "trainer.epochs=1"]
+    args += ["ais.at_end=false", "model.samples.ladder_from=0.5"]
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run}", cwd=tmp_path, data_root=mnist_root))
+    betas = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]["betas"]
+    assert betas[0] == 0.5 and betas[-1] == 1.0 and len(betas) == 3
+    ckpt = f"checkpoint={run}/checkpoints/last.pt"
+    out = tmp_path / "own"
+    result = ok(run_capsrun("sample", ckpt, "num_samples=4", "gibbs_steps=2", f"hydra.run.dir={out}", cwd=tmp_path))
+    assert "sweep of 3 levels" in result.stdout + result.stderr
+    result = run_capsrun("sample", ckpt, "num_samples=4", "gibbs_steps=2", "ladder_from=0.3", cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "the model's ladder starts at 0.5; ladder_from must be 0 (that ladder) or above" in lines[0]
+    for bad, message in [
+        (["model.tempering=3", "model.ladder_from=0.5", "model.samples.ladder_from=0.3"], "is below the training"),
+        (["model.tempering=1", "model.ladder_from=0.5"], "model.ladder_from must be in [0, 1) and needs"),
+    ]:
+        result = run_capsrun("train", *SMALL["capsrbm"], *COMMON, *bad, cwd=tmp_path, data_root=mnist_root)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
 def test_init_chains_needs_persistent_chains(mnist_root, tmp_path):
     run = tmp_path / "cd"
     args = [*SMALL["rbm"], *COMMON, "model.persistent=false", "trainer.epochs=1", "ais.at_end=false"]

@@ -80,10 +80,12 @@ def test_upper_ladder_keeps_the_spacing_of_the_ladder_it_cuts():
     torch.testing.assert_close(upper_ladder(ladder(5), 4, 0.4), torch.tensor([0.4, 0.6, 0.8, 1.0], dtype=torch.float64))
     tuned = torch.tensor([0.0, 0.05, 0.2, 0.6, 0.9, 1.0], dtype=torch.float64)
     torch.testing.assert_close(upper_ladder(tuned, 6, 0.0), tuned)  # from 0 with as many levels: itself
+    torch.testing.assert_close(upper_ladder(tuned[2:], 4, 0.2), tuned[2:])  # a ladder trained from 0.2
     torch.testing.assert_close(upper_ladder(tuned, 3, 0.6), torch.tensor([0.6, 0.9, 1.0], dtype=torch.float64))
     for args, message in [
-        (([0.0, 0.5, 0.9], 3, 0.2), "increase from 0 to 1"),
-        (([0.0, 0.7, 0.5, 1.0], 3, 0.2), "increase from 0 to 1"),
+        (([0.0, 0.5, 0.9], 3, 0.2), "increase from"),
+        (([0.0, 0.7, 0.5, 1.0], 3, 0.2), "increase from"),
+        (([0.5, 0.7, 1.0], 3, 0.2), r"in \[0.5, 1\)"),
         ((ladder(5), 1, 0.2), "at least 2 levels"),
         ((ladder(5), 3, 1.0), r"in \[0, 1\)"),
     ]:
@@ -314,6 +316,25 @@ def test_training_with_tempering_keeps_a_ladder_and_logs_its_swap_rate():
     again.load_state_dict(state)
     assert torch.equal(again.ladder_chains, model.ladder_chains)
     assert "ladder_chains" not in RBM(image_size=4, hidden=5, chains=6).state_dict()  # plain PCD: keys as before
+
+
+def test_a_training_ladder_from_a_lowest_level_keeps_that_level_as_it_retunes():
+    """``ladder_from``: the levels start evenly from it to 1 (0: exactly :func:`ladder`) and
+    :func:`retune` moves the inner levels only; settings that cannot work are refused."""
+    assert RBM(image_size=3, tempering=5).betas.tolist() == ladder(5)
+    model = RBM(image_size=4, hidden=5, chains=6, tempering=5, ladder_from=0.5)
+    assert model.betas.tolist() == [0.5, 0.625, 0.75, 0.875, 1.0]
+    moved = retune(model.betas, torch.tensor([0.9, 0.1, 0.9, 0.9], dtype=torch.float64), step=1.0)
+    assert moved[0] == 0.5 and moved[-1] == 1.0 and (moved.diff() > 0).all()
+    assert float(moved[2] - moved[1]) < 0.125  # the slow pair's levels drawn together
+    torch.manual_seed(0)
+    x = (torch.rand(6, 1, 4, 4) < 0.3).float()
+    for _ in range(RETUNE_EVERY + 1):
+        model.train()(x)
+    assert model.betas[0] == 0.5 and model.betas[-1] == 1.0
+    for kwargs in ({"tempering": 5, "ladder_from": 1.0}, {"tempering": 1, "ladder_from": 0.5}):
+        with pytest.raises(ValueError, match=r"model.ladder_from must be in \[0, 1\) and needs model.tempering >= 2"):
+            RBM(image_size=4, hidden=5, **kwargs)
 
 
 def test_training_on_a_tapered_ladder_keeps_fewer_chains_below_the_top():

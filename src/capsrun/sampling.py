@@ -449,6 +449,10 @@ def short_ladder(model: nn.Module, levels: int, lowest: float) -> torch.Tensor |
     from capsrun.models.energy import ladder, upper_ladder
 
     own = getattr(model, "betas", None)
+    if own is not None and lowest < float(own[0]):
+        raise ValueError(
+            f"the model's ladder starts at {float(own[0]):.3g}; ladder_from must be 0 (that ladder) or above"
+        )
     spacing = own if own is not None else ladder(levels)
     return upper_ladder(spacing, levels, lowest).to(next(model.parameters()).device)
 

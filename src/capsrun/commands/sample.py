@@ -151,7 +151,10 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         start, below = _own_chains(model, cfg.num_samples, tempering)
     else:
         start = model.noise(cfg.num_samples, gen).to(dev)
-    betas = sampling.short_ladder(model, tempering, ladder_from)
+    try:
+        betas = sampling.short_ladder(model, tempering, ladder_from)
+    except ValueError as err:
+        raise ConfigError(f"{err}; e.g. ladder_from=0") from None
     ladder = f", each a parallel-tempering sweep of {tempering} levels" if tempering > 1 else ""
     if betas is not None:
         ladder += f" (inverse temperatures {', '.join(f'{b:.3g}' for b in betas.tolist())})"

@@ -226,6 +226,12 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
                 "model.samples.ladder_from needs a tempering ladder of 2 or more levels; "
                 "e.g. model.samples.tempering=8 model.samples.ladder_from=0.55"
             )
+        trained_from = OmegaConf.select(cfg, "model.ladder_from", default=0) or 0
+        if 0 < ladder_from < trained_from:
+            raise ConfigError(
+                f"model.samples.ladder_from={ladder_from} is below the training ladder's lowest level "
+                f"(model.ladder_from={trained_from}); e.g. model.samples.ladder_from={trained_from}"
+            )
         confidence = common.confidence_setting(sq.confidence, "sample_quality.confidence")
         common.reference_settings(sq)
         judge = None

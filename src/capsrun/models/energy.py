@@ -90,6 +90,10 @@ class EnergyModel(nn.Module):
     ``ladder_width``: chains a level below the top of that ladder (None: ``chains``). Only the
     top's chains give the model term, the levels below carry states between the modes; fewer of
     them cost less (:func:`level_pairs`: the top's chains take turns at the swaps).
+    ``ladder_from``: the ladder's lowest inverse temperature (0: the base-rate model itself); the
+    levels start evenly spaced from there to 1 and are re-spaced as the model trains (:func:`retune`,
+    which keeps both ends). Above 0 the ladder spends no levels on the melted states that a model of
+    digits has at low beta (README, "A shorter ladder").
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class EnergyModel(nn.Module):
         data_init: bool = True,
         tempering: int = 1,
         ladder_width: int | None = None,
+        ladder_from: float = 0.0,
     ):
         super().__init__()
         if cd_steps < 1:
@@ -113,6 +118,11 @@ class EnergyModel(nn.Module):
         if ladder_width is not None and not 1 <= ladder_width <= chains:
             raise ValueError(
                 f"model.net.ladder_width must be null or between 1 and model.net.chains ({chains}), got {ladder_width}"
+            )
+        if not 0 <= ladder_from < 1 or (ladder_from > 0 and tempering < 2):
+            raise ValueError(
+                f"model.ladder_from must be in [0, 1) and needs model.tempering >= 2, got {ladder_from}; "
+                "e.g. model.tempering=8 model.ladder_from=0.55"
             )
         if chain_init not in ("data", "noise"):
             raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
@@ -131,7 +141,8 @@ class EnergyModel(nn.Module):
             # trains, :func:`retune`), the running swap rates, and the base-rate model at beta = 0
             width = ladder_width or len(self.chains)  # a tapered ladder: fewer chains below the top
             self.register_buffer("ladder_chains", torch.zeros(tempering - 1, width, *self.image_shape))
-            self.register_buffer("betas", torch.tensor(ladder(tempering), dtype=torch.float64))
+            betas = torch.tensor(ladder(tempering), dtype=torch.float64)  # even from 0 (or ladder_from) to 1
+            self.register_buffer("betas", ladder_from + (1 - ladder_from) * betas)
             self.register_buffer("swap_rates", torch.full((tempering - 1,), 0.5, dtype=torch.float64))
             self.register_buffer("base_rate", torch.zeros(n_visible))
             self.register_buffer("sweeps", torch.zeros((), dtype=torch.long))  # which neighbours swap next
@@ -384,7 +395,7 @@ def ladder(levels: int) -> list[float]:
 
 def upper_ladder(betas: Sequence[float] | torch.Tensor, levels: int, lowest: float) -> torch.Tensor:
     """A ladder of ``levels`` inverse temperatures from ``lowest`` to 1, spaced as the ladder
-    ``betas`` (increasing from 0 to 1, e.g. a model's tuned one) ``[levels]``: level i sits at
+    ``betas`` (increasing to 1 from ``betas[0]`` <= ``lowest``, e.g. a model's tuned one) ``[levels]``: level i sits at
     position p_i of ``betas``' index, p evenly spaced from where ``lowest`` falls to the end,
     between neighbouring levels linearly. A tuned ladder puts its levels at equal thermodynamic
     length (every pair swaps about equally often, :func:`retune`), so its upper part keeps that.
@@ -396,12 +407,12 @@ def upper_ladder(betas: Sequence[float] | torch.Tensor, levels: int, lowest: flo
     within 50 steps; at 0.8 in 400), and 8 levels from 0.55 make about 5x the round trips of the
     trained 20 from 0 for the same compute (README, "A shorter ladder for sampling")."""
     own = torch.as_tensor(betas, dtype=torch.float64).cpu()
-    if len(own) < 2 or not (own.diff() >= 0).all() or float(own[0]) != 0.0 or float(own[-1]) != 1.0:
-        raise ValueError(f"betas must increase from 0 to 1, got {own.tolist()}")
+    if len(own) < 2 or not (own.diff() >= 0).all() or not 0 <= float(own[0]) < 1 or float(own[-1]) != 1.0:
+        raise ValueError(f"betas must increase from [0, 1) to 1, got {own.tolist()}")
     if levels < 2:
         raise ValueError(f"a tempering ladder needs at least 2 levels, got {levels}")
-    if not 0 <= lowest < 1:
-        raise ValueError(f"the lowest inverse temperature must be in [0, 1), got {lowest}")
+    if not float(own[0]) <= lowest < 1:
+        raise ValueError(f"the lowest inverse temperature must be in [{float(own[0]):.3g}, 1), got {lowest}")
     k = int(torch.searchsorted(own, torch.tensor(lowest, dtype=torch.float64), right=True)) - 1
     k = min(k, len(own) - 2)
     gap = float(own[k + 1] - own[k])
@@ -421,7 +432,7 @@ def retune(betas: torch.Tensor, rates: torch.Tensor, step: float = 0.5) -> torch
 
     Model: pair k is accepted with rate A_k = exp(-(sigma_k * gap_k)^2), sigma_k the (constant)
     spread of the log-density ratio per unit beta on [beta_k, beta_k+1]; the thermodynamic length
-    sum_k sigma_k * gap_k is divided into K - 1 equal parts, the ends 0 and 1 kept; the levels move
+    sum_k sigma_k * gap_k is divided into K - 1 equal parts, the ends (0 or the lowest, and 1) kept; the levels move
     ``step`` of the way there (damped: the rates are running means). As Katzgraber et al.'s
     feedback ladders (J. Stat. Mech. 2006) and Vousden, Farr & Mandel (arXiv:1501.05823), simpler."""
     betas, rates = betas.double(), rates.double().clamp(1e-3, 0.999)
@@ -432,7 +443,7 @@ def retune(betas: torch.Tensor, rates: torch.Tensor, step: float = 0.5) -> torch
     k = torch.searchsorted(length, targets, right=True).clamp(1, len(gaps)) - 1
     frac = ((targets - length[k]) / (length[k + 1] - length[k]).clamp_min(1e-12)).clamp(0, 1)
     placed = betas[k] + frac * gaps[k]
-    placed[0], placed[-1] = 0.0, 1.0
+    placed[0], placed[-1] = betas[0], 1.0
     moved = (1 - step) * betas + step * placed
     return torch.cummax(moved, 0).values  # increasing, as the sweep needs
 

@@ -45,9 +45,12 @@ class RBM(EnergyModel):
         data_init: bool = True,
         tempering: int = 1,
         ladder_width: int | None = None,
+        ladder_from: float = 0.0,
     ):
         shape = (in_channels, image_size, image_size)
-        super().__init__(shape, cd_steps, persistent, chains, chain_init, data_init, tempering, ladder_width)
+        super().__init__(
+            shape, cd_steps, persistent, chains, chain_init, data_init, tempering, ladder_width, ladder_from
+        )
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.weight = nn.Parameter(torch.randn(hidden, len(self.visible_bias)) * weight_std)
