@@ -71,7 +71,9 @@ tapered ladder: 100 chains at the top, 30 a level below (``ladder_width``; only 
 give the model term): 12.4-13.3 minutes on a 2-core AVX-512 CPU (16.5-17.9 before the vectorised
 softplus of :func:`~capsrun.models.energy.softplus`) for -71.6 to -72.9 nats (seven runs), every
 class at 5.3-17.3 % after 3,000 sweeps on six of them (on one the 1s at 4.0 %, 6 % after 4,000;
-after 1,000, one class at 0.3-4 %). On the short ladder, 3,000-6,000 sweeps, five of them draw
+after 1,000, one class at 0.3-4 %). The recipe now trains on 8 levels from beta 0.55
+(``model.ladder_from``): 7.5-7.9 minutes for -71.2 to -72.9 nats, every class at 5.3-15.7 % after
+3,000 sweeps on three seeds. On the short ladder, 3,000-6,000 sweeps, five of them draw
 their rarest class at 4.0-7.7 % (two dip under 5 %; the RBM's rarest 5.3-7.0 %) with Frechet
 distances of 0.018-0.029 (the RBM's 0.019-0.025; README, "A shorter ladder for sampling"). With
 100 chains at every level: 25-26 minutes there, about an hour on a 2-core AVX2 one, -71.4 and
