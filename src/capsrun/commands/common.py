@@ -71,6 +71,15 @@ def confidence_setting(value: Any, key: str) -> float:
     return build.number(value, key, lambda v: 0 < v < 1, "a number in (0, 1)", 0.9)
 
 
+def ladder_from_setting(value: Any, key: str, levels: int, levels_key: str) -> float:
+    """A sampling ladder's lowest inverse temperature ``key``: a number in [0, 1), above 0 only
+    with a ladder (``levels_key`` >= 2)."""
+    lowest = build.number(value, key, lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55)
+    if lowest > 0 and levels < 2:
+        raise ConfigError(f"{key} needs a tempering ladder of 2 or more levels; e.g. {levels_key}=8 {key}=0.55")
+    return lowest
+
+
 def sampler_base(model, loaders, images: int = 10_000) -> torch.Tensor:
     """The base-rate model at the bottom of a tempering ladder ``[C*H*W]``: the model's own, when
     it was trained with tempering, else the base rate of the first ``images`` training images."""

@@ -128,10 +128,7 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     tempering = build.integer(tempering, "tempering", example=10)
     if tempering > 1 and temperature != 1:
         raise ConfigError("tempering samples the model at temperature 1; give one of them, e.g. tempering=1")
-    lowest = cfg.get("ladder_from", 0)
-    ladder_from = build.number(lowest, "ladder_from", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55)
-    if ladder_from > 0 and tempering < 2:
-        raise ConfigError("ladder_from needs a tempering ladder of 2 or more levels; e.g. tempering=8 ladder_from=0.55")
+    ladder_from = common.ladder_from_setting(cfg.get("ladder_from", 0), "ladder_from", tempering, "tempering")
     confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
     common.reference_settings(cfg.sample_quality)
     classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast

@@ -218,14 +218,9 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
         steps = build._positive_int(cfg, "model.samples.gibbs_steps", example="1000")
         tempering = build._positive_int(cfg, "model.samples.tempering", example="10")
         lowest = OmegaConf.select(cfg, "model.samples.ladder_from", default=0)
-        ladder_from = build.number(
-            lowest, "model.samples.ladder_from", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55
+        ladder_from = common.ladder_from_setting(
+            lowest, "model.samples.ladder_from", tempering, "model.samples.tempering"
         )
-        if ladder_from > 0 and tempering < 2:
-            raise ConfigError(
-                "model.samples.ladder_from needs a tempering ladder of 2 or more levels; "
-                "e.g. model.samples.tempering=8 model.samples.ladder_from=0.55"
-            )
         trained_from = OmegaConf.select(cfg, "model.ladder_from", default=0) or 0
         if 0 < ladder_from < trained_from:
             raise ConfigError(
