@@ -107,3 +107,71 @@ def test_log_likelihood_is_minus_mean_free_energy_minus_log_z():
     result = ais.AISResult(log_z=100.0, log_z_base=90.0, log_w_std=0.3, runs=10, temperatures=50)
     m = ais.log_likelihood_metrics(result, mean_f=-20.0)
     assert m["test/log_likelihood"] == -80.0 and m["ais/log_w_std"] == 0.3 and m["ais/runs"] == 10
+
+
+@pytest.mark.parametrize("make", [_tiny_rbm, _tiny_capsrbm], ids=["rbm", "capsrbm"])
+def test_a_start_from_noise_is_a_base_rate_draw_after_one_step_at_beta_zero(make):
+    """The first step at beta = 0 forgets the start: from all-ones, the pixels come out
+    independent with the base rate's means sigmoid(base)."""
+    model = make()
+    base = torch.linspace(-2, 1, 9)
+    start = torch.ones(4000, *model.image_shape)
+    out = ais.anneal(model, base, temperatures=2, seed=3, start=start)
+    flat = out.v.flatten(1)
+    assert out.v.shape == start.shape and set(flat.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(flat.mean(0), torch.sigmoid(base), atol=0.03, rtol=0)
+    corr = torch.corrcoef(flat.T)
+    assert (corr - torch.eye(9)).abs().max() < 0.08
+
+
+def _two_wells() -> RBM:
+    """9 pixels, one hidden unit that switches all of them on: two wells, all-off (light) and
+    all-on (dark), with masses set by the biases; the dark well is reached late in annealing."""
+    model = RBM(image_size=3, hidden=1, weight_std=0.0, persistent=False)
+    with torch.no_grad():
+        model.weight.fill_(6.0)  # strong: at beta = 1 a chain stays in its well
+        model.visible_bias.fill_(-3.0)
+        model.hidden_bias.fill_(-28.0)  # the dark well holds 0.27 of p(v); annealing ends there 0.43 of the time
+    return model
+
+
+def test_importance_weights_give_the_wells_their_exact_masses():
+    """The share of runs that end in the dark well is set by how the annealing crossed; weighted
+    by their importance weights it is the well's exact mass under p(v) (enumerated)."""
+    model = _two_wells()
+    v = _states(9).view(-1, 1, 3, 3)
+    with torch.no_grad():
+        p = torch.softmax(-model.free_energy(v).double(), 0)
+    dark = v.flatten(1).sum(1) > 4.5
+    exact = float(p[dark].sum())
+    out = ais.anneal(model, torch.zeros(9), temperatures=100, runs=4000, seed=0)
+    ends_dark = out.v.flatten(1).sum(1) > 4.5
+    weighted = float(out.weights[ends_dark].sum())
+    plain = float(ends_dark.double().mean())
+    assert 0.15 < exact < 0.85, exact  # two real wells
+    assert abs(weighted - exact) < 0.04, (weighted, exact, plain)
+    assert abs(plain - exact) > 0.1, (plain, exact)  # the annealing alone would have been wrong
+    assert 100 < out.ess < 4000
+
+
+def test_anneal_keeps_the_states_where_the_path_passes_a_ladder():
+    model = _tiny_rbm()
+    out = ais.anneal(model, torch.zeros(9), temperatures=200, runs=7, seed=0, keep=[0.0, 0.5, 0.95])
+    assert out.kept.shape == (3, 7, 1, 3, 3) and out.v.shape == (7, 1, 3, 3)
+    assert out.log_w.dtype == torch.float64 and 1 <= out.ess <= 7
+    assert ais.anneal(model, torch.zeros(9), temperatures=20, runs=2).kept is None
+    with pytest.raises(ValueError, match="keep must be increasing"):
+        ais.anneal(model, torch.zeros(9), temperatures=20, runs=2, keep=[0.5, 0.2])
+    with pytest.raises(ValueError, match="keep must be increasing"):
+        ais.anneal(model, torch.zeros(9), temperatures=20, runs=2, keep=[1.0])
+
+
+def test_log_partition_is_the_annealing_runs_weights():
+    """log_partition is anneal's weights averaged: the same seed gives the same number."""
+    model = _tiny_capsrbm()
+    base = torch.linspace(-1, 1, 9)
+    out = ais.anneal(model, base, temperatures=100, runs=50, seed=4)
+    result = ais.log_partition(model, base, temperatures=100, runs=50, seed=4)
+    expected = float(model.log_base_partition(base)) + float(torch.logsumexp(out.log_w, 0)) - math.log(50)
+    assert result.log_z == pytest.approx(expected, abs=1e-9)
+    assert result.log_w_std == pytest.approx(float(out.log_w.std()))

@@ -222,6 +222,42 @@ def test_sample_with_a_tempering_ladder(energy_run, mnist_root, work):
     assert "sweep of 4 levels (inverse temperatures 0.4, 0.6, 0.8, 1)" in result.stdout + result.stderr
 
 
+def test_sample_after_an_annealing_reports_the_models_own_class_mix(energy_run, mnist_root, work, classifier):
+    """anneal=60: the chains start where an annealing from noise ended (the ladder's lower levels
+    where it passed them); its effective sample size and the class mix by its importance weights
+    in metrics.json and the log."""
+    _, run = energy_run
+    out = work / f"annealed_{run.name}"
+    args = [
+        f"checkpoint={run}/checkpoints/best.pt",
+        "num_samples=12",
+        "gibbs_steps=5",
+        "tempering=3",
+        "anneal=60",
+        f"eval_classifier={classifier}",
+        "sample_quality.real_images=100",
+        f"hydra.run.dir={out}",
+    ]
+    result = ok(run_capsrun("sample", *args, cwd=work, data_root=mnist_root))
+    logged = result.stdout + result.stderr
+    assert "annealing 12 chains from noise through 60 temperatures" in logged
+    assert "12 chains from the end of an annealing from noise through 60 temperatures, 5 steps" in logged
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples/anneal/temperatures"] == 60 and metrics["samples/anneal/log_w_std"] > 0
+    assert 1 <= metrics["samples/anneal/ess"] < 12  # uneven weights: 60 temperatures are few
+    shares = [metrics[f"samples/anneal/class_share/{k}"] for k in range(10)]
+    assert sum(shares) == pytest.approx(100.0) and 0 <= metrics["samples/anneal/recognised"] <= 100
+    assert f"effective sample size {metrics['samples/anneal/ess']:.0f} of 12" in logged
+    samples = torch.load(out / "samples.pt", weights_only=True)
+    assert samples.shape == (12, 1, 28, 28) and set(samples.unique().tolist()) <= {0.0, 1.0}
+    # without the judge: the weights' figures only
+    bare = work / f"annealed_bare_{run.name}"
+    ok(run_capsrun("sample", *args[:5], f"hydra.run.dir={bare}", cwd=work, data_root=mnist_root))
+    plain = json.loads((bare / "metrics.json").read_text())
+    assert plain["samples/anneal/ess"] == pytest.approx(metrics["samples/anneal/ess"])  # the same seed, the same runs
+    assert "samples/anneal/class_share/0" not in plain
+
+
 def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root, tmp_path):
     run = tmp_path / "pt"
     args = [*SMALL["rbm"], *COMMON, "model.tempering=3", "trainer.epochs=2", "ais.at_end=false"]
@@ -259,6 +295,9 @@ def test_training_with_tempering_logs_the_ladder_and_samples_with_it(mnist_root,
         ("sample", ["sample_quality.held_out=-1"], "sample_quality.held_out must be an integer >= 0"),
         ("sample", ["judge_every=-1"], "judge_every must be an integer >= 0"),
         ("sample", ["judge_every=100"], "judge_every needs a judge: add eval_classifier="),
+        ("sample", ["anneal=1"], "anneal is a number of temperatures from 0 to 1: 0 (none) or >= 2"),
+        ("sample", ["anneal=-3"], "anneal must be an integer >= 0"),
+        ("sample", ["anneal=100", "init=data"], "anneal starts the chains from noise, not init=data"),
         ("eval", ["ais.temperatures=1"], "ais.temperatures must be an integer >= 2"),
         ("eval", ["ais.runs=0"], "ais.runs must be an integer >= 1"),
         ("eval", ["ais.base_images=-1"], "ais.base_images must be an integer >= 1"),

@@ -133,3 +133,21 @@ def test_the_judge_reports_real_images_frechet_distance_at_the_samples_number():
     assert m["samples/frechet_distance_real_std"] == pytest.approx(spread)
     assert "samples/frechet_distance_real" not in found.quality(torch.rand(13, 1, 2, 2, generator=gen), 3)
     assert "samples/frechet_distance_real" not in sampling.Judge(judge, real, labels).quality(held_out[:5], 3)
+
+
+def test_weighted_classes_sum_the_weights_of_each_predicted_class():
+    """Four samples as in the histogram test, weighted 0.1, 0.2, 0.3, 0.4: class 0 holds 10 %,
+    class 1 50 %, class 2 40 %; the confident three hold 60 % of the weight."""
+    samples = torch.zeros(4, 1, 2, 2)
+    samples[0, 0, 0, 0] = 1.0
+    samples[1, 0, 0, 1] = 1.0
+    samples[2, 0, 0, 1] = 1.0
+    samples[3, 0, 1, 0] = 0.3
+    real = torch.eye(3).repeat(4, 1).view(-1, 3)
+    real = torch.cat([real, torch.zeros(len(real), 1)], 1).view(-1, 1, 2, 2)
+    judge = sampling.Judge(_Judge(), real, real.flatten(1)[:, :3].argmax(1), calibrate=False)
+    mix = judge.weighted_classes(samples, torch.tensor([0.1, 0.2, 0.3, 0.4]), 3)
+    assert [mix[str(k)] for k in range(3)] == pytest.approx([10.0, 50.0, 40.0])
+    assert mix["recognised"] == pytest.approx(60.0)
+    even = judge.weighted_classes(samples, torch.full((4,), 0.25), 3)
+    assert [even[str(k)] for k in range(3)] == pytest.approx([25.0, 50.0, 25.0])  # the plain histogram

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,79 @@ def schedule(temperatures: int) -> torch.Tensor:
     return betas
 
 
+@dataclass
+class Annealed:
+    """The end of R annealing runs: ``v`` the final states [R, C, H, W] and ``log_w`` their log
+    importance weights [R] (float64). Together they are properly weighted for the model: a mean
+    of f(v) weighted by softmax(log_w) estimates E_p[f] (Neal 2001, Sec. 2), however unevenly the
+    annealing itself spread the runs over the model's modes."""
+
+    v: torch.Tensor
+    log_w: torch.Tensor
+    kept: torch.Tensor | None = None  # [len(keep), R, C, H, W]: the states where the path passed ``keep``
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The normalised importance weights ``[R]``."""
+        return torch.softmax(self.log_w, 0)
+
+    @property
+    def ess(self) -> float:
+        """Kish's effective sample size 1 / sum w^2 of the normalised weights: R when they are
+        even, 1 when one run takes all the weight."""
+        return float(1.0 / self.weights.pow(2).sum())
+
+
+@torch.no_grad()
+def anneal(
+    model,
+    base: torch.Tensor,
+    temperatures: int = 10_000,
+    runs: int = 100,
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+    keep: Sequence[float] = (),
+    progress: bool = False,
+) -> Annealed:
+    """R runs of AIS from the base-rate model with visible biases ``base`` [C*H*W] to ``model``
+    through :func:`schedule`'s ``temperatures``, one step of the model's own chain at each. The
+    runs start at draws from the base-rate model, or with ``start`` [R, C, H, W] (e.g. uniform
+    noise) at one step of the chain at beta = 0 from there, which is such a draw (the model's
+    terms vanish at beta = 0). ``keep``: inverse temperatures in [0, 1) (increasing) at which to
+    keep a copy of the states, those after the step at the first temperature at or above each
+    (where a tempering ladder's lower levels can start). The global RNG is left as it was; the
+    model is left in eval mode."""
+    if runs < 1:
+        raise ValueError(f"AIS needs at least 1 run, got {runs}")
+    if any(not 0 <= b < 1 for b in keep) or list(keep) != sorted(keep):
+        raise ValueError(f"keep must be increasing inverse temperatures in [0, 1), got {list(keep)}")
+    betas = schedule(temperatures).tolist()
+    pending, kept = list(keep), []
+    model.eval()
+    device = base.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if start is None:
+            v = torch.bernoulli(torch.sigmoid(base).expand(runs, -1)).view(runs, *model.image_shape)
+            enc = model.encode(v)
+        else:
+            v, enc, _ = model.transition(start.to(device), model.encode(start.to(device)), 0.0, base)
+        log_w = torch.zeros(len(v), dtype=torch.float64, device=device)
+        steps = tqdm(range(1, len(betas)), desc="AIS", disable=None if progress else True, leave=False)
+        for k in steps:
+            prev, beta = betas[k - 1], betas[k]
+            gain = model.free_energy_at(v, enc, prev, base) - model.free_energy_at(v, enc, beta, base)
+            log_w += gain.double()
+            if k < len(betas) - 1:
+                v, enc, _ = model.transition(v, enc, beta, base)
+            while pending and beta >= pending[0]:
+                kept.append(v.clone())
+                pending.pop(0)
+    if pending:  # above the last temperature below 1: the final states
+        kept += [v.clone() for _ in pending]
+    return Annealed(v, log_w, torch.stack(kept) if kept else None)
+
+
 @torch.no_grad()
 def log_partition(
     model,
@@ -79,31 +153,15 @@ def log_partition(
 ) -> AISResult:
     """AIS estimate of log Z of ``model`` (an :class:`~capsrun.models.energy.EnergyModel`) from
     the base-rate model with visible biases ``base`` [C*H*W]. The global RNG is left as it was."""
-    if runs < 1:
-        raise ValueError(f"AIS needs at least 1 run, got {runs}")
-    betas = schedule(temperatures).tolist()
     was_training = model.training
-    model.eval()
-    device = base.device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            v = torch.bernoulli(torch.sigmoid(base).expand(runs, -1)).view(runs, *model.image_shape)
-            enc = model.encode(v)
-            log_w = torch.zeros(runs, dtype=torch.float64, device=device)
-            steps = tqdm(range(1, len(betas)), desc="AIS", disable=None if progress else True, leave=False)
-            for k in steps:
-                prev, beta = betas[k - 1], betas[k]
-                gain = model.free_energy_at(v, enc, prev, base) - model.free_energy_at(v, enc, beta, base)
-                log_w += gain.double()
-                if k < len(betas) - 1:
-                    v, enc, _ = model.transition(v, enc, beta, base)
+        log_w = anneal(model, base, temperatures, runs, seed, progress=progress).log_w
     finally:
         model.train(was_training)
     log_z0 = float(model.log_base_partition(base))
     log_z = log_z0 + float(torch.logsumexp(log_w, 0)) - math.log(runs)
     std = float(log_w.std()) if runs > 1 else 0.0
-    return AISResult(log_z, log_z0, std, runs, len(betas))
+    return AISResult(log_z, log_z0, std, runs, len(schedule(temperatures)))
 
 
 @torch.no_grad()

@@ -230,6 +230,21 @@ class Judge:
             metrics["samples/recognised_uncalibrated"] = 100.0 * (raw > confidence).float().mean().item()
         return metrics
 
+    def weighted_classes(
+        self, samples: torch.Tensor, weights: torch.Tensor, num_classes: int, confidence: float = 0.9
+    ) -> dict[str, float]:
+        """The class mix of importance-weighted ``samples`` [N, C, H, W] (``weights`` [N], summing to
+        1; e.g. :attr:`capsrun.ais.Annealed.weights`): ``<k>`` the weight (%) of the samples the
+        judge predicts as class k, ``recognised`` the weight (%) of those it recognises with
+        confidence > ``confidence``. Properly weighted samples make these the model's own class mix
+        and recognised share, not the sampler's."""
+        preds, _, conf = classifier_outputs(self.classifier, samples, temperature=self.temperature)
+        w = weights.to(torch.float64).cpu()
+        shares = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, preds.cpu(), w) * 100
+        out = {str(k): float(x) for k, x in enumerate(shares)}
+        out["recognised"] = 100.0 * float(w[(conf > confidence).cpu()].sum())
+        return out
+
 
 def unconditional_quality(
     classifier: nn.Module,

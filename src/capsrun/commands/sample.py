@@ -109,9 +109,9 @@ def _own_chains(model, n: int, tempering: int) -> tuple[torch.Tensor, torch.Tens
 
 def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.device, path: Path, epoch: int) -> dict:
     """``capsrun sample`` for an energy model (the RBM, the capsule RBM): chains of the model's own
-    sampler from noise, data or the checkpoint's own chains (``init``); grids, ``samples.pt`` (the
-    final states, float [N, C, H, W] in [0, 1]) and, with ``eval_classifier``, how a CapsNet sees
-    them."""
+    sampler from noise, data or the checkpoint's own chains (``init``), from noise optionally
+    after an annealing (``anneal``); grids, ``samples.pt`` (the final states, float [N, C, H, W]
+    in [0, 1]) and, with ``eval_classifier``, how a CapsNet sees them."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from capsrun.tblog import TBLogger
@@ -121,6 +121,11 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     judge_every = build.integer(cfg.get("judge_every", 0), "judge_every", 0, 500)
     if cfg.init not in ("noise", "data", "chains"):
         raise ConfigError(f"init must be noise, data or chains, got {cfg.init!r}; e.g. init=noise")
+    anneal = build.integer(cfg.get("anneal", 0), "anneal", 0, 100000)
+    if anneal == 1:
+        raise ConfigError("anneal is a number of temperatures from 0 to 1: 0 (none) or >= 2; e.g. anneal=100000")
+    if anneal and cfg.init != "noise":
+        raise ConfigError(f"anneal starts the chains from noise, not init={cfg.init}; give init=noise or anneal=0")
     temperature = build.number(cfg.temperature, "temperature", lambda v: v > 0, "a number > 0", 1.0)
     tempering = cfg.get("tempering")
     if tempering is None:  # the model's own sampler: the ladder it was trained with (1: its plain chain)
@@ -136,9 +141,10 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         raise ConfigError("judge_every needs a judge: add eval_classifier=<best.pt of a capsnet>, or judge_every=0")
     model.eval()
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
-    needs_train = tempering > 1 and not hasattr(model, "base_rate")  # the ladder's base-rate model
+    from_base = tempering > 1 or anneal > 0  # a ladder or an annealing from the base-rate model
+    needs_train = from_base and not hasattr(model, "base_rate")
     loaders = build.loaders(run_cfg, dev, train=needs_train, eval_batch_size=cfg.trainer.batch_size)
-    base = common.sampler_base(model, loaders) if tempering > 1 else None
+    base = common.sampler_base(model, loaders) if from_base else None
     test = loaders.evals["test"]
     gen = torch.Generator().manual_seed(cfg.seed)
     below = None
@@ -167,6 +173,10 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         by_step.append({"step": step, **seen})
         log.info("after %d steps: %s", step, _quality_line(seen, classes, confidence, len(states)))
 
+    annealed = None
+    if anneal:
+        start, below, annealed = _annealed_start(model, start, base, anneal, tempering, betas, cfg)
+        source = f"the end of an annealing from noise through {anneal} temperatures"
     log.info("%d chains from %s, %d steps%s ...", len(start), source, cfg.gibbs_steps, ladder)
     with logging_redirect_tqdm():  # judge_every's log lines above the progress bar, not through it
         run = sampling.gibbs_chains(
@@ -198,6 +208,8 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         mean = model.reconstruct(v)
     if judge is not None:
         metrics.update(judge.quality(v, classes, confidence))
+    if annealed is not None:
+        metrics.update(_annealed_metrics(annealed, anneal, judge, classes, confidence))
     nrow = max(int(len(v) ** 0.5), 1)
     rows = min(len(v), 8)
     chain = torch.stack([start[:rows], *(s[:rows] for s in snaps)], 1).flatten(0, 1)  # row i: chain i
@@ -233,6 +245,56 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
         epoch,
         out_dir,
     )
+    return metrics
+
+
+def _annealed_start(model, noise, base, temperatures: int, tempering: int, betas, cfg: DictConfig):
+    """``anneal``: the chains' start, the states ``noise`` [N, C, H, W] annealed from the base-rate
+    model ``base`` to the model through ``temperatures`` (:func:`capsrun.ais.anneal`, AIS's path);
+    with a ladder its levels below 1 start where the annealing passed their inverse temperatures.
+    Returns (start, below or None, the :class:`~capsrun.ais.Annealed` runs).
+    Why: chains from noise cross the model's first-order-like transition (beta 0.7-0.9) by
+    condensing, and which digit they condense into depends on how they arrive; slow annealing
+    crosses it near equilibrium, and its importance weights correct what is left (README, "The
+    model's own class mix")."""
+    from capsrun import ais
+    from capsrun.models.energy import own_ladder
+
+    keep = []
+    if tempering > 1:
+        ladder = betas if betas is not None else own_ladder(model, tempering)
+        keep = [float(b) for b in ladder][:-1]
+    log.info("annealing %d chains from noise through %d temperatures ...", len(noise), temperatures)
+    out = ais.anneal(
+        model, base, temperatures, seed=cfg.seed, start=noise.to(base.device), keep=keep, progress=cfg.trainer.progress
+    )
+    return out.v, out.kept, out
+
+
+def _annealed_metrics(annealed, temperatures: int, judge, classes: int, confidence: float) -> dict[str, float]:
+    """``samples/anneal/*``: the annealing's temperatures, log-weight spread and effective sample
+    size (Kish) and, with a judge, the model's own class mix and recognised share by its
+    importance weights (of the states where the annealing ended, before ``gibbs_steps``)."""
+    n = len(annealed.log_w)
+    metrics = {
+        "samples/anneal/temperatures": float(temperatures),
+        "samples/anneal/log_w_std": float(annealed.log_w.std()) if n > 1 else 0.0,
+        "samples/anneal/ess": annealed.ess,
+    }
+    spread = metrics["samples/anneal/log_w_std"]
+    line = f"annealing: effective sample size {annealed.ess:.0f} of {n} (std of log weights {spread:.2f})"
+    if judge is not None:
+        mix = judge.weighted_classes(annealed.v, annealed.weights, classes, confidence)
+        metrics.update({f"samples/anneal/class_share/{k}": mix[str(k)] for k in range(classes)})
+        metrics["samples/anneal/recognised"] = mix["recognised"]
+        shares = [mix[str(k)] for k in range(classes)]
+        line += (
+            f"; the model's own mix by its importance weights: {mix['recognised']:.1f}% recognised, classes "
+            f"{min(shares):.0f}-{max(shares):.0f}% ({', '.join(f'{k}: {x:.0f}' for k, x in enumerate(shares))})"
+        )
+        if annealed.ess < 30:
+            line += f" - with an effective sample size of {annealed.ess:.0f}, only a rough guide: raise anneal"
+    log.info(line)
     return metrics
 
 

@@ -290,8 +290,7 @@ class EnergyModel(nn.Module):
         the levels one after another (:func:`tempered_sweep`)."""
         levels = len(widths) if widths is not None else len(states)
         if betas is None:
-            own = getattr(self, "betas", None)
-            betas = own if own is not None and len(own) == levels else ladder(levels)
+            betas = own_ladder(self, levels)
         betas = torch.as_tensor(betas, dtype=states.dtype).to(states.device)
         enc = self.encode(states if widths is not None else states.flatten(0, 1))
         acceptance = torch.zeros((), device=states.device)
@@ -391,6 +390,13 @@ def ladder(levels: int) -> list[float]:
     if levels < 2:
         raise ValueError(f"a tempering ladder needs at least 2 levels (0 and 1), got {levels}")
     return torch.linspace(0, 1, levels, dtype=torch.float64).tolist()
+
+
+def own_ladder(model: nn.Module, levels: int) -> torch.Tensor | list[float]:
+    """The ladder a model's sampler runs with ``levels`` levels: its own tuned inverse
+    temperatures when it has that many, else :func:`ladder` (even from 0)."""
+    own = getattr(model, "betas", None)
+    return own if own is not None and len(own) == levels else ladder(levels)
 
 
 def upper_ladder(betas: Sequence[float] | torch.Tensor, levels: int, lowest: float) -> torch.Tensor:
