@@ -106,11 +106,11 @@ def anneal(
     """R runs of AIS from the base-rate model with visible biases ``base`` [C*H*W] to ``model``
     through :func:`schedule`'s ``temperatures``, one step of the model's own chain at each. The
     runs start at draws from the base-rate model, or with ``start`` [R, C, H, W] (e.g. uniform
-    noise) at one step of the chain at beta = 0 from there, which is such a draw (the model's
-    terms vanish at beta = 0). ``keep``: inverse temperatures in [0, 1) (increasing) at which to
-    keep a copy of the states, those after the step at the first temperature at or above each
-    (where a tempering ladder's lower levels can start). The global RNG is left as it was; the
-    model is left in eval mode."""
+    noise; ``runs`` is then len(start)) at one step of the chain at beta = 0 from there, which is
+    such a draw (the model's terms vanish at beta = 0). ``keep``: inverse temperatures in [0, 1)
+    (increasing) at which to keep a copy of the states, those after the step at the first
+    temperature at or above each (where a tempering ladder's lower levels can start). The global
+    RNG is left as it was; the model is left in eval mode."""
     if runs < 1:
         raise ValueError(f"AIS needs at least 1 run, got {runs}")
     if any(not 0 <= b < 1 for b in keep) or list(keep) != sorted(keep):
@@ -125,7 +125,8 @@ def anneal(
             v = torch.bernoulli(torch.sigmoid(base).expand(runs, -1)).view(runs, *model.image_shape)
             enc = model.encode(v)
         else:
-            v, enc, _ = model.transition(start.to(device), model.encode(start.to(device)), 0.0, base)
+            start = start.to(device)
+            v, enc, _ = model.transition(start, model.encode(start), 0.0, base)
         log_w = torch.zeros(len(v), dtype=torch.float64, device=device)
         steps = tqdm(range(1, len(betas)), desc="AIS", disable=None if progress else True, leave=False)
         for k in steps:
