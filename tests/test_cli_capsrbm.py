@@ -213,13 +213,32 @@ def test_sample_with_a_tempering_ladder(energy_run, mnist_root, work):
     assert "parallel-tempering sweep of 4 levels" in result.stdout + result.stderr
     samples = torch.load(out / "samples.pt", weights_only=True)
     assert samples.shape == (9, 1, 28, 28) and set(samples.unique().tolist()) <= {0.0, 1.0}
-    assert "ladder" not in metrics
+    # by default the ladder re-spaces itself in the first half of the sweeps (ladder_tune: null)
+    tuned = metrics["ladder"]
+    assert tuned[0] == 0 and tuned[-1] == 1 and tuned != pytest.approx([0, 1 / 3, 2 / 3, 1]) and tuned == sorted(tuned)
+    assert "the ladder as tuned in the first 15 sweeps: 0, " in result.stdout + result.stderr
     # ladder_from: the upper part of the ladder; no tuned one in this checkpoint, so evenly spaced
     short = work / f"short_{run.name}"
-    args[-1:] = ["tempering=4", "ladder_from=0.4"]
+    args[-1:] = ["tempering=4", "ladder_from=0.4", "ladder_tune=0"]
     result = ok(run_capsrun("sample", *args, f"hydra.run.dir={short}", cwd=work, data_root=mnist_root))
     assert json.loads((short / "metrics.json").read_text())["ladder"] == pytest.approx([0.4, 0.6, 0.8, 1.0])
     assert "sweep of 4 levels (inverse temperatures 0.4, 0.6, 0.8, 1)" in result.stdout + result.stderr
+    # tuned from the ladder given: its lowest level stays
+    from_short = work / f"short_tuned_{run.name}"
+    tune = [*args[:-1], "ladder_tune=10", f"hydra.run.dir={from_short}"]
+    ok(run_capsrun("sample", *tune, cwd=work, data_root=mnist_root))
+    tuned = json.loads((from_short / "metrics.json").read_text())["ladder"]
+    assert tuned[0] == pytest.approx(0.4) and tuned[-1] == 1 and tuned != pytest.approx([0.4, 0.6, 0.8, 1.0])
+    # the shift moves the ladder's path only: with the same seed, another draw, the same shapes
+    shifted = work / f"shifted_{run.name}"
+    ok(run_capsrun("sample", *args, "ladder_shift=2", f"hydra.run.dir={shifted}", cwd=work, data_root=mnist_root))
+    a, b = (torch.load(d / "samples.pt", weights_only=True) for d in (short, shifted))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    # the plain chain (tempering=1) has no ladder to shift or tune: one line, exit 2
+    bad = run_capsrun("sample", *args[:3], "tempering=1", "ladder_shift=1", cwd=work, data_root=mnist_root)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1
+    assert "ladder_shift and ladder_tune shape a tempering ladder" in lines[0]
 
 
 def test_sample_after_an_annealing_reports_the_models_own_class_mix(energy_run, mnist_root, work, classifier):

@@ -352,12 +352,25 @@ def can_sample_chains(model: nn.Module) -> bool:
 class Chains(NamedTuple):
     """What :func:`gibbs_chains` returns: the final states ``v`` [N, C, H, W], ``snapshots``
     (evenly spaced states, the last the final one), the mean ``acceptance`` of the chain steps and,
-    with tempering, the mean ``swap_rates`` of the ladder's neighbouring pairs (else empty)."""
+    with tempering, the mean ``swap_rates`` of the ladder's neighbouring pairs and the ladder's
+    inverse temperatures ``betas`` as it ended (re-spaced when ``tune``; else both empty)."""
 
     v: torch.Tensor
     snapshots: list[torch.Tensor]
     acceptance: float
     swap_rates: list[float]
+    betas: list[float] = []
+
+
+TUNE_EVERY = 50  # sweeps between two re-spacings of a sampling ladder while it tunes
+# A sampling ladder's defaults (`capsrun sample`, the judged grid): the levels below the model run
+# above the base-rate model with its logits raised by LADDER_SHIFT, and the ladder re-spaces
+# itself in the first LADDER_TUNE sweeps. On capsrbm_mnist (8 levels from 0.55) the base rate's
+# melt at 0.55 is sparser than a digit (6 % of the pixels on against 13 %), so that states cross
+# the melt-to-digit transition rarely; raised by 1 it is nearer a digit's density and replicas
+# make about 6x the round trips (README, "A ladder that crosses").
+LADDER_SHIFT = 1.0
+LADDER_TUNE = 500
 
 
 SEGMENT = 10  # chain steps between two looks at the chains (progress, snapshots, observe)
@@ -379,6 +392,7 @@ def gibbs_chains(
     observe: Callable[[int, torch.Tensor], None] | None = None,
     observe_every: int = 0,
     progress: bool = False,
+    tune: int = 0,
 ) -> Chains:
     """Run ``len(start)`` chains of the model's own sampler for ``steps`` steps from ``start``
     (visible states [N, C, H, W]). ``tempering`` > 1: each step is a sweep of parallel tempering
@@ -388,7 +402,12 @@ def gibbs_chains(
     [tempering - 1, N, C, H, W] (a checkpoint's own ladder) or, when None, at draws from ``base``.
     ``betas`` [tempering]: the ladder's inverse temperatures, increasing to 1 (None: the model's
     own tuned ladder when it has ``tempering`` levels, else even from 0; see
-    :func:`~capsrun.models.energy.upper_ladder` for one that starts above 0).
+    :func:`~capsrun.models.energy.upper_ladder` for one that starts above 0). ``tune`` > 0: during
+    the first ``tune`` sweeps the ladder is re-spaced every :data:`TUNE_EVERY` sweeps (or once, after
+    ``tune`` when that is fewer) so that its
+    neighbouring pairs swap about equally often (:func:`~capsrun.models.energy.retune`, from the
+    running swap rates; its ends stay), then kept: an adaptive burn-in, after which the sweeps are
+    an ordinary ladder's, so the top still samples the model exactly.
     ``observe(step, v)`` is called after every ``observe_every`` steps before the last (0: never);
     ``progress``: a progress bar. The chains run in segments of at most :data:`SEGMENT` steps;
     the states carry over exactly (a segment re-encodes what the last one's final step did not),
@@ -399,7 +418,11 @@ def gibbs_chains(
         raise ValueError(f"betas has {len(betas)} levels, tempering {tempering}")
     if observe_every < 0:
         raise ValueError(f"observe_every must be >= 0, got {observe_every}")
+    if tune < 0:
+        raise ValueError(f"tune must be >= 0 sweeps, got {tune}")
     from tqdm import tqdm
+
+    from capsrun.models.energy import own_ladder, retune
 
     was_training = model.training
     model.eval()
@@ -408,6 +431,12 @@ def gibbs_chains(
     taken, acceptance, v = [], 0.0, start
     swaps = torch.zeros(max(tempering - 1, 0), dtype=torch.float64)
     tried = torch.zeros_like(swaps)
+    tune = tune if tempering > 1 else 0
+    if tempering > 1 and tune:  # re-spaced from the ladder given, else from the model's own
+        betas = torch.as_tensor(own_ladder(model, tempering) if betas is None else betas, dtype=torch.float64)
+        betas = betas.to(start.device)
+    window, window_tried, running = torch.zeros_like(swaps), torch.zeros_like(swaps), None
+    interval = min(TUNE_EVERY, tune) if tune else TUNE_EVERY  # a short tune re-spaces once, at its end
     desc = "sweeps" if tempering > 1 else "steps"
     bar = tqdm(total=steps, desc=desc, unit="", leave=False, disable=None if progress else True)
     try:
@@ -425,12 +454,22 @@ def gibbs_chains(
                 stop = min(steps, done + SEGMENT, (done // every + 1) * every)
                 if observe_every:
                     stop = min(stop, (done // observe_every + 1) * observe_every)
+                if done < tune:
+                    stop = min(stop, (done // interval + 1) * interval)
                 n = stop - done
                 if tempering > 1:
                     levels, acc, rates = model.tempered(levels, n, base, first_sweep=done, betas=betas)
                     tries = swap_tries(done, n, tempering - 1)  # the rates are per try: count them back
                     swaps += rates.double().cpu() * tries
                     tried += tries
+                    if done < tune:
+                        window += rates.double().cpu() * tries
+                        window_tried += tries
+                        if stop % interval == 0 and stop <= tune:
+                            seen = window / window_tried.clamp_min(1)
+                            running = seen if running is None else (running + seen) / 2  # damped, as training's
+                            betas = retune(betas.cpu(), running).to(start.device)
+                            window.zero_(), window_tried.zero_()
                     v = levels[-1]
                 else:
                     v, acc = model.gibbs(v, n, mh=mh, temperature=temperature)
@@ -447,7 +486,8 @@ def gibbs_chains(
         model.train(was_training)
     if snapshots and (not taken or not torch.equal(taken[-1], v)):
         taken = [*taken[: snapshots - 1], v.clone()]
-    return Chains(v, taken, acceptance / max(steps, 1), (swaps / tried.clamp_min(1)).tolist())
+    ladder = [] if tempering < 2 else [float(b) for b in (own_ladder(model, tempering) if betas is None else betas)]
+    return Chains(v, taken, acceptance / max(steps, 1), (swaps / tried.clamp_min(1)).tolist(), ladder)
 
 
 def _due(epoch: int, last: bool, every: int) -> bool:
@@ -481,7 +521,9 @@ class ChainSamples:
     with binarised real images as the model sees them), :meth:`Judge.quality` of the samples.
     ``tempering`` > 1: the steps are parallel-tempering sweeps above the base-rate model ``base``
     [C*H*W], logged with ``samples/swap_rate`` (the lowest pair's); ``ladder_from`` > 0: the
-    ladder runs from that inverse temperature to 1 (:func:`short_ladder`)."""
+    ladder runs from that inverse temperature to 1 (:func:`short_ladder`); ``ladder_shift``: logits
+    added to ``base`` for the levels below 1, ``ladder_tune``: sweeps of re-spacing
+    (:func:`gibbs_chains`' ``tune``)."""
 
     def __init__(
         self,
@@ -496,10 +538,12 @@ class ChainSamples:
         tempering: int = 1,
         base: torch.Tensor | None = None,
         ladder_from: float = 0.0,
+        ladder_shift: float = 0.0,
+        ladder_tune: int = 0,
     ):
         if ladder_from and tempering < 2:
             raise ValueError("ladder_from needs a tempering ladder of 2 or more levels")
-        self.ladder_from = ladder_from
+        self.ladder_from, self.ladder_shift, self.ladder_tune = ladder_from, ladder_shift, ladder_tune
         self.image_shape, self.chains, self.steps, self.seed = image_shape, chains, steps, seed
         self.judge, self.num_classes, self.every_epochs, self.confidence = judge, num_classes, every_epochs, confidence
         self.tempering, self.base = tempering, base
@@ -511,8 +555,16 @@ class ChainSamples:
         gen = torch.Generator().manual_seed(self.seed)  # the same start every epoch: comparable
         start = model.noise(self.chains, gen).to(dev)
         betas = short_ladder(model, self.tempering, self.ladder_from)  # from the ladder as tuned so far
+        base = None if self.base is None else self.base + self.ladder_shift
         run = gibbs_chains(
-            model, start, self.steps, seed=self.seed + epoch, tempering=self.tempering, base=self.base, betas=betas
+            model,
+            start,
+            self.steps,
+            seed=self.seed + epoch,
+            tempering=self.tempering,
+            base=base,
+            betas=betas,
+            tune=self.ladder_tune,
         )
         v = run.v
         nrow = int(len(v) ** 0.5) or 1

@@ -80,6 +80,26 @@ def ladder_from_setting(value: Any, key: str, levels: int, levels_key: str) -> f
     return lowest
 
 
+def ladder_start_settings(shift: Any, tune: Any, prefix: str, levels: int, steps: int) -> tuple[float, int]:
+    """A sampling ladder's ``<prefix>shift`` (logits added to the base-rate model for the levels
+    below 1, a number in [0, 10]) and ``<prefix>tune`` (sweeps of adaptive re-spacing, an integer
+    >= 0), each null for the default: with a ladder (``levels`` >= 2)
+    :data:`~capsrun.sampling.LADDER_SHIFT` and :data:`~capsrun.sampling.LADDER_TUNE` sweeps (at most
+    half the ``steps``), without one 0. A value other than 0 without a ladder is an error."""
+    ladder = levels > 1
+    if shift is None:
+        shift = sampling.LADDER_SHIFT if ladder else 0.0
+    if tune is None:
+        tune = min(sampling.LADDER_TUNE, steps // 2) if ladder else 0
+    shift = build.number(shift, f"{prefix}shift", lambda v: 0 <= v <= 10, "a number in [0, 10] or null", 1.0)
+    tune = build.integer(tune, f"{prefix}tune", 0, 500)
+    if (shift or tune) and not ladder:
+        raise ConfigError(
+            f"{prefix}shift and {prefix}tune shape a tempering ladder; give one (2 or more levels) or leave them null"
+        )
+    return shift, tune
+
+
 def sampler_base(model, loaders, images: int = 10_000) -> torch.Tensor:
     """The base-rate model at the bottom of a tempering ladder ``[C*H*W]``: the model's own, when
     it was trained with tempering, else the base rate of the first ``images`` training images."""

@@ -134,6 +134,9 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     if tempering > 1 and temperature != 1:
         raise ConfigError("tempering samples the model at temperature 1; give one of them, e.g. tempering=1")
     ladder_from = common.ladder_from_setting(cfg.get("ladder_from", 0), "ladder_from", tempering, "tempering")
+    shift, tune = common.ladder_start_settings(
+        cfg.get("ladder_shift"), cfg.get("ladder_tune"), "ladder_", tempering, cfg.gibbs_steps
+    )
     confidence = common.confidence_setting(cfg.sample_quality.confidence, "sample_quality.confidence")
     common.reference_settings(cfg.sample_quality)
     classifier = common.load_classifier(cfg, dev, run_cfg.dataset)  # before the chains run: a wrong one fails fast
@@ -188,13 +191,16 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
             temperature=float(temperature),
             seed=cfg.seed,
             tempering=tempering,
-            base=base,
+            base=base + shift if tempering > 1 else base,  # the ladder's path; the annealing keeps AIS's
             below=below,
             betas=betas,
             observe=judged if judge_every else None,
             observe_every=judge_every,
             progress=bool(cfg.trainer.progress),
+            tune=tune,
         )
+    if tune and tempering > 1:
+        log.info("the ladder as tuned in the first %d sweeps: %s", tune, ", ".join(f"{b:.3g}" for b in run.betas))
     v, snaps, acceptance = run.v, run.snapshots, run.acceptance
     real = model.visible_states(sampling.first_images(test, 1000))
     with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -230,8 +236,8 @@ def _sample_chains(cfg: DictConfig, model, run_cfg: DictConfig, dev: torch.devic
     samples = v.detach().float().cpu().clamp(0, 1).contiguous()
     checkpoint.atomic_write(out_dir / "samples.pt", lambda f: torch.save(samples, f))
     extra = {"by_step": by_step} if by_step else {}
-    if betas is not None:
-        extra["ladder"] = betas.tolist()
+    if run.betas and (betas is not None or tune):
+        extra["ladder"] = run.betas
     checkpoint.save_json(out_dir / "metrics.json", {**metrics, **extra, "checkpoint": str(path)})
     quality = "" if classifier is None else "; " + _quality_line(metrics, classes, confidence, len(v))
     log.info(

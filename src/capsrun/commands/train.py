@@ -227,6 +227,13 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
                 f"model.samples.ladder_from={ladder_from} is below the training ladder's lowest level "
                 f"(model.ladder_from={trained_from}); e.g. model.samples.ladder_from={trained_from}"
             )
+        shift, tune = common.ladder_start_settings(
+            OmegaConf.select(cfg, "model.samples.ladder_shift", default=0),
+            OmegaConf.select(cfg, "model.samples.ladder_tune", default=0),
+            "model.samples.ladder_",
+            tempering,
+            steps,
+        )
         confidence = common.confidence_setting(sq.confidence, "sample_quality.confidence")
         common.reference_settings(sq)
         judge = None
@@ -249,6 +256,8 @@ def _sample_hooks(cfg: DictConfig, model, classifier, loaders) -> list:
                 tempering=tempering,
                 base=common.sampler_base(model, loaders) if tempering > 1 else None,
                 ladder_from=ladder_from,
+                ladder_shift=shift,
+                ladder_tune=tune,
             )
         ]
         if cfg.ais.at_end:
