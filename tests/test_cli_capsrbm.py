@@ -343,6 +343,14 @@ def test_a_tempering_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path, a
     assert result.returncode == 2 and len(lines) == 1 and "tempering must be >= 1" in lines[0], result.stderr
 
 
+def test_a_training_ladder_shift_without_a_ladder_is_one_line(mnist_root, tmp_path):
+    result = run_capsrun("train", *SMALL["rbm"], *COMMON, "model.ladder_shift=1", cwd=tmp_path, data_root=mnist_root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "model.ladder_shift must be in [0, 10] and needs model.tempering >= 2" in lines[0]
+    assert not list(tmp_path.rglob("last.pt"))
+
+
 def test_an_epoch_grid_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path):
     args = ["model.samples.tempering=1", "model.samples.ladder_from=0.5"]
     result = run_capsrun("train", *SMALL["rbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)

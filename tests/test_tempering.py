@@ -574,3 +574,26 @@ def test_a_shifted_tuned_ladder_crosses_between_wells():
     )
     share = float((run.v.flatten(1).sum(1) >= 5).double().mean())
     assert abs(share - on) < 0.05, (share, on)
+
+
+def test_a_shifted_training_ladder_tempers_towards_the_raised_base_rate(monkeypatch):
+    """``ladder_shift``: the training ladder's path runs from the base rate of the data plus the
+    shift (the buffer keeps the data's own, for sampling and AIS); refused without a ladder or
+    out of range."""
+    torch.manual_seed(0)
+    x = (torch.rand(6, 1, 4, 4) < 0.3).float()
+    model = RBM(image_size=4, hidden=5, chains=6, tempering=3, ladder_shift=1.5)
+    seen = []
+    tempered = RBM.tempered
+
+    def spy(self, states, steps, base, *args):
+        seen.append(base.clone())
+        return tempered(self, states, steps, base, *args)
+
+    monkeypatch.setattr(RBM, "tempered", spy)
+    model.train()(x)
+    torch.testing.assert_close(model.base_rate, base_rate(x))
+    torch.testing.assert_close(seen[0], base_rate(x) + 1.5)
+    for kwargs in ({"tempering": 1, "ladder_shift": 1.0}, {"tempering": 3, "ladder_shift": -1.0}):
+        with pytest.raises(ValueError, match=r"model.ladder_shift must be in \[0, 10\] and needs model.tempering >= 2"):
+            RBM(image_size=4, hidden=5, **kwargs)

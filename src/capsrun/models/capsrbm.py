@@ -153,11 +153,21 @@ class CapsuleRBM(EnergyModel):
         tempering: int = 1,
         ladder_width: int | None = None,
         ladder_from: float = 0.0,
+        ladder_shift: float = 0.0,
         mh: bool = True,
     ):
         shape = (in_channels, image_size, image_size)
         super().__init__(
-            shape, cd_steps, persistent, chains, chain_init, data_init, tempering, ladder_width, ladder_from
+            shape,
+            cd_steps,
+            persistent,
+            chains,
+            chain_init,
+            data_init,
+            tempering,
+            ladder_width,
+            ladder_from,
+            ladder_shift,
         )
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")

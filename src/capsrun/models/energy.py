@@ -107,6 +107,7 @@ class EnergyModel(nn.Module):
         tempering: int = 1,
         ladder_width: int | None = None,
         ladder_from: float = 0.0,
+        ladder_shift: float = 0.0,
     ):
         super().__init__()
         if cd_steps < 1:
@@ -124,6 +125,11 @@ class EnergyModel(nn.Module):
                 f"model.ladder_from must be in [0, 1) and needs model.tempering >= 2, got {ladder_from}; "
                 "e.g. model.tempering=8 model.ladder_from=0.55"
             )
+        if not 0 <= ladder_shift <= 10 or (ladder_shift and tempering < 2):
+            raise ValueError(
+                f"model.ladder_shift must be in [0, 10] and needs model.tempering >= 2, got {ladder_shift}; "
+                "e.g. model.tempering=8 model.ladder_shift=1"
+            )
         if chain_init not in ("data", "noise"):
             raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
         self.image_shape = tuple(image_shape)
@@ -136,6 +142,7 @@ class EnergyModel(nn.Module):
         self.register_buffer("chains_started", torch.zeros((), dtype=torch.bool))
         self.register_buffer("bias_from_data", torch.tensor(not data_init))
         self.tempering = tempering
+        self.ladder_shift = float(ladder_shift)  # the training ladder's base: base_rate + this (a config, not state)
         if tempering > 1:  # only then: checkpoints of plain PCD keep their keys
             # the levels beta < 1 of the ladder, their inverse temperatures (tuned as the model
             # trains, :func:`retune`), the running swap rates, and the base-rate model at beta = 0
@@ -329,7 +336,8 @@ class EnergyModel(nn.Module):
             states = torch.cat([below.flatten(0, 1), self.chains[:b]])
             widths = [m] * len(below) + [b]
             first = int(self.sweeps)
-            states, acceptance, rates = self.tempered(states, self.cd_steps, self.base_rate, first, self.betas, widths)
+            base = self.base_rate + self.ladder_shift if self.ladder_shift else self.base_rate
+            states, acceptance, rates = self.tempered(states, self.cd_steps, base, first, self.betas, widths)
             top = states[len(below) * m :]
             self.ladder_chains[:, :m] = states[: len(below) * m].view_as(below)
             self.chains[:b] = top

@@ -46,10 +46,20 @@ class RBM(EnergyModel):
         tempering: int = 1,
         ladder_width: int | None = None,
         ladder_from: float = 0.0,
+        ladder_shift: float = 0.0,
     ):
         shape = (in_channels, image_size, image_size)
         super().__init__(
-            shape, cd_steps, persistent, chains, chain_init, data_init, tempering, ladder_width, ladder_from
+            shape,
+            cd_steps,
+            persistent,
+            chains,
+            chain_init,
+            data_init,
+            tempering,
+            ladder_width,
+            ladder_from,
+            ladder_shift,
         )
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
