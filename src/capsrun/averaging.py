@@ -11,7 +11,7 @@ Why capsrun has it (``trainer.average``): the last weights of a PCD run carry th
 of its 100 persistent chains, and a frozen energy model's sampler then over-draws some classes and
 under-draws others; the mean of the last weights carries less of that noise (our reading of the
 figures below, not a proof). Measured on the capsule RBM (MNIST, ``experiment=capsrbm_mnist``, samples from
-noise judged by a CapsNet as in the README, "The capsule RBM"): one seeded run's last weights gave
+noise judged by a CapsNet as in docs/capsrbm.md): one seeded run's last weights gave
 a test log-likelihood of -71.88 nats and, 300 chains x 1,000 ladder sweeps from noise, 86 %
 recognised, classes 2-19 %, Frechet distance 0.071; the mean of its last 8 epochs (the same run,
 ``trainer.average=0.175``) -72.31 nats and 90 %, 7-15 %, 0.029. A second slow end from the same

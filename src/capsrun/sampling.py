@@ -368,7 +368,7 @@ TUNE_EVERY = 50  # sweeps between two re-spacings of a sampling ladder while it 
 # itself in the first LADDER_TUNE sweeps. On capsrbm_mnist (8 levels from 0.55) the base rate's
 # melt at 0.55 is sparser than a digit (6 % of the pixels on against 13 %), so that states cross
 # the melt-to-digit transition rarely; raised by 1 it is nearer a digit's density and replicas
-# make about 6x the round trips (README, "A ladder that crosses").
+# make about 6x the round trips (docs/capsrbm.md, "A ladder that crosses").
 LADDER_SHIFT = 1.0
 LADDER_TUNE = 500
 

@@ -71,8 +71,8 @@ class LinearDecay:
     epochs): its chains in training drew every digit 5-16 %, the frozen model's own chains drifted
     to 3s and 9s at 20-30 % and 0s and 6s at 1-3 %. ``experiment=capsrbm_mnist``'s 46 epochs, the
     last 16 from lr 0.003 to 0: test log-likelihood -71.84 and -72.60 nats (two runs) instead of
-    -74.55, samples from noise 3-18 % and 4-29 % per class instead of 1-34 % (README, "The capsule
-    RBM")."""
+    -74.55, samples from noise 3-18 % and 4-29 % per class instead of 1-34 % (docs/capsrbm.md,
+    "The frozen model is not its training chains")."""
 
     def __init__(self, total_steps: int, final: float = 0.0, tail: float = 0.0, tail_lr: float = 0.03):
         self.total_steps, self.final = total_steps, final

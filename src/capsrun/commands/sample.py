@@ -96,7 +96,8 @@ def _own_chains(model, n: int, tempering: int) -> tuple[torch.Tensor, torch.Tens
     that ladder's levels below 1 ``[tempering - 1, n, C, H, W]`` (else None: those levels start
     from the base-rate model).
     Why: a frozen model whose own chains, started where training left them, drift to another
-    class mix has an equilibrium that is not its training chains' (README, "The capsule RBM")."""
+    class mix has an equilibrium that is not its training chains' (docs/capsrbm.md, "The frozen
+    model is not its training chains")."""
     chains = getattr(model, "chains", None)
     if chains is None or len(chains) == 0 or not bool(model.chains_started):
         raise ConfigError("init=chains needs a checkpoint trained with persistent chains (PCD); use init=noise")
@@ -261,8 +262,8 @@ def _annealed_start(model, noise, base, temperatures: int, tempering: int, betas
     Returns (start, below or None, the :class:`~capsrun.ais.Annealed` runs).
     Why: chains from noise cross the model's first-order-like transition (beta 0.7-0.9) by
     condensing, and which digit they condense into depends on how they arrive; slow annealing
-    crosses it near equilibrium, and its importance weights correct what is left (README, "The
-    model's own class mix")."""
+    crosses it near equilibrium, and its importance weights correct what is left
+    (docs/capsrbm.md, "The model's own class mix")."""
     from capsrun import ais
     from capsrun.models.energy import own_ladder
 

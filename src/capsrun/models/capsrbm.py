@@ -51,7 +51,7 @@ noise the class mix settles sooner on the ladder's upper part (``capsrun sample 
 ladder_from=0.55``, :func:`capsrun.models.energy.upper_ladder`): below beta ~0.7 the trained model
 is one melted state (1-2 % of pixels on) whose chain forgets any digit in < 50 steps.
 
-Measured (MNIST, README "The capsule RBM"): with one routing iteration (uniform couplings; the
+Measured (MNIST, docs/capsrbm.md): with one routing iteration (uniform couplings; the
 default of ``conf/model/capsrbm.yaml``) the chain is exact block Gibbs and the model trains like an
 RBM with switches. With two or more, the couplings move with every pixel, the full-image proposal
 is refused ever more often as the weights grow and PCD diverges; ``agreement_bound`` (each
@@ -75,7 +75,7 @@ after 1,000, one class at 0.3-4 %). The recipe now trains on 8 levels from beta 
 (``model.ladder_from``): 7.5-7.9 minutes for -71.2 to -72.9 nats, every class at 5.3-15.7 % after
 3,000 sweeps on three seeds. On the short ladder, 3,000-6,000 sweeps, five of them draw
 their rarest class at 4.0-7.7 % (two dip under 5 %; the RBM's rarest 5.3-7.0 %) with Frechet
-distances of 0.018-0.029 (the RBM's 0.019-0.025; README, "A shorter ladder for sampling"). With
+distances of 0.018-0.029 (the RBM's 0.019-0.025; docs/capsrbm.md, "A shorter ladder for sampling"). With
 100 chains at every level: 25-26 minutes there, about an hour on a 2-core AVX2 one, -71.4 and
 -71.9 nats; 40 at every level: on two of four seeds one class falls below 5 %.
 

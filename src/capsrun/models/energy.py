@@ -93,7 +93,7 @@ class EnergyModel(nn.Module):
     ``ladder_from``: the ladder's lowest inverse temperature (0: the base-rate model itself); the
     levels start evenly spaced from there to 1 and are re-spaced as the model trains (:func:`retune`,
     which keeps both ends). Above 0 the ladder spends no levels on the melted states that a model of
-    digits has at low beta (README, "A shorter ladder").
+    digits has at low beta (docs/capsrbm.md, "A shorter ladder").
     """
 
     def __init__(
@@ -419,7 +419,7 @@ def upper_ladder(betas: Sequence[float] | torch.Tensor, levels: int, lowest: flo
     the model's own chain forgets its state in a few sweeps. On the capsule RBM of
     ``experiment=capsrbm_mnist`` that is beta <= 0.7 (a chain started at a test digit leaves its class
     within 50 steps; at 0.8 in 400), and 8 levels from 0.55 make about 5x the round trips of the
-    trained 20 from 0 for the same compute (README, "A shorter ladder for sampling")."""
+    trained 20 from 0 for the same compute (docs/capsrbm.md, "A shorter ladder for sampling")."""
     own = torch.as_tensor(betas, dtype=torch.float64).cpu()
     if len(own) < 2 or not (own.diff() >= 0).all() or not 0 <= float(own[0]) < 1 or float(own[-1]) != 1.0:
         raise ValueError(f"betas must increase from [0, 1) to 1, got {own.tolist()}")
