@@ -365,10 +365,10 @@ class Chains(NamedTuple):
 TUNE_EVERY = 50  # sweeps between two re-spacings of a sampling ladder while it tunes
 # A sampling ladder's defaults (`capsrun sample`, the judged grid): the levels below the model run
 # above the base-rate model with its logits raised by LADDER_SHIFT, and the ladder re-spaces
-# itself in the first LADDER_TUNE sweeps. On capsrbm_mnist (8 levels from 0.55) the base rate's
-# melt at 0.55 is sparser than a digit (6 % of the pixels on against 13 %), so that states cross
-# the melt-to-digit transition rarely; raised by 1 it is nearer a digit's density and replicas
-# make about 6x the round trips (docs/capsrbm.md, "A ladder that crosses").
+# itself in the first LADDER_TUNE sweeps. On capsrbm_mnist (8 levels from 0.55) the melt at 0.55
+# above the data's base rate is far sparser than a digit (1 % of the pixels on, against 13 %) and
+# condenses into 1s; raised by 1 it is denser (21 %), condenses into 8s, and its replicas make
+# about 6x the round trips (docs/capsrbm.md, "A ladder that crosses", "Two starts").
 LADDER_SHIFT = 1.0
 LADDER_TUNE = 500
 
