@@ -4,6 +4,10 @@ on MNIST-format fixtures."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from capsrun.datasets import load_split
+from capsrun.models.energy import RETUNE_EVERY
 from conftest import TINY, ok, run_capsrun, write_idx, write_mnist
 
 pytestmark = pytest.mark.slow
@@ -438,3 +443,49 @@ def test_training_on_a_tapered_ladder(mnist_root, tmp_path):
     err = bad.stderr.strip()
     assert bad.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in bad.stderr, bad.stderr
     assert "model.net.ladder_width must be null or between 1 and model.net.chains (32), got 33" in err
+
+
+def test_a_ladder_run_stopped_while_it_averages_resumes_to_the_uninterrupted_result(mnist_root, tmp_path):
+    """The capsule RBM's recipe in small (a tapered ladder from 0.55 that re-spaces itself as it
+    trains, persistent chains, the weights' mean): stopped by SIGINT inside its averaging epoch and
+    resumed, it ends bit for bit where a run never stopped ends: its weights, its chains at every
+    level, its ladder, its swap rates, its mean and its metrics. What a resume must restore beyond
+    the weights is all in the model's buffers and the averaging state."""
+    args = [
+        *SMALL["capsrbm"],
+        *COMMON,
+        "model.tempering=3",
+        "model.ladder_from=0.55",
+        "model.net.ladder_width=8",
+        "trainer.epochs=12",  # 120 sweeps: the ladder re-spaces itself once, after the stop
+        "trainer.average=0.75",
+        "ais.at_end=false",
+    ]
+    reference = tmp_path / "reference"
+    ok(run_capsrun("train", *args, f"hydra.run.dir={reference}", cwd=tmp_path, data_root=mnist_root))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "CAPSRUN_DATA": str(mnist_root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "averaging the weights from step" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, "".join(lines) + rest
+    stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["average"]["steps"] >= 1 and 0 < int(stopped["model"]["sweeps"]) < RETUNE_EVERY
+    ok(run_capsrun("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
+    mine, theirs = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (run_dir, reference))
+    assert int(theirs["model"]["sweeps"]) >= RETUNE_EVERY
+    assert not torch.equal(theirs["model"]["betas"], stopped["model"]["betas"])  # the ladder moved after the stop
+    for name, value in theirs["model"].items():
+        assert torch.equal(mine["model"][name], value), name
+    assert mine["average"]["steps"] == theirs["average"]["steps"] > stopped["average"]["steps"]
+    for name, value in theirs["average"]["params"].items():
+        assert torch.equal(mine["average"]["params"][name], value), name
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    same = [k for k in mb if not k.startswith("time/")]
+    assert same and {k: ma[k] for k in same} == {k: mb[k] for k in same}
