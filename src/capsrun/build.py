@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,17 @@ def integer(value: Any, key: str, minimum: int = 1, example: Any = 3) -> int:
 def number(value: Any, key: str, ok: Any, what: str, example: Any) -> float:
     """``value`` of setting ``key`` as a float if it is a number (not a bool) for which ``ok``
     holds, else a :class:`ConfigError` saying it must be ``what`` (``"a number > 0"``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ConfigError(f"{key} must be {what}, got {value!r}; e.g. {key}={example}")
     return float(value)
+
+
+def seed(cfg: DictConfig) -> None:
+    """Every command's ``seed`` (where its config has one) must be an integer: checked before
+    anything is read or run, so that ``seed=abc`` is one line, not a traceback from the RNG."""
+    value = cfg.get("seed", 0)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"seed must be an integer, got {value!r}; e.g. seed=0")
 
 
 def _positive_int(cfg: DictConfig, key: str, minimum: int = 1, example: str = "3") -> int:
@@ -84,8 +93,7 @@ def validate_train(cfg: DictConfig) -> None:
     placement = cfg.data.get("placement", "auto")
     if placement not in datasets.PLACEMENTS:
         raise ConfigError(f"data.placement must be one of {', '.join(datasets.PLACEMENTS)}, got {placement!r}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}; e.g. seed=0")
+    seed(cfg)
     for key in ("max_shift", "crop", "canvas", "test_size", "epoch_size", "affnist_limit", "test_seed"):
         value = cfg.dataset.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

@@ -363,6 +363,9 @@ def _main(argv: list[str] | None = None) -> None:
 
     def run(cfg):
         try:
+            from capsrun.build import seed
+
+            seed(cfg)
             result = task(cfg)
             return _optimized(cfg, result)
         except CapsrunError as e:
