@@ -87,6 +87,26 @@ def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: f
     )
 
 
+def train_until(args: list[str], run_dir: Path, cwd: Path, data_root: Path, line: str) -> dict:
+    """``capsrun train *args`` into ``run_dir``, stopped by SIGINT as soon as its log prints a line
+    holding ``line``: asserts the run stopped as a SIGINT stops it (exit 130) and returns the
+    ``last.pt`` it saved."""
+    import signal
+
+    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "CAPSRUN_DATA": str(data_root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for out in proc.stdout:
+        seen.append(out)
+        if line in out:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, "".join(seen) + rest
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
 @pytest.fixture
 def capsrun_here(monkeypatch, capfd):
     """The same ``capsrun`` entry point as :func:`run_capsrun`, run in this process and returning

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
 
-from conftest import TINY, ok, run_capsrun
+from conftest import TINY, ok, run_capsrun, train_until
 
 pytestmark = pytest.mark.slow
 
@@ -259,18 +259,7 @@ def test_sigint_after_the_weight_average_began_then_resume_equals_uninterrupted(
     reference = tmp_path / "reference"
     ok(run_capsrun("train", *args, f"hydra.run.dir={reference}", cwd=tmp_path, data_root=mnist_root))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
-    env = {**__import__("os").environ, "CAPSRUN_DATA": str(mnist_root), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "averaging the weights from step" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, "".join(lines) + rest
-    stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    stopped = train_until(args, run_dir, tmp_path, mnist_root, "averaging the weights from step")
     assert stopped["state"]["epoch"] == 0 and stopped["average"]["steps"] >= 1  # inside epoch 1, averaging
     ok(run_capsrun("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
     _assert_same_run(reference, run_dir)

@@ -4,10 +4,6 @@ on MNIST-format fixtures."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from capsrun.datasets import load_split
 from capsrun.models.energy import RETUNE_EVERY
-from conftest import TINY, ok, run_capsrun, write_idx, write_mnist
+from conftest import TINY, ok, run_capsrun, train_until, write_idx, write_mnist
 
 pytestmark = pytest.mark.slow
 
@@ -468,18 +464,7 @@ def test_a_ladder_run_stopped_while_it_averages_resumes_to_the_uninterrupted_res
     reference = tmp_path / "reference"
     ok(run_capsrun("train", *args, f"hydra.run.dir={reference}", cwd=tmp_path, data_root=mnist_root))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "CAPSRUN_DATA": str(mnist_root), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "averaging the weights from step" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, "".join(lines) + rest
-    stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    stopped = train_until(args, run_dir, tmp_path, mnist_root, "averaging the weights from step")
     assert stopped["average"]["steps"] >= 1 and 0 < int(stopped["model"]["sweeps"]) < RETUNE_EVERY
     ok(run_capsrun("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
     mine, theirs = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (run_dir, reference))
