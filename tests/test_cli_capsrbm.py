@@ -356,6 +356,17 @@ def test_a_training_ladder_shift_without_a_ladder_is_one_line(mnist_root, tmp_pa
     assert not list(tmp_path.rglob("last.pt"))
 
 
+@pytest.mark.parametrize("model", ["rbm", "capsrbm"])
+def test_more_pcd_chains_than_a_batch_has_images_is_one_line(mnist_root, tmp_path, model):
+    """A step moves one persistent chain per image: 40 chains on batches of 32 would leave 8 idle."""
+    result = run_capsrun("train", *SMALL[model], *COMMON, "model.net.chains=40", cwd=tmp_path, data_root=mnist_root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "model.net.chains=40 is more than trainer.batch_size=32: a step moves one persistent chain per image" in lines[0]
+    assert "8 chains would never move; e.g. model.net.chains=32" in lines[0]
+    assert not list(tmp_path.rglob("last.pt"))
+
+
 def test_an_epoch_grid_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path):
     args = ["model.samples.tempering=1", "model.samples.ladder_from=0.5"]
     result = run_capsrun("train", *SMALL["rbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)

@@ -100,6 +100,23 @@ def validate_train(cfg: DictConfig) -> None:
             raise ConfigError(f"dataset.{key} must be an integer >= 0, got {value!r}; e.g. dataset.{key}=4")
     if cfg.dataset.name not in datasets.DATASETS:
         raise ConfigError(f"dataset.name {cfg.dataset.name!r} is not one of {', '.join(datasets.DATASETS)}")
+    _pcd_chains(cfg)
+
+
+def _pcd_chains(cfg: DictConfig) -> None:
+    """PCD takes a batch's model term from one persistent chain per image (the first min(batch,
+    chains); :meth:`EnergyModel.negative`), so chains beyond the batch would never move: refused
+    rather than kept idle in every checkpoint."""
+    net = cfg.model.get("net") or {}
+    chains, batch = net.get("chains"), cfg.trainer.batch_size
+    if not cfg.model.get("persistent", False) or not isinstance(chains, int) or isinstance(chains, bool):
+        return
+    if chains > batch:
+        raise ConfigError(
+            f"model.net.chains={chains} is more than trainer.batch_size={batch}: a step moves one persistent chain per "
+            f"image, so {chains - batch} chains would never move; e.g. model.net.chains={batch} "
+            f"(or trainer.batch_size={chains})"
+        )
 
 
 def average_fraction(cfg: DictConfig) -> float:
