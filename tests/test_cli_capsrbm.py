@@ -362,7 +362,7 @@ def test_more_pcd_chains_than_a_batch_has_images_is_one_line(mnist_root, tmp_pat
     result = run_capsrun("train", *SMALL[model], *COMMON, "model.net.chains=40", cwd=tmp_path, data_root=mnist_root)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "model.net.chains=40 is more than trainer.batch_size=32: a step moves one persistent chain per image" in lines[0]
+    assert "model.net.chains=40 is more than trainer.batch_size=32: a step moves one persistent chain" in lines[0]
     assert "8 chains would never move; e.g. model.net.chains=32" in lines[0]
     assert not list(tmp_path.rglob("last.pt"))
 
