@@ -89,7 +89,9 @@ class EnergyModel(nn.Module):
     moves between the model's modes as a chain at one temperature cannot; 1: plain PCD;
     ``ladder_width``: chains a level below the top of that ladder (None: ``chains``). Only the
     top's chains give the model term, the levels below carry states between the modes; fewer of
-    them cost less (:func:`level_pairs`: the top's chains take turns at the swaps).
+    them cost less (:func:`level_pairs`: the top's chains take turns at the swaps) but bring the
+    top new classes more slowly, and the model learns the top's mix (docs/capsrbm.md, "A
+    full-width ladder": 30 below 100 left classes under 5 % that 100 below 100 did not).
     ``ladder_from``: the ladder's lowest inverse temperature (0: the base-rate model itself); the
     levels start evenly spaced from there to 1 and are re-spaced as the model trains (:func:`retune`,
     which keeps both ends). Above 0 the ladder spends no levels on the melted states that a model of
