@@ -105,7 +105,7 @@ def validate_train(cfg: DictConfig) -> None:
 
 def _pcd_chains(cfg: DictConfig) -> None:
     """PCD takes a batch's model term from one persistent chain per image (the first min(batch,
-    chains); :meth:`EnergyModel.negative`), so chains beyond the batch would never move: refused
+    chains); :meth:`EnergyModel.model_samples`), so chains beyond the batch would never move: refused
     rather than kept idle in every checkpoint."""
     net = cfg.model.get("net") or {}
     chains, batch = net.get("chains"), cfg.trainer.batch_size
