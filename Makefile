@@ -6,7 +6,7 @@ ARGS   ?=
 # pytest-xdist workers for `make test` (one per core; each test file runs on one worker): 0 runs in one process
 WORKERS ?= auto
 
-.PHONY: install train test test-fast bench tensorboard clean
+.PHONY: install train test test-fast bench results tensorboard clean
 
 $(BIN)/capsrun: pyproject.toml constraints/local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,14 +19,17 @@ install: $(BIN)/capsrun  ## create .venv and install capsrun with its dev tools
 train: install  ## train the paper's CapsNet on MNIST (extra overrides: make train ARGS="trainer.epochs=5")
 	$(BIN)/capsrun train model=capsnet $(ARGS)
 
-test: install  ## the whole test suite, as CI runs it (CPU, no network; about 12 minutes on 2 cores)
+test: install  ## the whole test suite, as CI runs it (CPU, no network; about 10 minutes on 2 cores)
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
 
-test-fast: install  ## the unit tests only, no end-to-end CLI runs (about a minute)
+test-fast: install  ## the unit tests only, no end-to-end CLI runs (a few minutes)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 bench: install  ## throughput table, every model and speed setting (quick: make bench ARGS="models=[capsnet] batch_sizes=[128]")
 	$(BIN)/capsrun bench $(ARGS)
+
+results: install  ## render the README's and docs/performance.md's tables from results/*.csv
+	$(BIN)/python -m capsrun.results README.md docs/performance.md
 
 tensorboard: install  ## browse every run under outputs/
 	$(BIN)/tensorboard --logdir outputs

@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from capsrun import averaging, build, checkpoint
+from capsrun import averaging, checkpoint, registry
 from capsrun.errors import CheckpointError
 from capsrun.train import Loop, evaluate, fit
-from conftest import PoisonedLoss, Toy, toy_run
+from helpers import PoisonedLoss, Toy, toy_run
 
 
 def test_the_average_is_the_mean_of_the_steps_after_the_start():
@@ -94,7 +95,7 @@ def test_a_run_with_averaging_evaluates_and_keeps_the_mean_of_its_last_steps(tmp
 
 
 def test_eval_and_sample_read_the_mean_from_last_pt(tmp_path):
-    """``build.from_checkpoint`` (eval, sample, analyze) gives the mean weights of a last.pt that
+    """``registry.from_checkpoint`` (eval, sample, analyze) gives the mean weights of a last.pt that
     holds them, and refuses averaged weights that are not the model's."""
     torch.manual_seed(0)
     cfg = {
@@ -105,7 +106,7 @@ def test_eval_and_sample_read_the_mean_from_last_pt(tmp_path):
     }
     cfg["model"]["loss"] = {"_target_": "capsrun.models.energy.RBMLoss"}
     cfg["model"]["net"]["_target_"] = "capsrun.models.rbm.RBM"
-    net = build.model(build.OmegaConf.create(cfg))
+    net = registry.model(OmegaConf.create(cfg))
     mean = {name: torch.full_like(p, 0.25) for name, p in net.named_parameters()}
     path = tmp_path / "last.pt"
 
@@ -114,12 +115,12 @@ def test_eval_and_sample_read_the_mean_from_last_pt(tmp_path):
         checkpoint.save(path, {"model": net.state_dict(), "config": cfg, "epoch": 2, "average": average})
 
     save(mean)
-    loaded, _, _ = build.from_checkpoint(path, torch.device("cpu"))
+    loaded, _, _ = registry.from_checkpoint(path, torch.device("cpu"))
     for name, p in loaded.named_parameters():
         assert torch.equal(p, mean[name]), name
     save({"evil": torch.zeros(1)})
-    with pytest.raises(build.CheckpointError, match="averaged weights name parameters its model lacks"):
-        build.from_checkpoint(path, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="averaged weights name parameters its model lacks"):
+        registry.from_checkpoint(path, torch.device("cpu"))
 
 
 def test_a_resume_refuses_a_crafted_weight_average_in_one_line(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from capsrun import build, diagnostics
+from capsrun import diagnostics, registry, settings
 from capsrun.cli import conf_dir
 from capsrun.errors import ConfigError
 from capsrun.models.capsnet import CapsNet
@@ -213,25 +213,25 @@ def _compose(*overrides: str):
 )
 def test_hidden_layers_from_depth_width_or_an_explicit_list(overrides, expected):
     cfg = _compose(*overrides, "model.net.conv1_channels=8", "model.net.primary_types=2")
-    model = build.model(cfg)
+    model = registry.model(cfg)
     assert [layer.out_caps for layer in model.hidden_caps] == expected
 
 
 @pytest.mark.parametrize("override", ["model.depth=-1", "model.width=0", "model.capsule_layers=[32,0]"])
 def test_bad_depth_is_a_config_error(override):
     with pytest.raises(ConfigError, match="model\\."):
-        build.hidden_caps(_compose(override))
+        settings.hidden_caps(_compose(override))
 
 
 def test_diagnostics_levels_compose():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        assert build.diagnostics_level(compose(config_name="train")) == "off"
+        assert settings.diagnostics_level(compose(config_name="train")) == "off"
         for level in ("off", "light", "full"):
             cfg = compose(config_name="train", overrides=[f"diagnostics={level}"])
-            assert build.diagnostics_level(cfg) == level
+            assert settings.diagnostics_level(cfg) == level
         cfg = compose(config_name="train", overrides=["diagnostics=full", "diagnostics.level=loud"])
         with pytest.raises(ConfigError, match="off, light, full"):
-            build.diagnostics_level(cfg)
+            settings.diagnostics_level(cfg)
 
 
 def test_health_table_one_row_per_layer():

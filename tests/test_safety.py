@@ -15,11 +15,13 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from capsrun import build, checkpoint, rundir
+from capsrun import build, checkpoint, registry, rundir, settings
 from capsrun.datasets import cifar10
 from capsrun.errors import CheckpointError, ConfigError, DatasetError
-from capsrun.train import Diverged, EvalResult, Loop, NonFiniteWatch, _warn_if_collapsed, finite_model, fit
-from conftest import PoisonedLoss, compose_config, toy_run
+from capsrun.monitors import Diverged, NonFiniteWatch, finite_model, warn_if_collapsed
+from capsrun.run import EvalResult, Loop
+from capsrun.train import fit
+from helpers import PoisonedLoss, compose_config, toy_run
 
 # --- the registry ----------------------------------------------------------------------------------
 
@@ -36,11 +38,11 @@ def test_the_registry_builds_what_instantiate_built(name):
 
     cfg = compose_config("train", f"model={name}")
     torch.manual_seed(0)
-    mine = build.model(cfg)
+    mine = registry.model(cfg)
     ds = cfg.dataset
     sizes = dict(in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes)
     if name == "deep_capsnet":
-        sizes["hidden_caps"] = build.hidden_caps(cfg)
+        sizes["hidden_caps"] = settings.hidden_caps(cfg)
     torch.manual_seed(0)
     theirs = instantiate(cfg.model.net, **sizes)
     assert type(mine) is type(theirs)
@@ -51,7 +53,7 @@ def test_the_registry_builds_what_instantiate_built(name):
 def test_a_stored_config_names_a_model_not_an_import_path(tmp_path):
     path = tmp_path / "x.pt"
     good = _stored()
-    assert build.stored_config({"config": good}, path).model.name == "capsnet"
+    assert registry.stored_config({"config": good}, path).model.name == "capsnet"
     for edit, needle in (
         (lambda c: c["model"]["net"].__setitem__("_target_", "os.system"), "names 'os.system'"),
         (lambda c: c["model"]["loss"].__setitem__("_target_", "builtins.exec"), "names 'builtins.exec'"),
@@ -66,24 +68,24 @@ def test_a_stored_config_names_a_model_not_an_import_path(tmp_path):
         crafted = _stored()
         edit(crafted)
         with pytest.raises(CheckpointError, match=needle.replace("(", r"\(").replace("[", r"\[")):
-            build.stored_config({"config": crafted}, path)
+            registry.stored_config({"config": crafted}, path)
 
 
 def test_unknown_model_settings_in_the_users_config_are_one_clear_error():
     cfg = compose_config("train", "model=capsnet", "+model.net.dgit_dim=4")
     with pytest.raises(ConfigError, match="has no setting 'dgit_dim'; its settings are: .*digit_dim"):
-        build.model(cfg)
+        registry.model(cfg)
 
 
 def test_a_zero_sized_layer_is_refused():
     cfg = compose_config("train", "model=capsnet", "model.net.digit_dim=0")
     with pytest.raises(ConfigError, match=r"empty layer \(digit_caps.weight of shape \[1152, 8, 0\]\)"):
-        build.model(cfg)
+        registry.model(cfg)
 
 
 def test_the_blank_forward_pass_leaves_the_rng_and_the_mode_alone():
     cfg = compose_config("train", "model=capsrbm")
-    net = build.model(cfg)
+    net = registry.model(cfg)
     net.train()
     torch.manual_seed(5)
     expected = torch.rand(3)
@@ -174,12 +176,12 @@ def test_a_collapsed_classifier_is_a_warning(caplog):
     scores[:, 3] = 1  # one class for every image
     result = EvalResult({}, torch.zeros(1), None, scores, None)
     with caplog.at_level(logging.WARNING, logger="capsrun"):
-        _warn_if_collapsed(result, {"test/accuracy": 10.0}, "test", 2)
+        warn_if_collapsed(result, {"test/accuracy": 10.0}, "test", 2)
     assert "predicts one class for 100% of the test images" in caplog.text
     caplog.clear()
     healthy = torch.eye(10).repeat(10, 1)
     with caplog.at_level(logging.WARNING, logger="capsrun"):
-        _warn_if_collapsed(EvalResult({}, torch.zeros(1), None, healthy, None), {"test/accuracy": 95.0}, "test", 2)
+        warn_if_collapsed(EvalResult({}, torch.zeros(1), None, healthy, None), {"test/accuracy": 95.0}, "test", 2)
     assert caplog.text == ""
 
 

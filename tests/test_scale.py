@@ -11,12 +11,12 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from capsrun import datasets, distributed
+from capsrun import datasets, distributed, settings
 from capsrun.cli import conf_dir
 from capsrun.commands import report
 from capsrun.datasets.loader import BatchLoader
 from capsrun.errors import ConfigError
-from conftest import write_mnist
+from helpers import write_mnist
 
 
 def test_holdout_is_fixed_sized_and_seeded():
@@ -30,29 +30,29 @@ def test_holdout_is_fixed_sized_and_seeded():
 
 def test_val_split_is_held_out_of_training_and_evaluated_like_the_test_set(tmp_path):
     root = write_mnist(tmp_path, n_train=300, n_test=50)
-    common = dict(download=False, batch_size=32, eval_batch_size=64, seed=0, max_shift=2)
-    loaders = datasets.make_loaders("mnist", root, val_split=60, **common)
+    batching = datasets.Batching(batch_size=32, eval_batch_size=64, seed=0)
+    common = dict(download=False, max_shift=2)
+    loaders = datasets.make_loaders("mnist", root, batching, val_split=60, **common)
     assert list(loaders.evals) == ["test", "val"]
     assert loaders.train.num_examples == 240 and loaders.evals["val"].num_examples == 60
     assert loaders.evals["test"].num_examples == 50
     val = loaders.evals["val"].images
     train = loaders.train.images
     # no validation image is a training image; together they are the whole training split
-    full = datasets.make_loaders("mnist", root, **common).train.images
+    full = datasets.make_loaders("mnist", root, batching, **common).train.images
     assert not (val.flatten(1)[:, None] == train.flatten(1)[None]).all(-1).any()
     assert len(val) + len(train) == len(full)
     assert loaders.evals["val"].max_shift == 0  # no augmentation at evaluation
 
 
 def test_val_split_config_errors():
-    from capsrun import build
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for bad in ("-1", "1.5", "abc"):
             cfg = compose(config_name="train", overrides=[f"data.val_split={bad}"])
             with pytest.raises(ConfigError, match="data.val_split"):
-                build.validate_train(cfg)
-        build.validate_train(compose(config_name="train", overrides=["data.val_split=0.1"]))
+                settings.check_model_run(cfg)
+        settings.check_model_run(compose(config_name="train", overrides=["data.val_split=0.1"]))
 
 
 def test_sharded_loader_partitions_every_global_batch():

@@ -14,15 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from capsrun import build, speed
+from capsrun import registry, settings, speed
 from capsrun.datasets import BatchLoader
 from capsrun.datasets.loader import storage_device
 from capsrun.errors import ConfigError
 from capsrun.losses import CapsNetLoss
 from capsrun.metrics import Meter
 from capsrun.models.capsnet import CapsNet
-from capsrun.train import TrainState, train_one_epoch
-from conftest import compose_config, learnable_digits
+from capsrun.resume import TrainState
+from capsrun.run import Run
+from capsrun.tblog import Trial
+from capsrun.train import train_one_epoch
+from helpers import compose_config, learnable_digits
 
 
 def test_autocast_runs_matmuls_in_bf16_only_for_bf16():
@@ -97,8 +100,10 @@ def _loss_curve(precision: str = "fp32", compiled: bool = False, channels_last: 
         return False
 
     step_model = speed.Compiled(model, {8}) if compiled else model
-    train_one_epoch(step_model, CapsNetLoss(), loader, [optimizer], scheduler, TrainState(), [meter], on_step,
-                    precision=precision)  # fmt: skip
+    run = Run(
+        model, CapsNetLoss(), loader, {}, [optimizer], scheduler, {}, Trial("", {}), step_model, precision=precision
+    )
+    train_one_epoch(run, TrainState(), [meter], on_step)
     return torch.tensor(curve), model
 
 
@@ -139,7 +144,7 @@ def test_bad_speed_settings_are_config_errors(override, message):
     """The same checks as the CLI's one-line errors (tests/test_cli_errors.py runs one of them)."""
     cfg = compose_config("train", override)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        build.validate_train(cfg)
+        settings.check_model_run(cfg)
 
 
 @pytest.mark.parametrize("name", ["capsnet", "deep_capsnet"])
@@ -147,10 +152,10 @@ def test_capsule_lengths_are_fp32_when_the_capsules_are_bf16(name):
     """The class scores (capsule lengths) are computed in fp32 even when the capsules are bf16 (as
     CUDA autocast makes them): the margin loss compares them with m+ = 0.9, and bf16 (8 bits of
     mantissa) cannot resolve 0.9 from 0.9035."""
-    from conftest import compose_config
+    from helpers import compose_config
 
     cfg = compose_config("train", f"model={name}", "model.net.conv1_channels=16", "model.net.primary_types=4")
-    net = build.model(cfg).eval().to(torch.bfloat16)
+    net = registry.model(cfg).eval().to(torch.bfloat16)
     with torch.no_grad():
         out = net(torch.rand(2, 1, 28, 28, dtype=torch.bfloat16))
     assert out.digit_caps.dtype == torch.bfloat16

@@ -15,7 +15,7 @@ from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb
 
 from capsrun.tblog import Trial, trial_summaries
 from capsrun.train import Diverged, Interrupted, Loop, fit
-from conftest import PoisonedLoss, toy_run
+from helpers import PoisonedLoss, toy_run
 
 TRIAL = Trial(
     name="routing.iterations=3 (sweep/1)",
@@ -119,7 +119,7 @@ def test_custom_scalars_put_train_and_test_loss_on_one_chart_and_the_text_is_the
 @pytest.mark.parametrize("model", ["vcaps", "baseline_cnn", "rbm", "capsrbm", "deep_capsnet"])
 def test_the_shown_config_fills_every_size_set_in_code(model):
     from capsrun import build
-    from conftest import compose_config
+    from helpers import compose_config
 
     cfg = compose_config("train", f"model={model}", "scheduler=linear", "dataset=cifar10")
     shown = build.shown_config(cfg, total_steps=1234)

@@ -279,17 +279,17 @@ def test_checkpoint_load_refuses_pickled_objects(tmp_path):
     [(4.4, "4 s"), (89, "89 s"), (600, "10 min"), (3 * 3600 + 20 * 60, "3 h 20 min"), (3 * 86400, "3.0 days")],
 )
 def test_duration_reads_as_people_say_it(seconds, said):
-    from capsrun.train import duration
+    from capsrun.monitors import duration
 
     assert duration(seconds) == said
 
 
 def test_run_clock_speaks_once_after_the_timed_steps(monkeypatch):
-    import capsrun.train as train
+    import capsrun.monitors as monitors
 
     now = iter([10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0])  # perf_counter: 0.5 s a step
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(now))
-    clock = train.RunClock(
+    monkeypatch.setattr(monitors.time, "perf_counter", lambda: next(now))
+    clock = monitors.RunClock(
         remaining_steps=1002, batch_size=100, device=torch.device("cpu"), skip=2, max_steps=2, min_seconds=99
     )
     said = [clock.step() for _ in range(6)]

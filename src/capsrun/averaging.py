@@ -8,17 +8,9 @@ same mean in a copy of the model; here it is swapped into the model itself, so t
 that holds the model, a compiled wrapper or an epoch hook, sees it.)
 
 Why capsrun has it (``trainer.average``): the last weights of a PCD run carry the gradient noise
-of its 100 persistent chains, and a frozen energy model's sampler then over-draws some classes and
+of its persistent chains, and a frozen energy model's sampler then over-draws some classes and
 under-draws others; the mean of the last weights carries less of that noise (our reading of the
-figures below, not a proof). Measured on the capsule RBM (MNIST, ``experiment=capsrbm_mnist``, samples from
-noise judged by a CapsNet as in docs/capsrbm.md): one seeded run's last weights gave
-a test log-likelihood of -71.88 nats and, 300 chains x 1,000 ladder sweeps from noise, 86 %
-recognised, classes 2-19 %, Frechet distance 0.071; the mean of its last 8 epochs (the same run,
-``trainer.average=0.175``) -72.31 nats and 90 %, 7-15 %, 0.029. A second slow end from the same
-epoch-30 weights: last weights -73.15 nats, 87 %, 5-19 %, 0.053; their mean -71.70, 92 %, 6-16 %,
-0.031. The mean is no promise for every run: with ``seed=1`` and ``seed=2`` the averaged runs gave
--72.44 and -72.04 nats and, after 1,000 sweeps, 86 % / 2-18 % / 0.069 and 85 % / 2-15 % / 0.067 (1s
-at 2 % in both); after 3,000 sweeps 6-14 % and 7-14 %.
+capsule RBM's measurements, not a proof: docs/capsrbm.md, "Training").
 """
 
 from __future__ import annotations

@@ -27,3 +27,23 @@ def aligned_top(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         swap = (top[:, 0] == labels[:, 1]) | (top[:, 1] == labels[:, 0])
         top = torch.where(swap[:, None], top.flip(-1), top)
     return top
+
+
+def first_images(loader, limit: int) -> torch.Tensor:
+    """The first ``limit`` images of a loader's epoch 0, [N, C, H, W] (the reference images for
+    sample quality, the base-rate model of AIS)."""
+    return first_labelled(loader, limit)[0]
+
+
+def first_labelled(loader, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` images [N, C, H, W] of a loader's epoch 0 and their labels [N] (what a
+    :class:`~capsrun.judge.Judge` is calibrated on)."""
+    images, labels, n = [], [], 0
+    for batch in loader.epoch(0):
+        x, y = unpack(batch)[:2]
+        images.append(x)
+        labels.append(y)
+        n += len(x)
+        if n >= limit:
+            break
+    return torch.cat(images)[:limit], torch.cat(labels)[:limit]

@@ -44,17 +44,14 @@ runs go to outputs/<date>/<time>/ (sweeps: outputs/multirun/...); see them with
   tensorboard --logdir outputs
 """
 
-GROUPS = (
-    "dataset",
-    "model",
-    "trainer",
-    "optimizer",
-    "scheduler",
-    "diagnostics",
-    "experiment",
-    "hparams_search",
-    "debug",
-)
+# config groups a command's overrides select from (conf/<group>/<option>.yaml); the others take
+# only `dataset=` (eval: evaluate on another dataset of the same shape)
+GROUPS = {
+    "train": ("dataset", "model", "trainer", "optimizer", "scheduler", "diagnostics", "sampler", "sample_quality",
+              "ais", "experiment", "hparams_search", "debug"),
+    "sample": ("sampler", "sample_quality"),
+    "eval": ("dataset", "ais"),
+}  # fmt: skip
 COMMANDS = ("train", "eval", "sample", "analyze", "report", "bench")
 # option prefix -> (Hydra plugin module, the extra that installs it)
 PLUGINS = {
@@ -109,9 +106,10 @@ def _check_overrides(command: str, args: list[str]):
     except HydraException as e:
         fail(f"cannot parse the overrides: {str(e).splitlines()[0]}")
     root = conf_dir()
+    _check_renamed(command, overrides)
     for o in overrides:
         group = o.key_or_group
-        if group not in (GROUPS if command == "train" else ("dataset",)) or o.is_delete():
+        if group not in GROUPS.get(command, ()) or o.is_delete():
             continue
         options = sorted(p.stem for p in (root / group).glob("*.yaml"))
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
@@ -140,6 +138,21 @@ def _check_overrides(command: str, args: list[str]):
                 f"`capsrun {command} --cfg job`, or add a new key with +{key}=..."
             )
         fail("; ".join(line.strip() for line in text.splitlines()[:3] if line.strip()))
+
+
+def _check_renamed(command: str, overrides) -> None:
+    """A key of an earlier release (:data:`capsrun.settings.RENAMED`): one line naming the key it
+    is now, with the value given."""
+    from capsrun.settings import RENAMED
+
+    renamed = RENAMED.get(command, {})
+    for o in overrides:
+        key = o.key_or_group
+        if key in renamed:
+            value = o.get_value_element_as_str() if not o.is_sweep_override() else "..."
+            fail(f"{key} is now {renamed[key]}; e.g. {renamed[key]}={value}")
+        if key == "model.samples":
+            fail(f"{key} is now the sampler group: sampler.chains, sampler.steps, sampler.tempering, ...")
 
 
 def _did_you_mean(word: str, choices, prefix: str = "") -> str:
@@ -183,12 +196,12 @@ def _claim_run_dir(cfg, args: list[str]) -> None:
         why = "permission denied" if existing.is_dir() else "not a directory"
         fail(f"cannot create the run dir {path} ({why} at {existing}); choose another hydra.run.dir")
     if any(a.startswith("hydra.run.dir=") for a in args):
-        from capsrun.commands import train
+        from capsrun.resume import check_resume, resume_path
 
         try:
             rundir.lock(path)
             # a refused resume must not leave this run's config in the other run's .hydra/
-            train.check_resume(cfg, path, train.resume_path(cfg.trainer.resume, path))
+            check_resume(cfg, path, resume_path(cfg.trainer.resume, path))
         except ConfigError as e:
             fail(str(e))
 
@@ -293,23 +306,12 @@ def _to_log_files(message: str, exc_info=None) -> None:
             handler.flush()
 
 
-def abort(signum: int = 2) -> None:
-    """Leave now, in one line, with exit code 128 + ``signum``: what Ctrl-C does outside the
-    training loop (start-up, ``capsrun eval``) and a second Ctrl-C inside it. Immediate, because a
-    KeyboardInterrupt raised inside Hydra or OmegaConf surfaces as unrelated errors; nothing is
-    lost by it: every file capsrun writes is written to a temporary file and renamed."""
-    try:
-        sys.stdout.flush()
-        print("capsrun: interrupted; files already written are complete (checkpoints are atomic)", file=sys.stderr)
-        sys.stderr.flush()
-    finally:
-        os._exit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> None:
     """``capsrun``: Ctrl-C at any moment (start-up, ``eval``, a second one during training) ends
     in one line and exit 130; the files written so far are whole (atomic writes)."""
     import signal
+
+    from capsrun.errors import abort
 
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job keeps ignoring it
         signal.signal(signal.SIGINT, lambda signum, frame: abort(signum))
@@ -363,7 +365,7 @@ def _main(argv: list[str] | None = None) -> None:
 
     def run(cfg):
         try:
-            from capsrun.build import seed
+            from capsrun.settings import seed
 
             seed(cfg)
             result = task(cfg)

@@ -5,7 +5,7 @@ Scale: Challenging the Dynamic Parse-Tree Assumption", AAAI 2023, arXiv:2301.015
 nearly static (couplings hardly depend on the input), no parse tree emerges, activations are not
 invariant to affine transforms, and vanishing gradients starve the capsules of deep stacks. That
 paper's exact metric definitions were not available to us: every definition below is capsrun's
-own (../shared/spec/diagnostics.md), written out where it is computed.
+own, written out where it is computed (README, "Models in brief").
 
 Pure functions of tensors plus :class:`CapsuleProbe`, which records the capsules and couplings of
 every :class:`~capsrun.layers.PrimaryCaps` and :class:`~capsrun.layers.RoutedCaps` of a model with

@@ -91,6 +91,28 @@ def clean_stale(run_dir: Path) -> int:
     return removed
 
 
+# command-line overrides that change how a run is watched or where it continues from, not what it
+# is: left out wherever runs are told apart (report, analyze, TensorBoard's HParams)
+NOT_SETTINGS = ("hydra.", "trainer.progress", "trainer.resume")
+
+
+def run_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """``(key, value text)`` of each of a run's command-line ``overrides``
+    (``.hydra/overrides.yaml``) that is a setting: not one of :data:`NOT_SETTINGS`."""
+    pairs = [override.lstrip("+~").partition("=")[::2] for override in overrides]
+    return [(key, text) for key, text in pairs if not key.startswith(NOT_SETTINGS)]
+
+
+def yaml_value(text: str) -> Any:
+    """An override's value as YAML reads it (``3`` an int, ``[1,2]`` a list), else the text."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def select(config: dict[str, Any], key: str) -> Any:
     node: Any = config
     for part in key.split("."):
@@ -113,6 +135,20 @@ MOVED = {
 }
 
 
+# model.* keys of earlier releases: mirrors of model.net.* (the energy models' chain settings) and
+# model.samples (the sample grid, now sampler.*, which decides no weight). A checkpoint whose
+# config has them continues the same run.
+OLD_MODEL_KEYS = ("cd_steps", "persistent", "tempering", "ladder_from", "ladder_shift", "samples")
+
+
+def _current_layout(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` without the :data:`OLD_MODEL_KEYS` that ``current`` no longer has."""
+    model, now = saved.get("model"), current.get("model")
+    if not isinstance(model, dict) or not isinstance(now, dict):
+        return saved
+    return {**saved, "model": {k: v for k, v in model.items() if k not in OLD_MODEL_KEYS or k in now}}
+
+
 def _current_targets(config: Any) -> Any:
     """``config`` with every ``_target_`` of :data:`MOVED` under its current name."""
     if isinstance(config, dict):
@@ -122,9 +158,10 @@ def _current_targets(config: Any) -> Any:
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(key, checkpoint's value, this run's value)`` for each :data:`FIXED` setting that differs
-    between two resolved configs (a ``_target_`` capsrun has since moved counts as the same; a
-    setting of :data:`ADDED` that the checkpoint's config lacks counts as its value there)."""
-    saved = _current_targets(saved)
+    between two resolved configs (a ``_target_`` capsrun has since moved counts as the same, and so
+    do the :data:`OLD_MODEL_KEYS` it has since dropped; a setting of :data:`ADDED` that the
+    checkpoint's config lacks counts as its value there)."""
+    saved = _current_layout(_current_targets(saved), current)
     for key, value in ADDED.items():
         if select(saved, key) is None and select(current, key) is not None:
             *parents, last = key.split(".")

@@ -67,12 +67,8 @@ class LinearDecay:
     ``final * lr0`` and the steps before them from lr0 to ``tail_lr * lr0``: a long, slow end.
     Why: at a large lr the model moves so fast that the PCD chains mix by its moving ("fast
     weights", Tieleman & Hinton, ICML 2009), not by their own; a model frozen there has another
-    equilibrium. Measured on the capsule RBM (MNIST, 20-level ladder, lr 0.1 decayed to 0 in 30
-    epochs): its chains in training drew every digit 5-16 %, the frozen model's own chains drifted
-    to 3s and 9s at 20-30 % and 0s and 6s at 1-3 %. ``experiment=capsrbm_mnist``'s 46 epochs, the
-    last 16 from lr 0.003 to 0: test log-likelihood -71.84 and -72.60 nats (two runs) instead of
-    -74.55, samples from noise 3-18 % and 4-29 % per class instead of 1-34 % (docs/capsrbm.md,
-    "The frozen model is not its training chains")."""
+    equilibrium: on the capsule RBM its training chains drew every digit while the frozen model's
+    own chains drifted to a few of them (docs/capsrbm.md, "Training")."""
 
     def __init__(self, total_steps: int, final: float = 0.0, tail: float = 0.0, tail_lr: float = 0.03):
         self.total_steps, self.final = total_steps, final

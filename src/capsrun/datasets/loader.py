@@ -11,6 +11,7 @@ only each batch is copied over (``data.placement``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,14 @@ def storage_device(placement: str, device: torch.device, nbytes: int) -> torch.d
     return device if nbytes < free // 4 else torch.device("cpu")
 
 
+class Placement(NamedTuple):
+    """Where a loader yields its batches (``device``) and where it keeps its images
+    (``placement``: device, host or auto; :func:`storage_device`)."""
+
+    device: torch.device | str = "cpu"
+    placement: str = "device"
+
+
 class BatchLoader:
     """Iterates ``(images [B, C, H, W] float in [0, 1], labels [B])`` over an in-memory split.
 
@@ -71,8 +80,8 @@ class BatchLoader:
     generator seeded by ``(seed, epoch)``; ``transform(x, gen)`` (crops, flips, jitter,
     standardisation) gets a CPU generator seeded by ``(seed, epoch, batch)``. So
     ``epoch(e, start=k)`` replays epoch ``e`` from batch ``k`` exactly as an uninterrupted run
-    would have seen it. ``placement``: where ``images`` are kept (:func:`storage_device`); batches
-    and labels are always on ``device``, augmentation runs there.
+    would have seen it. ``at``: where ``images`` are kept (:func:`storage_device`); batches and
+    labels are always on ``at.device``, augmentation runs there.
     """
 
     def __init__(
@@ -83,13 +92,13 @@ class BatchLoader:
         shuffle: bool = False,
         max_shift: int = 0,
         seed: int = 0,
-        device: torch.device | str = "cpu",
+        at: Placement | None = None,
         transform: Transform | None = None,
-        placement: str = "device",
     ):
         self.transform = transform
-        self.device = torch.device(device)
-        self.storage = storage_device(placement, self.device, images.numel() * images.element_size())
+        at = at or Placement()
+        self.device = device = torch.device(at.device)
+        self.storage = storage_device(at.placement, self.device, images.numel() * images.element_size())
         self.images = images.to(self.storage)
         if self.storage.type == "cpu" and self.device.type == "cuda":
             self.images = self.images.pin_memory()

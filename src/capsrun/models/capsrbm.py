@@ -5,9 +5,9 @@ arXiv:1907.11643, 2019; companion arXiv:1907.11639, trained by contrastive diver
 analogy with an RBM's binary hidden units, a capsule's length, in (0, 1), is the probability that
 it is on; an energy with no hidden-hidden connections, so that hidden capsules are independent
 given the visible layer, designed so that a capsule fires with the probability dynamic routing
-gives it. The sources say no more; everything below is capsrun's design
-(../shared/spec/capsrbm-research.md: why the energy -a.v - sum_j z_j log|s_j|^2 that we had before
-made speckle, and design B / C, of which this is a blend).
+gives it. The sources say no more; everything below is capsrun's design, derived and argued in
+docs/capsrbm.md (why not the energy -a.v - sum_j z_j log|s_j|^2: "Energy, conditionals and free
+energy").
 
 Visible layer: binary pixels v, cut into non-overlapping ``patch x patch`` visible capsules v_i.
 Hidden layer: N capsules; capsule j has an on/off switch z_j and D binary pose units h_j, which
@@ -17,73 +17,34 @@ Votes u_{j|i} = W_ij v_i [D]; couplings c_ij(v) from routing by agreement; the r
     s_j(v) = N sum_i c_ij(v) u_{j|i} + beta_j                                         [D]
 
 (times N: uniform couplings, one routing iteration, give the plain sum sum_i u_{j|i}, an RBM layer).
-Energy, conditionals and free energy (ours):
 
     E(v, z, h) = -a . v - sum_j z_j (b_j + h_j . s_j(v))
     p(z_j = 1 | v) = sigmoid(b_j + sum_d softplus(s_jd(v)))              (the capsule fires)
     p(h_jd = 1 | v, z_j = 1) = sigmoid(s_jd(v))                          (its pose)
     F(v) = -a . v - sum_j softplus(b_j + sum_d softplus(s_jd(v)))
 
-- The capsule's firing probability is a logistic function of its routed capsule s_j, as the
-  squash length |s|^2 / (1 + |s|^2) = sigmoid(log |s|^2) is; the documented close variant: the
-  evidence is b_j + sum_d softplus(s_jd) instead of log |s_j|^2. Why: it grows linearly with the
-  evidence (weight scale sharpens p(v), which log |s|^2 cannot), and it has a sign (evidence
-  against a pose is not rewarded as |s|^2 rewards it).
-- Routing (Sabour et al., arXiv:1710.09829, Procedure 1), with the capsule's mean E[z_j h_j | v]
-  in place of squash(s_j) in the agreement: c_i <- softmax_j(b_ij), b_ij += u_{j|i} . E[z_j h_j | v]
-  (bounded: ``agreement_bound``).
-  That is mean-field inference of design C's latent assignment of each visible capsule to one
-  parent (derived in the research note), so dynamic routing computes how visible capsules are
-  shared among the experts; it stays a deterministic function of v, so F(v) is exact.
-- No hidden-hidden energy terms; the capsules are independent given v.
+Deviations from the paper's words, ours: the firing probability is a logistic function of the
+routed capsule, as the squash length |s|^2 / (1 + |s|^2) = sigmoid(log |s|^2) is, with the
+evidence b_j + sum_d softplus(s_jd) in place of log |s_j|^2 (it grows linearly, so weight scale
+sharpens p(v), and it has a sign). Routing is Procedure 1 of arXiv:1710.09829 with the capsule's
+mean E[z_j h_j | v] = p(z_j = 1 | v) sigmoid(s_j) in place of squash(s_j): c_i <- softmax_j(b_ij),
+b_ij += u_{j|i} . E[z_j h_j | v], each update bounded as ``agreement_bound * tanh(a / bound)``;
+a deterministic function of v, so F(v) is exact.
 
-Chain (ours): z, h ~ p(z, h | v) exactly; then v' from the visible conditional with the couplings
-frozen at c(v) - a factorial Bernoulli, sigmoid(a + N sum_j c_ij W_ij^T z_j h_j), which is the
-exact conditional when routing does not move - accepted with the Metropolis-Hastings ratio that
-accounts for c(v') != c(v), so the chain leaves p(v, z, h) invariant exactly (``mh=False`` skips
-the test: biased). Every pixel can change at every step, as in an RBM's block Gibbs; one routing
-pass per step (the state's routing is carried). With one routing iteration the couplings are
-uniform whatever v is: the MH ratio is exactly 1 (the test is skipped) and s(v) and the top-down
-pass are one matmul each over the pixels (the patches' weights in pixel order), as fast as an RBM.
-For mixing between digit classes the chain can be the top of a parallel-tempering ladder
-(``tempering``, :func:`capsrun.models.energy.tempered_sweep`), in training and in sampling. From
-noise the class mix settles sooner on the ladder's upper part (``capsrun sample tempering=8
-ladder_from=0.55``, :func:`capsrun.models.energy.upper_ladder`): below beta ~0.7 the trained model
-is one melted state (1-2 % of pixels on) whose chain forgets any digit in < 50 steps.
-
-Measured (MNIST, docs/capsrbm.md): with one routing iteration (uniform couplings; the
-default of ``conf/model/capsrbm.yaml``) the chain is exact block Gibbs and the model trains like an
-RBM with switches. With two or more, the couplings move with every pixel, the full-image proposal
-is refused ever more often as the weights grow and PCD diverges; ``agreement_bound`` (each
-agreement update is ``bound * tanh(a / bound)``) keeps it stable only where the couplings hardly
-leave uniform. Routing that shapes a model which mixes is not solved here: with a tractable F(v),
-a visible conditional that factorises over the pixels and an exact chain, the couplings cannot
-depend on v (once they do, p(v | z, h) is no product over pixels and a full-image proposal needs
-the MH test above); routing as a latent assignment (the research note's design C) keeps exact
-block Gibbs but gives up the closed-form F. Trained at the top of a 20-level tempering ladder with
-a slow end to the lr and the mean of the last 8 epochs' weights (46 epochs), with 100 chains a
-level three seeds give a test log-likelihood of -72.31, -72.44 and -72.04 nats (the RBM anchor on
-the same recipe: -70.95 and -70.17), and 300 chains from noise draw every digit, 6-14 % per class
-after 3,000 ladder sweeps (after 1,000, two seeds still draw 2 % 1s); with 1,000 chains its
-samples' Frechet distance in a CapsNet's capsule space is no worse than the RBM's (0.0144 against
-0.0151; 1,000 real digits 0.0135 +- 0.0009). ``experiment=capsrbm_mnist`` is that recipe with a
-tapered ladder: 100 chains at the top, 30 a level below (``ladder_width``; only the top's chains
-give the model term): 12.4-13.3 minutes on a 2-core AVX-512 CPU (16.5-17.9 before the vectorised
-softplus of :func:`~capsrun.models.energy.softplus`) for -71.6 to -72.9 nats (seven runs), every
-class at 5.3-17.3 % after 3,000 sweeps on six of them (on one the 1s at 4.0 %, 6 % after 4,000;
-after 1,000, one class at 0.3-4 %). The recipe now trains on 8 levels from beta 0.55
-(``model.ladder_from``): 7.5-7.9 minutes for -71.2 to -72.9 nats, every class at 5.3-15.7 % after
-3,000 sweeps on three seeds. On the short ladder, 3,000-6,000 sweeps, five of them draw
-their rarest class at 4.0-7.7 % (two dip under 5 %; the RBM's rarest 5.3-7.0 %) with Frechet
-distances of 0.018-0.029 (the RBM's 0.019-0.025; docs/capsrbm.md, "A shorter ladder for sampling"). With
-100 chains at every level: 25-26 minutes there, about an hour on a 2-core AVX2 one, -71.4 and
--71.9 nats; 40 at every level: on two of four seeds one class falls below 5 %.
+Chain: z, h ~ p(z, h | v) exactly; then v' from the visible conditional with the couplings frozen
+at c(v), a factorial Bernoulli sigmoid(a + N sum_j c_ij W_ij^T z_j h_j), accepted with the
+Metropolis-Hastings ratio that accounts for c(v') != c(v), so the chain leaves p(v, z, h)
+invariant exactly (``mh=False`` skips the test: biased). With one routing iteration the couplings
+are uniform whatever v is: the ratio is exactly 1 (the test is skipped), and s(v) and the top-down
+pass are one matmul each over the pixels (the patches' weights in pixel order), an RBM's cost.
+That is also the model's gap: with one iteration routing plays no part, and with two or more PCD
+diverges (docs/capsrbm.md, "Routing").
 
 Gradient: d log p(v) / d theta = -dF(v)/d theta + E_model[dF/d theta], through the routing,
 estimated by CD-k or PCD chains (:class:`~capsrun.models.energy.EnergyModel`).
 
-Shapes (MNIST, patch 7, as experiment=capsrbm_mnist): x [B, 1, 28, 28] -> visible capsules [B, 16, 49] -> votes
-[B, 16, N, D] -> couplings [B, 16, N], s [B, N, D] -> p(z | v) [B, N]; F(v) [B].
+Shapes (MNIST, patch 7): x [B, 1, 28, 28] -> visible capsules [B, 16, 49] -> votes [B, 16, N, D]
+-> couplings [B, 16, N], s [B, N, D] -> p(z | v) [B, N]; F(v) [B].
 """
 
 from __future__ import annotations
@@ -95,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row, softplus
+from capsrun.mcmc.base import Beta
+from capsrun.models.energy import EnergyModel, bernoulli, per_row, softplus
 
 
 class Routed(NamedTuple):
@@ -145,30 +107,12 @@ class CapsuleRBM(EnergyModel):
         routing_iterations: int = 1,
         agreement_bound: float | None = 0.1,
         weight_std: float = 0.01,
-        cd_steps: int = 1,
-        persistent: bool = True,
-        chains: int = 100,
-        chain_init: str = "data",
-        data_init: bool = True,
-        tempering: int = 1,
-        ladder_width: int | None = None,
-        ladder_from: float = 0.0,
-        ladder_shift: float = 0.0,
         mh: bool = True,
+        **training,
     ):
-        shape = (in_channels, image_size, image_size)
-        super().__init__(
-            shape,
-            cd_steps,
-            persistent,
-            chains,
-            chain_init,
-            data_init,
-            tempering,
-            ladder_width,
-            ladder_from,
-            ladder_shift,
-        )
+        """``training``: how it is trained (:class:`~capsrun.models.energy.EnergyModel`:
+        ``cd_steps``, ``persistent``, ``chains``, ``tempering``, ...)."""
+        super().__init__((in_channels, image_size, image_size), **training)
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")
         if min(hidden_caps, hidden_dim, routing_iterations) < 1:
@@ -281,7 +225,7 @@ class CapsuleRBM(EnergyModel):
         return torch.where(keep, new, v), routed, accept.float()
 
     @torch.no_grad()
-    def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
+    def up_down(self, v: torch.Tensor) -> torch.Tensor:
         """One up-down pass: z, h ~ p(z, h | v), then p(v = 1 | z, h) with the couplings of v."""
         enc = self.encode(v)
         g = self._top_down(enc.coupling, self.sample_hidden(enc)) + self.visible_bias

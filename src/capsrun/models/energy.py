@@ -4,27 +4,25 @@ Both are energy models over binary pixels v in {0, 1}^(C*H*W) with binary hidden
 in closed form, so that the free energy F(v) = -log sum_h exp(-E(v, h)) is exact and
 p(v) = exp(-F(v)) / Z. A subclass says how to get from v to its hidden inputs (:meth:`encode`),
 the free energy at an inverse temperature (:meth:`free_energy_at`) and one step of its Markov chain
-(:meth:`transition`); this class runs CD-k and PCD chains with them, sets the visible biases from
-the data and fills :class:`RBMOutput`. :mod:`capsrun.ais` estimates log Z with the same three.
+(:meth:`transition`): the :class:`~capsrun.mcmc.base.EnergyChain` protocol that the samplers of
+:mod:`capsrun.mcmc` run. This class keeps PCD's persistent chains (and their tempering ladder) as
+checkpointed buffers, runs the negative phase with :mod:`capsrun.mcmc`, sets the visible biases
+from the data and fills :class:`RBMOutput`; :class:`RBMLoss` is the maximum-likelihood surrogate.
 
-Inverse temperatures follow Salakhutdinov & Murray, "On the quantitative analysis of deep belief
-networks", ICML 2008, Sec. 4.1: with visible biases ``base`` of the base-rate model,
-
-    p_beta(v, h) ~ exp((1 - beta) base . v - beta E(v, h)),
-
-so beta = 0 is the base-rate model with the hidden units uniform and beta = 1 the model; with
-``base`` = 0, p_beta is the joint at temperature T = 1 / beta (what ``temperature=`` samples).
+Inverse temperatures beta interpolate from the base-rate model (beta = 0) to the model (beta = 1),
+as AIS does (:mod:`capsrun.mcmc.base`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-Beta = float | torch.Tensor  # one inverse temperature, or one per row of the batch [B]
+from capsrun.mcmc.base import Beta, base_rate
+from capsrun.mcmc.chains import gibbs
+from capsrun.mcmc.tempering import RETUNE_EVERY, ladder, retune, run_ladder
 
 
 def per_row(beta: Beta, dims: int) -> Beta:
@@ -35,20 +33,18 @@ def per_row(beta: Beta, dims: int) -> Beta:
 
 def bernoulli(p: torch.Tensor) -> torch.Tensor:
     """Binary draws with probabilities ``p`` (any shape): u < p, u uniform in [0, 1). On a CPU the
-    very draws of ``torch.bernoulli(p)`` from the same seed (tested), 3.4x faster (2,000 x 784:
-    5.7 ms against 19.5 ms, 2 cores): the draws were half of what a ladder sweep cost. The
-    comparison is made in place on the uniforms (0.0 / 1.0 in ``p``'s dtype, the same values as
-    a bool tensor converted): 670 x 784 in 1.8-2.2 ms against 2.3-2.9 ms, 2 cores."""
+    very draws of ``torch.bernoulli(p)`` from the same seed (tested), several times faster
+    (docs/performance.md); the comparison is made in place on the uniforms (0.0 / 1.0 in ``p``'s
+    dtype, the same values as a bool tensor converted)."""
     return torch.rand_like(p).lt_(p)
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """log(1 + e^x) (any shape). Where no gradient flows (the chains, the swap tests, AIS) it is
     max(x, 0) + log(1 + e^-|x|), in place on two temporaries: on a CPU ``F.softplus`` runs a
-    scalar log1p, 3.7x slower (670 x 500: 1.67 ms against 0.45 ms, 2 cores; it was the most
-    costly element-wise pass of a ladder sweep), with the same absolute error (5e-7 against
-    float64 for |x| < 10), which is what free energies and logits need. Where a gradient flows,
-    ``F.softplus`` (its derivative at 0 is 1/2; that of the split form is not)."""
+    scalar log1p, several times slower (docs/performance.md), with the same absolute error (5e-7
+    against float64 for |x| < 10). Where a gradient flows, ``F.softplus`` (its derivative at 0 is
+    1/2; that of the split form is not)."""
     if x.requires_grad and torch.is_grad_enabled():
         return torch.nn.functional.softplus(x)
     return x.clamp_min(0).add_(x.abs().neg_().exp_().add_(1).log_())
@@ -56,7 +52,8 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
 
 class RBMOutput(NamedTuple):
     """``hidden_prob`` [B, N]: p(hidden unit / capsule on | v_data); ``free_energy`` [B]: F(v_data);
-    ``reconstruction`` [B, C, H, W]: p(v = 1 | h) after one up-down pass (evaluation only);
+    ``reconstruction`` [B, C, H, W]: p(v = 1 | h) after one up-down pass and ``visible`` [B, C, H, W]:
+    the binary images it reconstructs (evaluation only);
     ``pseudo_likelihood`` [B]: the stochastic log pseudo-likelihood (evaluation only); in training
     ``model_free_energy`` [B]: F of the chains' samples, ``acceptance``: their mean acceptance, and
     with tempering ``swap_rate``: the lowest swap rate of the ladder's neighbouring pairs (its
@@ -69,6 +66,7 @@ class RBMOutput(NamedTuple):
     model_free_energy: torch.Tensor | None = None
     acceptance: torch.Tensor | None = None
     swap_rate: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
 
     @property
     def scores(self) -> None:
@@ -84,23 +82,25 @@ class EnergyModel(nn.Module):
     ``chains``) of them; ``data_init``: visible biases from the first training batch's
     pixel means (Hinton, "A practical guide to training RBMs", UTML TR 2010-003, Sec. 8.1);
     ``tempering``: the persistent chains are the beta = 1 level of a parallel-tempering ladder of
-    that many inverse temperatures from the base-rate model to the model (:func:`tempered_sweep`;
-    Desjardins et al., AISTATS 2010; Cho, Raiko & Ilin, IJCNN 2010), so that the negative phase
+    that many inverse temperatures from the base-rate model to the model
+    (:mod:`capsrun.mcmc.tempering`; Desjardins et al., AISTATS 2010), so that the negative phase
     moves between the model's modes as a chain at one temperature cannot; 1: plain PCD;
     ``ladder_width``: chains a level below the top of that ladder (None: ``chains``). Only the
     top's chains give the model term, the levels below carry states between the modes; fewer of
-    them cost less (:func:`level_pairs`: the top's chains take turns at the swaps) but bring the
-    top new classes more slowly, and the model learns the top's mix (docs/capsrbm.md, "A
-    full-width ladder": 30 below 100 left classes under 5 % that 100 below 100 did not).
-    ``ladder_from``: the ladder's lowest inverse temperature (0: the base-rate model itself); the
-    levels start evenly spaced from there to 1 and are re-spaced as the model trains (:func:`retune`,
-    which keeps both ends). Above 0 the ladder spends no levels on the melted states that a model of
-    digits has at low beta (docs/capsrbm.md, "A shorter ladder").
+    them cost less (the top's chains take turns at the swaps) but bring the top new classes more
+    slowly, and the model learns the top's class mix. ``ladder_from``: the ladder's lowest inverse
+    temperature (0: the base-rate model itself); the levels start evenly spaced from there to 1 and
+    are re-spaced as the model trains (:func:`~capsrun.mcmc.tempering.retune`, which keeps both
+    ends). Above 0 the ladder spends no levels on the melted states a model of digits has at low
+    beta. ``ladder_shift``: logits added to the base-rate model for the ladder's path (the top, the
+    model, is unchanged). The checks of these values with the config keys' names live in
+    :mod:`capsrun.settings`; the ones here guard the Python API.
     """
 
     def __init__(
         self,
         image_shape: tuple[int, int, int],
+        /,
         cd_steps: int = 1,
         persistent: bool = True,
         chains: int = 100,
@@ -117,20 +117,20 @@ class EnergyModel(nn.Module):
         if tempering < 1 or (tempering > 1 and not persistent):
             raise ValueError(f"tempering must be >= 1 (and 1 unless persistent), got {tempering}")
         if persistent and chains < 1:
-            raise ValueError(f"PCD needs at least one persistent chain: model.net.chains must be >= 1, got {chains}")
+            raise ValueError(f"PCD needs at least one persistent chain: chains must be >= 1, got {chains}")
         if ladder_width is not None and not 1 <= ladder_width <= chains:
             raise ValueError(
-                f"model.net.ladder_width must be null or between 1 and model.net.chains ({chains}), got {ladder_width}"
+                f"ladder_width must be null or between 1 and chains ({chains}), got {ladder_width}"
             )
         if not 0 <= ladder_from < 1 or (ladder_from > 0 and tempering < 2):
             raise ValueError(
-                f"model.ladder_from must be in [0, 1) and needs model.tempering >= 2, got {ladder_from}; "
-                "e.g. model.tempering=8 model.ladder_from=0.55"
+                f"ladder_from must be in [0, 1) and needs tempering >= 2, got {ladder_from}; "
+                "e.g. tempering=8 ladder_from=0.55"
             )
         if not 0 <= ladder_shift <= 10 or (ladder_shift and tempering < 2):
             raise ValueError(
-                f"model.ladder_shift must be in [0, 10] and needs model.tempering >= 2, got {ladder_shift}; "
-                "e.g. model.tempering=8 model.ladder_shift=1"
+                f"ladder_shift must be in [0, 10] and needs tempering >= 2, got {ladder_shift}; "
+                "e.g. tempering=8 ladder_shift=1"
             )
         if chain_init not in ("data", "noise"):
             raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
@@ -186,8 +186,9 @@ class EnergyModel(nn.Module):
         """log of the number of hidden configurations: the hidden part of log Z at beta = 0."""
         raise NotImplementedError
 
-    def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
-        """p(v = 1 | h) for h ~ p(h | v): one up-down pass ``[B, C, H, W]``."""
+    def up_down(self, v: torch.Tensor) -> torch.Tensor:
+        """p(v = 1 | h) for h ~ p(h | v): one up-down pass ``[B, C, H, W]`` (what an energy model
+        makes of an image; a CapsNet's ``reconstruct`` is a masked decode instead)."""
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
@@ -205,8 +206,7 @@ class EnergyModel(nn.Module):
     def visible_input(self, top_down: torch.Tensor, beta: Beta, base: torch.Tensor | None) -> torch.Tensor:
         """The logits of p_beta(v = 1 | hidden) ``[B, V]`` from the hidden layer's top-down input
         ``top_down`` [B, V], which it overwrites: beta (top_down + a) + (1 - beta) base, computed
-        as beta (top_down + a - base) + base, three passes in place (five passes and three
-        [B, V] temporaries written out: 1.8 ms of a 670-row ladder sweep, 2 cores)."""
+        as beta (top_down + a - base) + base, three passes in place."""
         if not isinstance(beta, torch.Tensor) and beta == 1:  # the model itself: no base
             return top_down.add_(self.visible_bias)
         if base is None:
@@ -234,23 +234,6 @@ class EnergyModel(nn.Module):
     def log_base_partition(self, base: torch.Tensor) -> torch.Tensor:
         """log Z of p_0: the base-rate visible units times the uniform hidden ones (exact)."""
         return torch.nn.functional.softplus(base.double()).sum() + self.log_hidden_states()
-
-    @torch.no_grad()
-    def gibbs(
-        self, v: torch.Tensor, steps: int, mh: bool = True, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``steps`` chain steps at ``temperature`` from ``v``; returns v and the mean acceptance.
-        ``mh=False`` skips the Metropolis-Hastings test where the model has one (biased)."""
-        mh_was, self.mh = self.mh, mh
-        try:
-            beta, enc = 1.0 / temperature, self.encode(v)
-            acceptance = torch.zeros((), device=v.device)
-            for t in range(steps):
-                v, enc, acc = self.transition(v, enc, beta, encode=t < steps - 1)
-                acceptance = acceptance + acc.mean()
-        finally:
-            self.mh = mh_was
-        return v, acceptance / max(steps, 1)
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Where chains from noise start: uniform random bits ``[n, C, H, W]`` on the CPU."""
@@ -281,45 +264,13 @@ class EnergyModel(nn.Module):
         gap = self.free_energy_at(flipped, self.encode(flipped)) - self.free_energy_at(v, enc)
         return flat.shape[1] * torch.nn.functional.logsigmoid(gap)
 
-    @torch.no_grad()
-    def tempered(
-        self,
-        states: torch.Tensor,
-        steps: int,
-        base: torch.Tensor,
-        first_sweep: int = 0,
-        betas: Sequence[float] | torch.Tensor | None = None,
-        widths: Sequence[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``steps`` sweeps of parallel tempering over ``states`` [K, n, C, H, W] (one level per
-        inverse temperature ``betas``, increasing to 1; None: the model's own tuned ladder when it
-        has one of K levels, else :func:`ladder`) above the base-rate model ``base``; returns the
-        states, the mean acceptance of the beta = 1 chain and the swap rate of each neighbouring
-        pair ``[K - 1]``. With ``widths`` (chains a level, [K]): ``states`` [sum(widths), C, H, W],
-        the levels one after another (:func:`tempered_sweep`)."""
-        levels = len(widths) if widths is not None else len(states)
-        if betas is None:
-            betas = own_ladder(self, levels)
-        betas = torch.as_tensor(betas, dtype=states.dtype).to(states.device)
-        enc = self.encode(states if widths is not None else states.flatten(0, 1))
-        acceptance = torch.zeros((), device=states.device)
-        swapped = torch.zeros(levels - 1, device=states.device)
-        for t in range(steps):
-            last = t == steps - 1
-            states, enc, acc, rates = tempered_sweep(
-                self, states, enc, betas, base, (first_sweep + t) % 2, not last, widths
-            )
-            acceptance, swapped = acceptance + acc.mean(), swapped + rates
-        tried = swap_tries(first_sweep, steps, levels - 1)
-        return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped)
-
     def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """CD-k: ``cd_steps`` steps from the data; PCD: from the persistent chains (the first
         min(B, ``chains``) of them), which keep the result; with ``tempering`` > 1, ``cd_steps`` sweeps of the
         ladder whose top they are. Returns the samples, the chains' mean acceptance and, with
         tempering, the lowest swap rate of the ladder (else None)."""
         if not self.persistent:
-            return (*self.gibbs(v_data, self.cd_steps, self.mh), None)
+            return (*gibbs(self, v_data, self.cd_steps), None)
         # PCD's model term needs no more fantasy particles than a batch has images (Tieleman 2008
         # kept 100 whatever the batch): a bigger batch over the same chains runs fewer of their
         # sweeps per epoch, the cost that dominates a tempered step
@@ -339,7 +290,7 @@ class EnergyModel(nn.Module):
             widths = [m] * len(below) + [b]
             first = int(self.sweeps)
             base = self.base_rate + self.ladder_shift if self.ladder_shift else self.base_rate
-            states, acceptance, rates = self.tempered(states, self.cd_steps, base, first, self.betas, widths)
+            states, acceptance, rates = run_ladder(self, states, self.cd_steps, base, first, self.betas, widths)
             top = states[len(below) * m :]
             self.ladder_chains[:, :m] = states[: len(below) * m].view_as(below)
             self.chains[:b] = top
@@ -353,7 +304,7 @@ class EnergyModel(nn.Module):
             if int(self.sweeps) % RETUNE_EVERY < self.cd_steps:
                 self.betas.copy_(retune(self.betas, self.swap_rates))
             return top, acceptance, rates[tried].min()
-        v, acceptance = self.gibbs(self.chains[:b], self.cd_steps, self.mh)
+        v, acceptance = gibbs(self, self.chains[:b], self.cd_steps)
         self.chains[:b] = v
         return v, acceptance, None
 
@@ -380,183 +331,10 @@ class EnergyModel(nn.Module):
         return RBMOutput(
             self.firing(enc),
             self.free_energy_at(v, enc),
-            reconstruction=self.reconstruct(v),
+            reconstruction=self.up_down(v),
             pseudo_likelihood=self.pseudo_likelihood(v, enc),
+            visible=v,
         )
-
-
-def base_rate(v: torch.Tensor) -> torch.Tensor:
-    """The base-rate model's visible biases ``[C*H*W]``: logit of each pixel's mean over the binary
-    images ``v`` [N, C, H, W], smoothed as (sum + 1/2) / (N + 1) (a pixel never on stays finite)."""
-    p = (v.flatten(1).double().sum(0) + 0.5) / (len(v) + 1)
-    return torch.logit(p).float()
-
-
-def ladder(levels: int) -> list[float]:
-    """The inverse temperatures of a parallel-tempering ladder: ``levels`` evenly spaced from 0
-    (the base-rate model) to 1 (the model). Evenly spaced because the swap rates, measured on an
-    RBM trained on MNIST with 30 levels, stay between 0.1 and 0.9 everywhere (geometric spacing
-    left the top pair at 0)."""
-    if levels < 2:
-        raise ValueError(f"a tempering ladder needs at least 2 levels (0 and 1), got {levels}")
-    return torch.linspace(0, 1, levels, dtype=torch.float64).tolist()
-
-
-def own_ladder(model: nn.Module, levels: int) -> torch.Tensor | list[float]:
-    """The ladder a model's sampler runs with ``levels`` levels: its own tuned inverse
-    temperatures when it has that many, else :func:`ladder` (even from 0)."""
-    own = getattr(model, "betas", None)
-    return own if own is not None and len(own) == levels else ladder(levels)
-
-
-def upper_ladder(betas: Sequence[float] | torch.Tensor, levels: int, lowest: float) -> torch.Tensor:
-    """A ladder of ``levels`` inverse temperatures from ``lowest`` to 1, spaced as the ladder
-    ``betas`` (increasing to 1 from ``betas[0]`` <= ``lowest``, e.g. a model's tuned one) ``[levels]``: level i sits at
-    position p_i of ``betas``' index, p evenly spaced from where ``lowest`` falls to the end,
-    between neighbouring levels linearly. A tuned ladder puts its levels at equal thermodynamic
-    length (every pair swaps about equally often, :func:`retune`), so its upper part keeps that.
-
-    Why a ladder that stops short of the base-rate model: the round trips of parallel tempering,
-    not its levels, decorrelate the top's states, and a level needs to reach no lower than where
-    the model's own chain forgets its state in a few sweeps. On the capsule RBM of
-    ``experiment=capsrbm_mnist`` that is beta <= 0.7 (a chain started at a test digit leaves its class
-    within 50 steps; at 0.8 in 400), and 8 levels from 0.55 make about 5x the round trips of the
-    trained 20 from 0 for the same compute (docs/capsrbm.md, "A shorter ladder for sampling")."""
-    own = torch.as_tensor(betas, dtype=torch.float64).cpu()
-    if len(own) < 2 or not (own.diff() >= 0).all() or not 0 <= float(own[0]) < 1 or float(own[-1]) != 1.0:
-        raise ValueError(f"betas must increase from [0, 1) to 1, got {own.tolist()}")
-    if levels < 2:
-        raise ValueError(f"a tempering ladder needs at least 2 levels, got {levels}")
-    if not float(own[0]) <= lowest < 1:
-        raise ValueError(f"the lowest inverse temperature must be in [{float(own[0]):.3g}, 1), got {lowest}")
-    k = int(torch.searchsorted(own, torch.tensor(lowest, dtype=torch.float64), right=True)) - 1
-    k = min(k, len(own) - 2)
-    gap = float(own[k + 1] - own[k])
-    start = k + ((lowest - float(own[k])) / gap if gap > 0 else 0.0)
-    position = torch.linspace(start, len(own) - 1, levels, dtype=torch.float64)
-    i = position.floor().long().clamp(max=len(own) - 2)
-    placed = own[i] + (position - i) * (own[i + 1] - own[i])
-    placed[0], placed[-1] = lowest, 1.0
-    return placed
-
-
-RETUNE_EVERY = 100  # training sweeps between two re-spacings of the ladder
-
-
-def retune(betas: torch.Tensor, rates: torch.Tensor, step: float = 0.5) -> torch.Tensor:
-    """The ladder re-spaced so that every neighbouring pair swaps about equally often ``[K]``.
-
-    Model: pair k is accepted with rate A_k = exp(-(sigma_k * gap_k)^2), sigma_k the (constant)
-    spread of the log-density ratio per unit beta on [beta_k, beta_k+1]; the thermodynamic length
-    sum_k sigma_k * gap_k is divided into K - 1 equal parts, the ends (0 or the lowest, and 1) kept; the levels move
-    ``step`` of the way there (damped: the rates are running means). As Katzgraber et al.'s
-    feedback ladders (J. Stat. Mech. 2006) and Vousden, Farr & Mandel (arXiv:1501.05823), simpler."""
-    betas, rates = betas.double(), rates.double().clamp(1e-3, 0.999)
-    gaps = betas.diff().clamp_min(1e-9)
-    length = torch.cat([betas.new_zeros(1), torch.sqrt(-torch.log(rates)).cumsum(0)])  # at each beta_k
-    targets = torch.linspace(0, float(length[-1]), len(betas), dtype=torch.float64, device=betas.device)
-    # invert the piecewise-linear map beta -> length at the equal targets
-    k = torch.searchsorted(length, targets, right=True).clamp(1, len(gaps)) - 1
-    frac = ((targets - length[k]) / (length[k + 1] - length[k]).clamp_min(1e-12)).clamp(0, 1)
-    placed = betas[k] + frac * gaps[k]
-    placed[0], placed[-1] = betas[0], 1.0
-    moved = (1 - step) * betas + step * placed
-    return torch.cummax(moved, 0).values  # increasing, as the sweep needs
-
-
-def swap_tries(first_sweep: int, steps: int, pairs: int) -> torch.Tensor:
-    """How often each neighbouring pair k of a ladder proposes a swap in the sweeps
-    ``first_sweep`` .. ``first_sweep + steps - 1`` ``[pairs]``: pair k on the sweeps t with
-    t % 2 == k % 2 (:func:`tempered_sweep`'s parity)."""
-    t = torch.arange(first_sweep, first_sweep + steps)
-    return ((t[None] - torch.arange(pairs)[:, None]) % 2 == 0).sum(1).double()
-
-
-def take(enc: Any, rows: torch.Tensor) -> Any:
-    """The rows ``rows`` of an :meth:`EnergyModel.encode` output: a tensor [B, ...] or a tuple of
-    them; a tensor expanded along its rows (stride 0: every row the same) stays expanded."""
-    if isinstance(enc, torch.Tensor):
-        return enc[: len(rows)] if enc.stride(0) == 0 else enc.index_select(0, rows)
-    return type(enc)(*(take(x, rows) for x in enc))
-
-
-def level_pairs(widths: Sequence[int], parity: int, device: torch.device | None = None) -> list:
-    """Which chains of a ladder with ``widths`` chains a level (levels one after another in one
-    batch) propose to swap in a sweep of ``parity``: for each neighbouring pair (k, k + 1) with
-    k % 2 == ``parity``, the rows ``(lo [m], hi [m])``, m = min(widths[k], widths[k + 1]); chain i of
-    a level with m chains meets chain i of the other, or a random m of its chains when it has more
-    (drawn afresh each sweep, independent of the states, so the swap test stays exact)."""
-    offsets = [0]
-    for w in widths:
-        offsets.append(offsets[-1] + w)
-
-    def pick(k: int, m: int) -> torch.Tensor:
-        chosen = torch.arange(m, device=device) if widths[k] == m else torch.randperm(widths[k], device=device)[:m]
-        return chosen + offsets[k]
-
-    pairs = []
-    for k in range(parity, len(widths) - 1, 2):
-        m = min(widths[k], widths[k + 1])
-        pairs.append((pick(k, m), pick(k + 1, m)))
-    return pairs
-
-
-@torch.no_grad()
-def tempered_sweep(
-    model: EnergyModel,
-    states: torch.Tensor,
-    enc: Any,
-    betas: torch.Tensor,
-    base: torch.Tensor,
-    parity: int,
-    encode: bool = True,
-    widths: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-    """One sweep of parallel tempering (replica exchange; Swendsen & Wang 1986, Geyer 1991) over
-    ``states`` [K, n, C, H, W] (level k at inverse temperature ``betas`` [K], increasing) and
-    ``enc``, their :meth:`~EnergyModel.encode` as one batch of K * n; or, with ``widths`` [K]
-    (chains a level), over ``states`` [sum(widths), C, H, W], the levels one after another (a
-    tapered ladder: fewer chains below the top cost less, :func:`level_pairs` pairs them). Every
-    neighbouring pair (k, k + 1) with k of ``parity`` proposes to exchange its states, chain by
-    chain, accepted with
-
-        log a = F_k(x) + F_k+1(y) - F_k(y) - F_k+1(x)     (x at level k, y at level k + 1)
-
-    where F_beta is the free energy of p_beta, the base-rate model ``base`` tempered into the model
-    (Salakhutdinov & Murray 2008, as AIS uses); then one step of the model's own chain at every
-    level, all levels as one batch with one inverse temperature per row (one matmul each way
-    for the whole ladder). Both moves leave the product of the p_beta invariant, so the last level
-    samples the model. Returns the states, their ``enc`` (None when ``encode`` is False: the last
-    sweep of a run), the acceptance of the last level's chain step [n] and the swap rate of every
-    pair [K - 1] (0 for the pairs not of ``parity``)."""
-    k_levels, tapered = len(betas), widths is not None
-    flat = states if tapered else states.flatten(0, 1)
-    if not tapered:
-        widths = [states.shape[1]] * k_levels
-    if len(widths) != k_levels or sum(widths) != len(flat):
-        raise ValueError(f"widths {list(widths)} do not match {k_levels} levels of {len(flat)} states")
-    counts = torch.tensor(widths, device=flat.device)
-    own = betas.repeat_interleave(counts)
-    pairs = level_pairs(widths, parity, flat.device)
-    rates = torch.zeros(k_levels - 1, device=flat.device)
-    if pairs:
-        lo, hi = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        partner = own.clone()  # each state's inverse temperature if it swaps (its own if it cannot)
-        partner[lo], partner[hi] = own[hi], own[lo]
-        # each state's free energy at its own level and at its partner's: 2 evaluations for all
-        f_own = model.free_energy_at(flat, enc, own, base)
-        f_other = model.free_energy_at(flat, enc, partner, base)
-        log_a = f_own[lo] + f_own[hi] - f_other[lo] - f_other[hi]  # [pairs' chains]
-        swap = torch.rand_like(log_a).log() < log_a
-        rows = torch.arange(len(flat), device=flat.device)
-        rows[lo] = torch.where(swap, hi, lo)
-        rows[hi] = torch.where(swap, lo, hi)
-        flat, enc = flat.index_select(0, rows), take(enc, rows)
-        per_pair = swap.to(rates.dtype).split([len(p[0]) for p in pairs])
-        rates[parity::2] = torch.stack([r.mean() for r in per_pair])
-    flat, enc, acc = model.transition(flat, enc, own, base, encode=encode)
-    top = acc[len(acc) - widths[-1] :]
-    return (flat if tapered else flat.view_as(states)), enc, top, rates
 
 
 class RBMLoss(nn.Module):
@@ -574,7 +352,8 @@ class RBMLoss(nn.Module):
     def forward(self, out: RBMOutput, target: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         losses = {"free_energy/data": out.free_energy.mean().detach(), "hidden/on": out.hidden_prob.mean().detach()}
         if out.reconstruction is not None:
-            binary = (target > 0.5).to(out.reconstruction.dtype)
+            # the binary image the model saw (a MultiMNIST target is the two digits apart: not it)
+            binary = out.visible if out.visible is not None else (target > 0.5).to(out.reconstruction.dtype)
             losses["reconstruction"] = (out.reconstruction - binary).pow(2).flatten(1).sum(1).mean().detach()
         if out.pseudo_likelihood is not None:
             losses["log_likelihood/pseudo"] = out.pseudo_likelihood.mean().detach()

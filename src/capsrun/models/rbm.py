@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capsrun.models.energy import Beta, EnergyModel, bernoulli, per_row, softplus
+from capsrun.mcmc.base import Beta
+from capsrun.models.energy import EnergyModel, bernoulli, per_row, softplus
 
 
 class RBM(EnergyModel):
@@ -38,29 +39,11 @@ class RBM(EnergyModel):
         num_classes: int | None = None,  # unused: the model never sees labels
         hidden: int = 500,
         weight_std: float = 0.01,
-        cd_steps: int = 1,
-        persistent: bool = True,
-        chains: int = 100,
-        chain_init: str = "data",
-        data_init: bool = True,
-        tempering: int = 1,
-        ladder_width: int | None = None,
-        ladder_from: float = 0.0,
-        ladder_shift: float = 0.0,
+        **training,
     ):
-        shape = (in_channels, image_size, image_size)
-        super().__init__(
-            shape,
-            cd_steps,
-            persistent,
-            chains,
-            chain_init,
-            data_init,
-            tempering,
-            ladder_width,
-            ladder_from,
-            ladder_shift,
-        )
+        """``training``: how it is trained (:class:`~capsrun.models.energy.EnergyModel`:
+        ``cd_steps``, ``persistent``, ``chains``, ``tempering``, ...)."""
+        super().__init__((in_channels, image_size, image_size), **training)
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.weight = nn.Parameter(torch.randn(hidden, len(self.visible_bias)) * weight_std)
@@ -91,6 +74,6 @@ class RBM(EnergyModel):
         return v, self.encode(v) if encode else None, torch.ones(len(v), device=v.device)
 
     @torch.no_grad()
-    def reconstruct(self, v: torch.Tensor) -> torch.Tensor:
+    def up_down(self, v: torch.Tensor) -> torch.Tensor:
         h = bernoulli(self.hidden_prob(v))
         return self._visible_prob(h).view_as(v)

@@ -2,7 +2,7 @@
 
 Huang, Song, He, Sun, Tan, "Variational Capsules for Image Analysis and Synthesis",
 arXiv:1807.04099 (2018). We could read only the abstract and a reader's summary, so this file keeps
-apart what the paper says and what capsrun chose (../shared/spec/generative.md).
+apart what the paper says and what capsrun chose.
 
 paper:
 - A variational capsule k is a diagonal Gaussian q(c_k | x) = N(mu_k(x), diag(sigma_k^2(x)));
