@@ -43,8 +43,8 @@ def dead_share(lengths: torch.Tensor, threshold: float = 0.01) -> float:
 def constant_share(lengths: torch.Tensor, threshold: float = 0.01) -> float:
     """Share of capsules whose length varies across examples by a standard deviation below
     ``threshold`` (ours): alive by length, yet carrying no information about the input, which
-    is how starved intermediate capsules of deep stacks look (measured: uniform couplings, the
-    same length ~0.07 for every input). ``lengths``: ``[examples, caps]``, two examples or more."""
+    is how starved intermediate capsules of deep stacks look: uniform couplings and the same
+    length for every input (README, "Results"). ``lengths``: ``[examples, caps]``, two or more."""
     return (lengths.float().std(dim=0, unbiased=False) < threshold).float().mean().item()
 
 
