@@ -53,6 +53,19 @@ def test_sampler_settings_that_cannot_work_are_one_line_naming_the_key(trained, 
     assert "\n" not in str(err.value)
 
 
+def test_a_bad_training_ladder_is_one_line_naming_its_key(capsrun_here, tmp_path, mnist_root):
+    """``model.net.tempering=abc`` with an explicit sampler ladder: one line naming the key, not
+    a traceback from comparing it (nor the constructor's comparison error)."""
+    assert _sampler({"tempering": "abc", "ladder_from": "x"}, tempering=4).spec.tempering == 4
+    args = ("train", "model=rbm", "model.net.tempering=abc", "sampler.tempering=4", "trainer.progress=false")
+    result = capsrun_here(*args, cwd=tmp_path, data_root=mnist_root)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        == "capsrun: error: model.net.tempering must be an integer >= 1, got 'abc'; e.g. model.net.tempering=8"
+    )
+
+
 def test_a_sampling_ladder_may_start_at_or_above_the_training_ladder():
     trained = {"tempering": 8, "ladder_from": 0.55}
     assert _sampler(trained, ladder_from=0.55).spec.ladder_from == 0.55

@@ -1,12 +1,10 @@
 """Every check of a setting, in one place: each command calls its ``check_*`` once, at its top.
 
 A wrong value is a :class:`~capsrun.errors.ConfigError` naming the key, the value and a fix
-(``routing.iterations must be an integer >= 1, got 'abc'; e.g. routing.iterations=3``); the CLI
-prints it as one line and exits 2. What later code needs of the settings it gets from here typed
-and resolved (:class:`SamplerSettings`, :class:`Judging`, :class:`AISSettings`), so nothing below
-re-reads or re-checks a config value. A model's constructor still guards its own arguments (its
-``ValueError`` becomes a ConfigError in :mod:`capsrun.registry`); the settings here are those no
-constructor sees.
+(``routing.iterations must be an integer >= 1, got 'abc'; e.g. routing.iterations=3``), printed by
+the CLI as one line, exit 2. What later code needs of the settings it gets from here typed and
+resolved (:class:`SamplerSettings`, :class:`Judging`, :class:`AISSettings`). A model's constructor
+still guards its own arguments for the Python API (:mod:`capsrun.registry` makes that one line too).
 """
 
 from __future__ import annotations
@@ -36,21 +34,13 @@ LADDER_TUNE = 500
 # Keys of earlier releases and where they live now: typed on the command line, each is refused in
 # one line that names its new key (capsrun.cli). The energy models' settings moved from model.* and
 # model.samples.* into model.net.* and the sampler group.
+_LADDER = ("tempering", "ladder_from", "ladder_shift", "ladder_tune")
 RENAMED = {
-    "train": {
-        **{
-            f"model.{k}": f"model.net.{k}"
-            for k in ("cd_steps", "persistent", "tempering", "ladder_from", "ladder_shift")
-        },
-        "model.samples.chains": "sampler.chains",
-        "model.samples.gibbs_steps": "sampler.steps",
-        **{f"model.samples.{k}": f"sampler.{k}" for k in ("tempering", "ladder_from", "ladder_shift", "ladder_tune")},
-    },
-    "sample": {
-        "num_samples": "sampler.chains",
-        "gibbs_steps": "sampler.steps",
-        **{k: f"sampler.{k}" for k in ("tempering", "ladder_from", "ladder_shift", "ladder_tune", "temperature", "mh")},
-    },
+    "train": {f"model.{k}": f"model.net.{k}" for k in ("cd_steps", "persistent", *_LADDER[:3])}
+    | {"model.samples.chains": "sampler.chains", "model.samples.gibbs_steps": "sampler.steps"}
+    | {f"model.samples.{k}": f"sampler.{k}" for k in _LADDER},
+    "sample": {"num_samples": "sampler.chains", "gibbs_steps": "sampler.steps"}
+    | {k: f"sampler.{k}" for k in (*_LADDER, "temperature", "mh")},
 }
 
 
@@ -257,11 +247,27 @@ class TrainSettings:
     ais: AISSettings
 
 
+def _energy_training(net: DictConfig) -> None:
+    """An energy model's training settings (conf/_energy_model.yaml), by their keys; what they
+    must be together (a ladder needs PCD, ladder_from needs a ladder) its constructor says."""
+    key = "model.net."
+    integer(net.get("cd_steps", 1), key + "cd_steps", example=1)
+    integer(net.get("tempering", 1), key + "tempering", example=8)
+    if net.get("persistent", True):
+        integer(net.get("chains", 1), key + "chains", example=100)
+    if net.get("ladder_width") is not None:
+        integer(net.get("ladder_width"), key + "ladder_width", example="null")
+    number(net.get("ladder_from", 0), key + "ladder_from", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55)
+    number(net.get("ladder_shift", 0), key + "ladder_shift", lambda v: 0 <= v <= 10, "a number in [0, 10]", 0.8)
+
+
 def check_train(cfg: DictConfig, energy: bool) -> TrainSettings:
     """Every setting of ``capsrun train``; ``energy``: the model is an energy model, whose sample
     grid (``sampler.*``) is resolved against its training ladder (``model.net``)."""
     check_model_run(cfg)
     health = diagnostics(cfg)
+    if energy:
+        _energy_training(cfg.model.net)
     sampler = sampler_settings(cfg.sampler, cfg.model.net, cfg.seed) if energy else None
     return TrainSettings(health, judging(cfg.sample_quality), sampler, ais_settings(cfg.ais))
 
@@ -323,7 +329,8 @@ def sampler_settings(node: DictConfig, trained: Mapping, seed_value: int) -> Sam
     lowest = number(node.get("ladder_from", 0), "sampler.ladder_from", lambda v: 0 <= v < 1, "a number in [0, 1)", 0.55)
     if lowest > 0 and tempering < 2:
         raise ConfigError("sampler.ladder_from needs a tempering ladder of 2 or more levels; e.g. sampler.tempering=8")
-    trained_from = float(trained.get("ladder_from", 0) or 0) if trained.get("tempering", 1) > 1 else 0.0
+    levels, start = trained.get("tempering", 1), trained.get("ladder_from", 0) or 0  # checked where they are set
+    trained_from = float(start) if isinstance(levels, int) and levels > 1 and isinstance(start, (int, float)) else 0.0
     if 0 < lowest < trained_from:
         raise ConfigError(
             f"sampler.ladder_from={lowest} is below the training ladder's lowest level ({trained_from:g}): the "

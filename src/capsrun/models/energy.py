@@ -119,9 +119,7 @@ class EnergyModel(nn.Module):
         if persistent and chains < 1:
             raise ValueError(f"PCD needs at least one persistent chain: chains must be >= 1, got {chains}")
         if ladder_width is not None and not 1 <= ladder_width <= chains:
-            raise ValueError(
-                f"ladder_width must be null or between 1 and chains ({chains}), got {ladder_width}"
-            )
+            raise ValueError(f"ladder_width must be null or between 1 and chains ({chains}), got {ladder_width}")
         if not 0 <= ladder_from < 1 or (ladder_from > 0 and tempering < 2):
             raise ValueError(
                 f"ladder_from must be in [0, 1) and needs tempering >= 2, got {ladder_from}; "
