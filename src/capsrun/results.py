@@ -20,7 +20,8 @@ from pathlib import Path
 
 Row = dict[str, str]
 
-# the published figure each reproduction is read against (the sources: the README's Results)
+# the published figure each CapsNet-paper reproduction is read against (the capsule RBM's table says
+# its own in prose: arXiv:1907.11643 publishes none)
 PUBLISHED = {
     "capsnet_mnist": "99.75 %",
     "capsnet_fashion_mnist": "- (a Keras port: 93.62 %)",
@@ -28,10 +29,6 @@ PUBLISHED = {
     "capsnet_affnist": "99.23 % (affNIST: 79 %)",
     "capsnet_multimnist": "94.8 %",
     "baseline_cnn_multimnist": "91.9 %",
-    "capsrbm_mnist": "-",
-    "capsrbm_tapered": "-",
-    "rbm_mnist": "-86.34 nats (CD-25)",
-    "real_digits": "-",
 }
 TITLES = {
     "capsnet_mnist": "CapsNet, MNIST",
@@ -46,7 +43,6 @@ TITLES = {
     "capsrbm_tapered": "capsule RBM, tapered ladder",
     "rbm_mnist": "RBM anchor",
     "real_digits": "1,000 real binarised test digits",
-    "capsule_health": "deep CapsNet, Fashion-MNIST",
 }
 
 

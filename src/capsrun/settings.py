@@ -393,7 +393,7 @@ class SampleSettings:
 
 
 def check_sample(cfg: DictConfig) -> SampleSettings:
-    """Every setting of ``capsrun sample``, also those the checkpoint's model does not use."""
+    """``capsrun sample``'s settings that need no model (``sampler.*``: :func:`sampler_settings`)."""
     checkpoint_given(cfg, "sample")
     for key in ("samples_per_class", "inputs", "variations"):
         integer(cfg[key], key, example=8)
