@@ -238,22 +238,37 @@ def all_images(n: int = 9) -> torch.Tensor:
     return all_states(n).view(-1, 1, side, side)
 
 
-def small_capsrbm(iterations: int = 2, bound: float | None = 1.0, std: float = 0.7, seed: int = 0) -> CapsuleRBM:
+def small_capsrbm(iterations: int = 2, std: float = 0.7, seed: int = 0) -> CapsuleRBM:
+    """A 9-pixel capsule RBM (one pixel a patch, 2 capsules of 2 pose units), prior logits that
+    differ between patches: small enough to sum every route and hidden state by hand."""
     torch.manual_seed(seed)
     model = CapsuleRBM(
-        image_size=3,
-        patch=1,
-        hidden_caps=2,
-        hidden_dim=2,
-        routing_iterations=iterations,
-        agreement_bound=bound,
-        weight_std=std,
+        image_size=3, patch=1, hidden_caps=2, hidden_dim=2, routing_iterations=iterations, weight_std=std,
         persistent=False,
-    )
+    )  # fmt: skip
     with torch.no_grad():
         model.visible_bias.copy_(torch.linspace(-1, 1, 9))
         model.pose_bias.copy_(torch.tensor([[0.3, -0.2], [0.1, 0.4]]))
+        model.prior.copy_(torch.linspace(-0.8, 0.8, 18).view(9, 2))
     return model.double()
+
+
+def all_routes(model: CapsuleRBM) -> torch.Tensor:
+    """Every assignment of the model's patches to its capsules ``[N^P, P]``."""
+    grids = torch.meshgrid(*[torch.arange(model.caps)] * model.in_caps, indexing="ij")
+    return torch.stack([g.flatten() for g in grids], 1)
+
+
+def exact_free_energy_at(model, v: torch.Tensor, beta: float = 1.0, base: torch.Tensor | None = None) -> torch.Tensor:
+    """F_beta(v) ``[B]`` exactly: the model's own where its hidden units are summed out in closed
+    form; for the capsule RBM -log sum_r e^{-F_beta(v, r)}, every route summed by hand."""
+    with torch.no_grad():
+        if not isinstance(model, CapsuleRBM):
+            return model.free_energy_at(v, model.encode(v), beta, base)
+        per_route = [
+            -model.free_energy_at(v, model.chain_state(v, r.expand(len(v), -1)), beta, base) for r in all_routes(model)
+        ]
+        return -torch.logsumexp(torch.stack(per_route), 0)
 
 
 def small_rbm(seed: int = 0) -> RBM:
@@ -278,22 +293,20 @@ def sampling_floor(p: torch.Tensor, n: int) -> float:
 
 
 def exact_distribution(model) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.softmax(-model.free_energy(all_images()), 0)
+    return torch.softmax(-exact_free_energy_at(model, all_images()), 0)
 
 
 LADDER_BASE = torch.linspace(-1.5, 0.5, 9, dtype=torch.float64)  # the base-rate model of the 9-pixel ladders
 
 
 def tempering_capsrbm() -> CapsuleRBM:
-    """A 9-pixel capsule RBM whose couplings move (3 iterations, no bound): the ladder tests' own."""
+    """A 9-pixel capsule RBM with large weights (routes that depend on the pose): the ladder tests' own."""
     torch.manual_seed(0)
-    model = CapsuleRBM(
-        image_size=3, patch=1, hidden_caps=2, hidden_dim=2, routing_iterations=3, agreement_bound=None,
-        weight_std=1.5, persistent=False,
-    )  # fmt: skip
+    model = CapsuleRBM(image_size=3, patch=1, hidden_caps=2, hidden_dim=2, routing_iterations=3, weight_std=1.5,
+                       persistent=False)  # fmt: skip
     with torch.no_grad():
         model.visible_bias.copy_(torch.linspace(-1, 1, 9))
+        model.prior.copy_(torch.linspace(0.6, -0.6, 18).view(9, 2))
     return model.double()
 
 
@@ -312,7 +325,7 @@ def exact_at(model, beta: float = 1.0, base: torch.Tensor = LADDER_BASE) -> torc
     """p_beta over the 512 states of a 9-pixel model above the base-rate model ``base`` [512]."""
     states = all_images()
     with torch.no_grad():
-        return torch.softmax(-model.free_energy_at(states, model.encode(states), beta, base), 0)
+        return torch.softmax(-exact_free_energy_at(model, states, beta, base), 0)
 
 
 def tv(v: torch.Tensor, p: torch.Tensor) -> float:

@@ -44,7 +44,6 @@ def test_a_ladder_trained_model_is_sampled_on_its_ladder_shifted_and_tuned_by_de
         ({}, {"tempering": 0}, "sampler.tempering must be an integer >= 1, got 0"),
         ({}, {"chains": -1}, "sampler.chains must be an integer >= 1"),
         ({}, {"temperature": float("inf")}, "sampler.temperature must be a number > 0, got inf"),
-        ({}, {"mh": "maybe"}, "sampler.mh must be true or false"),
     ],
 )
 def test_sampler_settings_that_cannot_work_are_one_line_naming_the_key(trained, given, message):

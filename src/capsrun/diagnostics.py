@@ -155,9 +155,12 @@ class LayerRecord:
 
 def capsule_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(tag, module)`` of every primary and routed capsule layer, in forward order
-    (``primary_caps``, ``hidden_caps_0``, ..., ``digit_caps``)."""
+    (``primary_caps``, ``hidden_caps_0``, ..., ``digit_caps``), and of every module that says it
+    is one (``capsule_layer = True``: the capsule RBM's routing)."""
     return [
-        (name.replace(".", "_"), m) for name, m in model.named_modules() if isinstance(m, (PrimaryCaps, RoutedCaps))
+        (name.replace(".", "_"), m)
+        for name, m in model.named_modules()
+        if isinstance(m, (PrimaryCaps, RoutedCaps)) or getattr(m, "capsule_layer", False)
     ]
 
 
@@ -210,6 +213,9 @@ class CapsuleProbe:
 
 
 # --- all metrics of a model on a batch ----------------------------------------------------------
+
+
+PARSE_IMAGES = 16  # images in a parse picture
 
 
 @dataclass
@@ -279,6 +285,9 @@ def measure(
                 scalars.update({f"{tag}/{k}": v for k, v in routing_dynamics(c).items()})
                 health.histograms[f"{tag}/coupling"] = c.flatten().cpu()
                 health.images[f"{tag}/mean_coupling"] = mean_coupling_image(c)
+                layer = dict(probe.layers)[tag]
+                if hasattr(layer, "parse_image"):  # which parent each part routes to, on the first images
+                    health.images[f"{tag}/parse"] = layer.parse_image(x[:PARSE_IMAGES], c[:PARSE_IMAGES])
         if full:
             spec = affine or AffineSpec()
             gen = torch.Generator().manual_seed(seed)

@@ -1,8 +1,10 @@
 """The test log-likelihood of an energy model, in nats, by AIS over a run's loaders.
 
-log p(v) = -F(v) - log Z: F(v) is exact (the hidden units are summed out), log Z is estimated by
-annealed importance sampling from the base-rate model of the training images
-(:mod:`capsrun.mcmc.ais`). ``capsrun train`` logs it after the last epoch (``ais.at_end``),
+log p(v) = -F(v) - log Z: log Z is estimated by annealed importance sampling from the base-rate
+model of the training images (:mod:`capsrun.mcmc.ais`); F(v) is exact where the hidden units are
+summed out (the RBM), estimated by importance sampling where they are not (the capsule RBM's
+routes: :meth:`~capsrun.models.capsrbm.CapsuleRBM.marginal_free_energy`), and then the figure
+comes with the number of samples and the spread of their log weights. ``capsrun train`` logs it after the last epoch (``ais.at_end``),
 ``capsrun eval`` on a checkpoint; both through :func:`ais_log_likelihood`.
 """
 
@@ -44,14 +46,21 @@ def ais_log_likelihood(model, loaders, settings: AISSettings, progress: bool) ->
     log.info("AIS: %d runs x %d temperatures ...", settings.runs, settings.temperatures)
     result = ais.log_partition(model, base, settings.temperatures, settings.runs, seed=settings.seed, progress=progress)
     metrics: dict[str, float] = {}
+    samples = int(getattr(model, "samples", 0)) if has_estimate(model) else 0
     for name, loader in loaders.evals.items():
-        mean_f, n = ais.mean_free_energy(model, (unpack(b)[0] for b in loader.epoch(0)))
+        with torch.random.fork_rng(devices=_cuda(model)):  # the importance samples: seeded, the global RNG untouched
+            torch.manual_seed(settings.seed)
+            mean_f, spread, n = marginal_free_energy(model, _chunks(unpack(b)[0] for b in loader.epoch(0)))
         metrics.update(ais.log_likelihood_metrics(result, mean_f, prefix=name))
+        if samples:  # F(v) itself estimated: by how many importance samples, and their spread
+            metrics[f"{name}/log_likelihood_samples"] = samples
+            metrics[f"{name}/log_likelihood_spread"] = spread
         log.info(
-            "%s log-likelihood %.2f nats per image on %d images (AIS log Z %.2f, std of log weights %.2f, "
+            "%s log-likelihood %.2f nats per image (%s) on %d images (AIS log Z %.2f, std of log weights %.2f, "
             "%d runs x %d temperatures)",
             name,
             metrics[f"{name}/log_likelihood"],
+            kind(model),
             n,
             result.log_z,
             result.log_w_std,
@@ -59,6 +68,61 @@ def ais_log_likelihood(model, loaders, settings: AISSettings, progress: bool) ->
             result.temperatures,
         )
     return metrics
+
+
+CHUNK = 100  # images per importance-sampling pass: the estimate does not depend on the loader's batch size
+
+
+def _chunks(batches):
+    """The images of ``batches`` regrouped into chunks of :data:`CHUNK` (the last may be shorter)."""
+    held: list[torch.Tensor] = []
+    count = 0
+    for x in batches:
+        held.append(x)
+        count += len(x)
+        while count >= CHUNK:
+            both = torch.cat(held)
+            yield both[:CHUNK]
+            held, count = [both[CHUNK:]], count - CHUNK
+    if count:
+        yield torch.cat(held)
+
+
+def _cuda(model) -> list[torch.device]:
+    device = next(model.parameters()).device
+    return [device] if device.type == "cuda" else []
+
+
+def has_estimate(model) -> bool:
+    """Whether the model estimates F(v) (:meth:`~capsrun.models.energy.EnergyModel.marginal_free_energy`
+    overridden) rather than computing it exactly."""
+    from capsrun.models.energy import EnergyModel
+
+    own = getattr(type(model), "marginal_free_energy", None)
+    return own is not None and own is not EnergyModel.marginal_free_energy
+
+
+def kind(model) -> str:
+    """What ``test/log_likelihood`` is for this model, in words (``metrics.json`` keeps it)."""
+    if has_estimate(model):
+        return (
+            f"estimate: log p(v) by importance sampling ({getattr(model, 'samples', '?')} samples a test image), "
+            "a lower bound in expectation; log Z by AIS"
+        )
+    return "exact free energy; log Z by AIS"
+
+
+@torch.no_grad()
+def marginal_free_energy(model, batches) -> tuple[float, float, int]:
+    """The mean F(v) over binary images from ``batches`` (tensors [B, C, H, W] in [0, 1]), the
+    mean spread of its estimate (0 where it is exact) and how many images that was."""
+    total, spread, n = 0.0, 0.0, 0
+    for x in batches:
+        f, s = model.marginal_free_energy(model.visible_states(x))
+        total += float(f.double().sum())
+        spread += 0.0 if s is None else float(s.double().sum())
+        n += len(f)
+    return total / max(n, 1), spread / max(n, 1), n
 
 
 class LogLikelihoodHook:

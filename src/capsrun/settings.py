@@ -40,7 +40,7 @@ RENAMED = {
     | {"model.samples.chains": "sampler.chains", "model.samples.gibbs_steps": "sampler.steps"}
     | {f"model.samples.{k}": f"sampler.{k}" for k in _LADDER},
     "sample": {"num_samples": "sampler.chains", "gibbs_steps": "sampler.steps"}
-    | {k: f"sampler.{k}" for k in (*_LADDER, "temperature", "mh")},
+    | {k: f"sampler.{k}" for k in (*_LADDER, "temperature")},
 }
 
 
@@ -346,9 +346,7 @@ def sampler_settings(node: DictConfig, trained: Mapping, seed_value: int) -> Sam
         raise ConfigError(
             "sampler.ladder_shift and sampler.ladder_tune shape a tempering ladder; give one or leave them null"
         )
-    if not isinstance(node.get("mh", True), bool):
-        raise ConfigError(f"sampler.mh must be true or false, got {node.get('mh')!r}")
-    spec = ChainSpec(steps, tempering, lowest, shift, tune, temperature, node.get("mh", True), seed_value)
+    spec = ChainSpec(steps, tempering, lowest, shift, tune, temperature, seed_value)
     return SamplerSettings(chains, spec)
 
 

@@ -135,6 +135,52 @@ def test_eval_estimates_the_log_likelihood_by_ais(energy_run, mnist_root, work):
     # the same checkpoint, the same AIS settings and seed: the same estimate as at the end of training
     assert metrics["test/log_likelihood"] == pytest.approx(trained["test/log_likelihood"], abs=1e-3)
     assert "test log-likelihood" in result.stdout + result.stderr
+    if run.name == "capsrbm":  # log p(v) itself estimated: its kind, samples and spread beside it
+        assert metrics["log_likelihood_kind"].startswith("estimate: log p(v) by importance sampling")
+        assert metrics["test/log_likelihood_samples"] == 100 and metrics["test/log_likelihood_spread"] >= 0
+    else:
+        assert metrics["log_likelihood_kind"] == "exact free energy; log Z by AIS"
+        assert "test/log_likelihood_samples" not in metrics
+
+
+@pytest.mark.parametrize("energy_run", ["capsrbm"], indirect=True)
+def test_analyze_reports_the_capsule_rbm_s_couplings_and_draws_its_parse(energy_run, mnist_root, work):
+    _, run = energy_run
+    out = work / "analyze_capsrbm"
+    ok(run_capsrun("analyze", f"checkpoint={run}", "examples=64", f"hydra.run.dir={out}", cwd=work, data_root=mnist_root))
+    report = json.loads((out / "health.json").read_text())
+    health = next(iter(report["runs"].values()))["health"]
+    assert 0 <= health["hidden_caps/coupling/entropy"] <= 1 and health["hidden_caps/routing/std"] >= 0
+    with Image.open(out / "hidden_caps_parse.png") as picture:
+        assert picture.size == (3 * 16 * 29, 3 * 28) and picture.mode == "RGB"
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_routing_iterations_drive_the_capsule_rbm(mnist_root, tmp_path, iterations):
+    """``routing.iterations`` is the capsule RBM's number of mean-field passes (stored, and read
+    back from the checkpoint), never ignored."""
+    run = tmp_path / "run"
+    args = [*SMALL["capsrbm"], *COMMON, "trainer.epochs=1", "data.train_limit=64", "ais.at_end=false"]
+    ok(run_capsrun("train", *args, f"routing.iterations={iterations}", f"hydra.run.dir={run}", cwd=tmp_path,
+                   data_root=mnist_root))  # fmt: skip
+    from capsrun import registry
+
+    model, cfg, _ = registry.from_checkpoint(run / "checkpoints" / "last.pt", torch.device("cpu"))
+    assert model.hidden_caps.iterations == iterations == cfg.model.net.routing_iterations
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["routing.iterations=0"], "routing.iterations must be an integer >= 1, got 0"),
+        (["model.net.likelihood_samples=-1"], "likelihood_samples must be an integer >= 1, got -1"),
+    ],
+)
+def test_bad_capsule_rbm_settings_are_one_line(mnist_root, tmp_path, args, needle):
+    result = run_capsrun("train", *SMALL["capsrbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    assert not list(tmp_path.rglob("last.pt"))
 
 
 def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, work, classifier):

@@ -12,6 +12,7 @@ from capsrun.mcmc import ais
 from capsrun.mcmc.base import base_rate
 from capsrun.models.capsrbm import CapsuleRBM
 from capsrun.models.rbm import RBM
+from helpers import exact_free_energy_at
 
 
 def _states(n: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _tiny_capsrbm(iterations: int = 2) -> CapsuleRBM:
     model = CapsuleRBM(
         image_size=3,
         patch=1,
-        hidden_caps=3,
+        hidden_caps=2,
         hidden_dim=2,
         routing_iterations=iterations,
         weight_std=0.7,
@@ -45,8 +46,7 @@ def _tiny_capsrbm(iterations: int = 2) -> CapsuleRBM:
 
 def _exact_log_z(model) -> float:
     v = _states(9).view(-1, *model.image_shape)
-    with torch.no_grad():
-        return float(torch.logsumexp(-model.free_energy(v).double(), 0))
+    return float(torch.logsumexp(-exact_free_energy_at(model, v).double(), 0))
 
 
 def test_base_partition_is_exact_at_beta_zero():
@@ -55,13 +55,14 @@ def test_base_partition_is_exact_at_beta_zero():
         base = torch.linspace(-2, 1, 9)
         v = _states(9).view(-1, *model.image_shape)
         with torch.no_grad():
-            exact = torch.logsumexp(-model.free_energy_at(v, model.encode(v), 0.0, base).double(), 0)
+            exact = torch.logsumexp(-exact_free_energy_at(model, v, 0.0, base).double(), 0)
         assert float(model.log_base_partition(base)) == pytest.approx(float(exact), abs=1e-5)
 
 
 def test_rbm_hidden_states_count():
     assert _tiny_rbm().log_hidden_states() == pytest.approx(4 * math.log(2))
-    assert _tiny_capsrbm().log_hidden_states() == pytest.approx(3 * math.log(1 + 4))  # off, or 4 poses
+    # each of 9 patches routed to one of 2 capsules; each capsule off, or on with 4 poses
+    assert _tiny_capsrbm().log_hidden_states() == pytest.approx(9 * math.log(2) + 2 * math.log(1 + 4))
 
 
 @pytest.mark.parametrize("make", [_tiny_rbm, _tiny_capsrbm], ids=["rbm", "capsrbm"])

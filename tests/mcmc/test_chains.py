@@ -36,7 +36,7 @@ def test_a_ladder_starts_where_it_is_told():
     spec = ChainSpec(3, tempering=5, seed=7)
     run = run_chains(model, start, spec, BASE, below)
     torch.manual_seed(7)
-    levels, _, _ = run_ladder(model, torch.cat([below, start[None]]), 3, BASE)
+    levels, _, _, _ = run_ladder(model, torch.cat([below, start[None]]), 3, BASE)
     assert torch.equal(run.v, levels[-1])
     assert not torch.equal(run_chains(model, start, spec, BASE).v, run.v)  # the start below reaches the top
     with pytest.raises(ValueError, match="below must be"):
@@ -58,7 +58,7 @@ def test_a_ladder_that_stops_short_of_the_base_rate_model_still_samples_the_mode
     torch.manual_seed(3)
     below = torch.bernoulli(torch.sigmoid(BASE).expand(5 * n, -1)).view(5, n, 1, 3, 3)
     betas = torch.linspace(0.3, 1, 6, dtype=torch.float64)  # an even ladder from 0.3: the model has none of its own
-    levels, _, _ = run_ladder(model, torch.cat([below, start[None]]), 400, BASE, betas=betas)
+    levels, _, _, _ = run_ladder(model, torch.cat([below, start[None]]), 400, BASE, betas=betas)
     assert torch.equal(run.v, levels[-1])
     assert run.betas == pytest.approx(betas.tolist())
     high = run_chains(model, start[:1000], ChainSpec(400, tempering=6, ladder_from=0.8), BASE)
@@ -122,17 +122,6 @@ def test_chains_in_segments_draw_what_one_run_draws(tempering):
         run_chains(model, start, ChainSpec(3), watch=Watch(every=-1))
 
 
-def test_a_plain_chain_keeps_the_mh_switch_it_was_given():
-    """``spec.mh`` holds for the run (the capsule RBM's test off: other draws) and the model's own
-    switch is back afterwards."""
-    model = tempering_capsrbm()
-    start = _noise(50)
-    exact = run_chains(model, start, ChainSpec(5, seed=1))
-    biased = run_chains(model, start, ChainSpec(5, mh=False, seed=1))
-    assert model.mh is True and not torch.equal(exact.v, biased.v)
-    assert biased.acceptance == 1.0 and exact.acceptance < 1.0
-
-
 def test_swap_rates_count_the_tries_of_each_pair():
     """Pair k proposes on every other sweep; the reported rate is its swaps over its own tries,
     the same whether the sweeps run in one segment or in many odd-length ones (7 sweeps: pairs 0
@@ -143,7 +132,7 @@ def test_swap_rates_count_the_tries_of_each_pair():
     watch = Watch(every=3, observe=lambda step, _: looked.append(step))
     run = run_chains(model, start, ChainSpec(7, tempering=5, seed=2), BASE, watch=watch)
     torch.manual_seed(2)
-    _, _, rates = run_ladder(model, _from_base(start, 5), 7, BASE)  # one segment: swaps over tries, counted in there
+    _, _, rates, _ = run_ladder(model, _from_base(start, 5), 7, BASE)  # one segment: swaps over tries, counted in there
     assert looked == [3, 6]  # segments of 3, 3 and 1 sweeps
     assert run.swap_rates == pytest.approx(rates.tolist(), abs=1e-6)  # float32 rates
 

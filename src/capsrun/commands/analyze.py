@@ -57,7 +57,8 @@ def _run_labels(runs: list[Path]) -> list[str]:
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:
     """``capsrun analyze checkpoint=PATH``: capsule health (:mod:`capsrun.diagnostics`) of one
-    checkpoint or of every run below a directory, as a table and ``health.json``."""
+    checkpoint or of every run below a directory, as a table, ``health.json`` and the images (mean
+    couplings; the capsule RBM's parse of the first test images) as PNGs."""
     from hydra.utils import to_absolute_path
 
     from capsrun import diagnostics
@@ -99,6 +100,11 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             objective(model(bx, by), target, by)["total"].backward()
         health.scalars = {**diagnostics.gradient_norms(model), **health.scalars}  # rows in forward order
         model.zero_grad(set_to_none=True)
+        pictures = []  # the mean couplings and, for the capsule RBM, the parse of the first images
+        for tag, image in health.images.items():
+            name = f"{'' if len(targets) == 1 else label.replace(' ', '_').replace('/', '-') + '_'}{tag.replace('/', '_')}.png"
+            common.save_png(common.output_dir() / name, image)
+            pictures.append(name)
         report[str(path)] = {
             "run": label,
             "model": run_cfg.model.name,
@@ -106,6 +112,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
             "epoch": ckpt["epoch"],
             "test/accuracy": (ckpt.get("state") or {}).get("last_metrics", {}).get("test/accuracy"),
             "health": health.scalars,
+            "images": pictures,
         }
         log.info(
             "analyzed %s (%s, epoch %d) on %d %s images", path, run_cfg.model.name, ckpt["epoch"], len(x), cfg.split

@@ -132,7 +132,7 @@ def _bench_settings(cfg: DictConfig, dev: torch.device) -> list:
 
     found = []
     for name in cfg.models:
-        # routed: the model's iterations follow routing.iterations (the capsule RBM fixes its own)
+        # routed: the model's iterations follow routing.iterations (every capsule model's do)
         routed = _bench_config(cfg, name, 3, 128).model.net.get("routing_iterations") == 3 and (
             _bench_config(cfg, name, 1, 128).model.net.get("routing_iterations") == 1
         )

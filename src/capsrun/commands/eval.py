@@ -12,6 +12,7 @@ from capsrun import build, checkpoint, registry, settings
 from capsrun.commands import common
 from capsrun.errors import ConfigError
 from capsrun.likelihood import ais_log_likelihood
+from capsrun.likelihood import kind as likelihood_kind
 from capsrun.registry import ENERGY_MODELS
 from capsrun.train import evaluate, evaluate_ensemble
 
@@ -80,6 +81,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
             )
         if energy:
             metrics.update(ais_log_likelihood(model, loaders, ais, cfg.trainer.progress))
+            metrics["log_likelihood_kind"] = likelihood_kind(model)
     if len(models) > 1:
         for name, loader in loaders.evals.items():
             metrics.update(evaluate_ensemble(models, loader, prefix=name))

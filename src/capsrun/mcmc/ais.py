@@ -123,10 +123,10 @@ def anneal(
         torch.manual_seed(seed)
         if start is None:
             v = torch.bernoulli(torch.sigmoid(base).expand(runs, -1)).view(runs, *model.image_shape)
-            enc = model.encode(v)
+            enc = model.chain_state(v)
         else:
             start = start.to(device)
-            v, enc, _ = model.transition(start, model.encode(start), 0.0, base)
+            v, enc, _ = model.transition(start, model.chain_state(start), 0.0, base)
         log_w = torch.zeros(len(v), dtype=torch.float64, device=device)
         steps = tqdm(range(1, len(betas)), desc="AIS", disable=None if progress else True, leave=False)
         for k in steps:

@@ -9,14 +9,13 @@ so neither snapshots nor observers change a draw.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from capsrun.mcmc.base import EnergyChain
+from capsrun.mcmc.base import EnergyChain, latent_of
 from capsrun.mcmc.tempering import own_ladder, retune, run_ladder, sampling_ladder, swap_tries
 
 SEGMENT = 10  # chain steps between two looks at the chains (progress, snapshots, observe)
@@ -33,8 +32,7 @@ class ChainSpec:
     the bottom; the top, the model, is unchanged). ``tune``: in the first this many sweeps the
     ladder is re-spaced every :data:`TUNE_EVERY` so that its pairs swap about equally often (an
     adaptive burn-in; afterwards the sweeps are an ordinary ladder's and the top samples the model
-    exactly). ``temperature``: a plain chain samples p(v, h)^(1/T) (a ladder only T = 1). ``mh``:
-    a plain chain of the capsule RBM keeps its Metropolis-Hastings test (False: biased).
+    exactly). ``temperature``: a plain chain samples p(v, h)^(1/T) (a ladder only T = 1).
     ``seed``: the draws' seed."""
 
     steps: int
@@ -43,7 +41,6 @@ class ChainSpec:
     shift: float = 0.0
     tune: int = 0
     temperature: float = 1.0
-    mh: bool = True
     seed: int = 0
 
 
@@ -73,26 +70,18 @@ class Chains(NamedTuple):
 
 
 @torch.no_grad()
-def gibbs(model: EnergyChain, v: torch.Tensor, steps: int, beta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def gibbs(
+    model: EnergyChain, v: torch.Tensor, steps: int, beta: float = 1.0, latent: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``steps`` steps of the model's own chain at inverse temperature ``beta`` from ``v``
-    [B, C, H, W]; returns the states and the mean acceptance (a 0-d tensor)."""
-    enc = model.encode(v)
+    [B, C, H, W] (and the latent state ``latent``, :func:`~capsrun.mcmc.base.latent_of`); returns
+    the states, the mean acceptance (a 0-d tensor) and the final latent state (None if none)."""
+    enc = model.chain_state(v, latent)
     acceptance = torch.zeros((), device=v.device)
     for t in range(steps):
         v, enc, acc = model.transition(v, enc, beta, encode=t < steps - 1)
         acceptance = acceptance + acc.mean()
-    return v, acceptance / max(steps, 1)
-
-
-@contextlib.contextmanager
-def _mh(model: Any, on: bool) -> Iterator[None]:
-    """The model's Metropolis-Hastings switch set to ``on`` for a while (the capsule RBM's)."""
-    was = getattr(model, "mh", None)
-    model.mh = on
-    try:
-        yield
-    finally:
-        model.mh = was
+    return v, acceptance / max(steps, 1), latent_of(enc) if steps else latent
 
 
 class _Ladder:
@@ -111,6 +100,7 @@ class _Ladder:
         self.running: torch.Tensor | None = None
         self.interval = min(TUNE_EVERY, spec.tune) if spec.tune else TUNE_EVERY  # a short tune re-spaces once
         self.levels = start
+        self.latent: torch.Tensor | None = None  # the levels' latent states, carried between segments
 
     def draw(self, start: torch.Tensor, below: torch.Tensor | None) -> None:
         """The levels' start (inside the run's seeded RNG)."""
@@ -130,7 +120,9 @@ class _Ladder:
     def advance(self, done: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sweeps ``done`` .. ``stop - 1``; returns the top's states and mean acceptance."""
         n = stop - done
-        self.levels, acc, rates = run_ladder(self.model, self.levels, n, self.base, done, self.betas)
+        latent = None if self.latent is None else self.latent.flatten(0, 1)
+        self.levels, acc, rates, latent = run_ladder(self.model, self.levels, n, self.base, done, self.betas, None, latent)
+        self.latent = None if latent is None else latent.view(*self.levels.shape[:2], *latent.shape[1:])
         tries = swap_tries(done, n, self.spec.tempering - 1)  # the rates are per try: count them back
         self.swaps += rates.double().cpu() * tries
         self.tried += tries
@@ -173,7 +165,7 @@ def run_chains(
     ladder = _Ladder(model, start, spec, base) if spec.tempering > 1 else None
     devices = [start.device] if start.device.type == "cuda" else []
     every = max(spec.steps // watch.snapshots, 1) if watch.snapshots else spec.steps + 1
-    taken, acceptance, v = [], 0.0, start
+    taken, acceptance, v, latent = [], 0.0, start, None
     was_training = model.training
     model.eval()
     bar = tqdm(total=spec.steps, desc="sweeps" if ladder else "steps", unit="", leave=False,
@@ -192,8 +184,7 @@ def run_chains(
                     stop = ladder.bound(done, stop)
                     v, acc = ladder.advance(done, stop)
                 else:
-                    with _mh(model, spec.mh):
-                        v, acc = gibbs(model, v, stop - done, 1.0 / spec.temperature)
+                    v, acc, latent = gibbs(model, v, stop - done, 1.0 / spec.temperature, latent)
                 acceptance += float(acc) * (stop - done)
                 bar.update(stop - done)
                 done = stop

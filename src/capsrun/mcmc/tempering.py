@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from capsrun.mcmc.base import EnergyChain, take
+from capsrun.mcmc.base import EnergyChain, latent_of, take
 
 RETUNE_EVERY = 100  # training sweeps between two re-spacings of a model's ladder
 
@@ -192,18 +192,20 @@ def run_ladder(
     first_sweep: int = 0,
     betas: Sequence[float] | torch.Tensor | None = None,
     widths: Sequence[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    latent: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``steps`` sweeps of parallel tempering over ``states`` [K, n, C, H, W] (one level per
     inverse temperature of ``betas``, increasing to 1; None: :func:`own_ladder`) above the
     base-rate model ``base``, the first of parity ``first_sweep``; with ``widths`` (chains a
-    level, [K]) ``states`` [sum(widths), C, H, W], the levels one after another. Returns the
-    states, the mean acceptance of the top level's chain and the swap rate of each neighbouring
-    pair per try ``[K - 1]``."""
+    level, [K]) ``states`` [sum(widths), C, H, W], the levels one after another; ``latent``: the
+    states' latent part, one row per state (:func:`~capsrun.mcmc.base.latent_of`). Returns the
+    states, the mean acceptance of the top level's chain, the swap rate of each neighbouring pair
+    per try ``[K - 1]`` and the final latent part (None if the model has none)."""
     levels = len(widths) if widths is not None else len(states)
     if betas is None:
         betas = own_ladder(model, levels)
     betas = torch.as_tensor(betas, dtype=states.dtype).to(states.device)
-    enc = model.encode(states if widths is not None else states.flatten(0, 1))
+    enc = model.chain_state(states if widths is not None else states.flatten(0, 1), latent)
     acceptance = torch.zeros((), device=states.device)
     swapped = torch.zeros(levels - 1, device=states.device)
     for t in range(steps):
@@ -213,4 +215,4 @@ def run_ladder(
         )
         acceptance, swapped = acceptance + acc.mean(), swapped + rates
     tried = swap_tries(first_sweep, steps, levels - 1)
-    return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped)
+    return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped), latent_of(enc) if steps else latent

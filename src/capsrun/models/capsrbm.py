@@ -2,49 +2,54 @@
 
 Paper (Hauser, "Training products of expert capsules with mixing by dynamic routing",
 arXiv:1907.11643, 2019; companion arXiv:1907.11639, trained by contrastive divergence): by
-analogy with an RBM's binary hidden units, a capsule's length, in (0, 1), is the probability that
-it is on; an energy with no hidden-hidden connections, so that hidden capsules are independent
-given the visible layer, designed so that a capsule fires with the probability dynamic routing
-gives it. The sources say no more; everything below is capsrun's design, derived and argued in
-docs/capsrbm.md (why not the energy -a.v - sum_j z_j log|s_j|^2: "Energy, conditionals and free
-energy").
+analogy with an RBM's binary hidden units, a capsule's length is the probability that it is on;
+"inference on the capsule network is computed with the dynamic routing between capsules
+procedure". The sources give no energy; the one below is capsrun's (docs/capsrbm.md): routing is
+a latent part-whole assignment, and dynamic routing is mean-field inference of it.
 
-Visible layer: binary pixels v, cut into non-overlapping ``patch x patch`` visible capsules v_i.
-Hidden layer: N capsules; capsule j has an on/off switch z_j and D binary pose units h_j, which
-are off when the switch is off (as the capsule RBM of Li & Zhu, 2019, which has no routing).
-Votes u_{j|i} = W_ij v_i [D]; couplings c_ij(v) from routing by agreement; the routed input
+Visible layer: binary pixels v, cut into non-overlapping ``patch x patch`` visible capsules v_i
+(i = 1..P). Hidden layer: N capsules; capsule j has an on/off switch z_j and D binary pose units
+h_j, off when the switch is off (as the capsule RBM of Li & Zhu, 2019). Routing: r_i, one-hot over
+the N capsules, says which capsule explains patch i (the parse). Votes u_{j|i} = W_ij v_i [D];
+prior logits pi_ij (a patch's preference for a parent, learned).
 
-    s_j(v) = N sum_i c_ij(v) u_{j|i} + beta_j                                         [D]
+    E(v, r, z, h) = -a . v - sum_j z_j (b_j + beta_j . h_j) - sum_ij r_ij (z_j h_j . u_{j|i} + pi_ij)
 
-(times N: uniform couplings, one routing iteration, give the plain sum sum_i u_{j|i}, an RBM layer).
+Every block conditional factorises, so block Gibbs is exact (acceptance 1):
 
-    E(v, z, h) = -a . v - sum_j z_j (b_j + h_j . s_j(v))
-    p(z_j = 1 | v) = sigmoid(b_j + sum_d softplus(s_jd(v)))              (the capsule fires)
-    p(h_jd = 1 | v, z_j = 1) = sigmoid(s_jd(v))                          (its pose)
-    F(v) = -a . v - sum_j softplus(b_j + sum_d softplus(s_jd(v)))
+    p(r_i = j | v, z, h) = softmax_j(z_j h_j . u_{j|i} + pi_ij)     routing by agreement
+    s_j = beta_j + sum_i r_ij u_{j|i}                                  the routed capsule [D]
+    p(z_j = 1 | v, r) = sigmoid(b_j + sum_d softplus(s_jd))            the capsule fires
+    p(h_jd = 1 | v, r, z_j = 1) = sigmoid(s_jd)                        its pose
+    p(v_i = 1 | r, z, h) = sigmoid(a_i + sum_j r_ij W_ij^T z_j h_j)    each patch drawn by its parent
 
-Deviations from the paper's words, ours: the firing probability is a logistic function of the
-routed capsule, as the squash length |s|^2 / (1 + |s|^2) = sigmoid(log |s|^2) is, with the
-evidence b_j + sum_d softplus(s_jd) in place of log |s_j|^2 (it grows linearly, so weight scale
-sharpens p(v), and it has a sign). Routing is Procedure 1 of arXiv:1710.09829 with the capsule's
-mean E[z_j h_j | v] = p(z_j = 1 | v) sigmoid(s_j) in place of squash(s_j): c_i <- softmax_j(b_ij),
-b_ij += u_{j|i} . E[z_j h_j | v], each update bounded as ``agreement_bound * tanh(a / bound)``;
-a deterministic function of v, so F(v) is exact.
+Summed over (z, h) given r the capsules are independent, so the joint free energy is closed form:
 
-Chain: z, h ~ p(z, h | v) exactly; then v' from the visible conditional with the couplings frozen
-at c(v), a factorial Bernoulli sigmoid(a + N sum_j c_ij W_ij^T z_j h_j), accepted with the
-Metropolis-Hastings ratio that accounts for c(v') != c(v), so the chain leaves p(v, z, h)
-invariant exactly (``mh=False`` skips the test: biased). With one routing iteration the couplings
-are uniform whatever v is: the ratio is exactly 1 (the test is skipped), and s(v) and the top-down
-pass are one matmul each over the pixels (the patches' weights in pixel order), an RBM's cost.
-That is also the model's gap: with one iteration routing plays no part, and with two or more PCD
-diverges (docs/capsrbm.md, "Routing").
+    F(v, r) = -a . v - sum_i pi_{i r_i} - sum_j softplus(b_j + sum_d softplus(s_jd(v, r)))
 
-Gradient: d log p(v) / d theta = -dF(v)/d theta + E_model[dF/d theta], through the routing,
-estimated by CD-k or PCD chains (:class:`~capsrun.models.energy.EnergyModel`).
+F(v) = -log sum_r e^{-F(v, r)} sums N^P assignments: no closed form. Inference is mean field over
+soft couplings c_i (a distribution over parents per patch): -F(v, c) + H(c) <= log sum_r e^{-F(v, r)}
+(Jensen, twice: log-sum-exp over r, and -F(v, r) is convex in r), maximised by the fixed point
 
-Shapes (MNIST, patch 7): x [B, 1, 28, 28] -> visible capsules [B, 16, 49] -> votes [B, 16, N, D]
--> couplings [B, 16, N], s [B, N, D] -> p(z | v) [B, N]; F(v) [B].
+    c_ij <- softmax_j(pi_ij + u_{j|i} . mu_j),    mu_j = p(z_j = 1) sigmoid(s_j),  s_j = beta_j + sum_i c_ij u_{j|i}
+
+which is Procedure 1 of arXiv:1710.09829 with the capsule's mean mu_j in place of squash(s_j): so
+``routing_iterations`` is the number of mean-field passes (1: the couplings stay at the prior
+softmax(pi), the same for every image). Training follows deep Boltzmann machines (Salakhutdinov &
+Hinton, AISTATS 2009): the positive phase is the gradient of the mean-field bound F(v, c) - H(c)
+with c held fixed, the negative phase F(v, r) of persistent block-Gibbs chains over (v, r)
+(:class:`~capsrun.models.energy.EnergyModel`; the routes are part of the chains' state).
+
+Likelihood: log Z by AIS on the joint (v, r) from the base-rate model (beta = 0: pixels from the
+base rate, r uniform, capsules uniform: log Z_0 exact); log p(v) by importance sampling over r with
+the mean-field couplings as the proposal: mean_k e^{-F(v, r_k)} / q(r_k) is unbiased for the
+unnormalised p(v), its log a lower bound in expectation that tightens with K
+(:meth:`CapsuleRBM.marginal_free_energy`). What is the paper's: capsules whose firing
+probability comes from routing, products of experts, CD-style training without labels. What is
+ours: the energy, the latent routes, mean field as the routing procedure, the learned prior pi.
+
+Shapes (MNIST, patch 4): x [B, 1, 28, 28] -> visible capsules [B, 49, 16] -> votes [B, 49, N, D]
+-> couplings c [B, 49, N], s [B, N, D] -> p(z | v) [B, N]; F [B].
 """
 
 from __future__ import annotations
@@ -61,40 +66,92 @@ from capsrun.models.energy import EnergyModel, bernoulli, per_row, softplus
 
 
 class Routed(NamedTuple):
-    """``s`` [B, N, D]: the routed capsules; ``coupling`` [B, P, N]: c_ij of the last iteration."""
+    """What the energy and the chain need of v: ``s`` [B, N, D] the routed capsules; for inference
+    the mean-field ``coupling`` [B, P, N] and the ``votes`` [B, P, N, D] (``routes`` None); for a
+    chain's state ``routes`` [B, P], the parent of each patch (``coupling``, ``votes`` None). After
+    the last step of a chain only ``routes`` is filled."""
 
-    s: torch.Tensor
+    s: torch.Tensor | None
+    coupling: torch.Tensor | None
+    votes: torch.Tensor | None
+    routes: torch.Tensor | None
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        return self.routes
+
+
+class MeanField(NamedTuple):
+    """The routing layer's output: ``v`` [B, N, D] the capsules' means E[z_j h_j] (what the
+    capsule-health probe reads), ``coupling`` [B, P, N], ``s`` [B, N, D]."""
+
+    v: torch.Tensor
     coupling: torch.Tensor
+    s: torch.Tensor
 
 
-def route(
-    u_hat: torch.Tensor,
-    iterations: int,
-    switch_bias: torch.Tensor,
-    pose_bias: torch.Tensor,
-    bound: float | None = None,
-) -> Routed:
-    """Routing by agreement for the capsule RBM (Procedure 1 of arXiv:1710.09829, agreement with
-    the capsule's mean E[z_j h_j | v] = p(z_j = 1 | v) sigmoid(s_j) instead of squash(s_j)).
+def capsule_mean(s: torch.Tensor, switch_bias: torch.Tensor) -> torch.Tensor:
+    """mu_j = p(z_j = 1 | s) sigmoid(s_j) ``[B, N, D]`` from the routed capsules ``s`` [B, N, D]."""
+    on = torch.sigmoid(switch_bias + F.softplus(s).sum(-1))
+    return on.unsqueeze(-1) * torch.sigmoid(s)
 
-    ``u_hat`` [B, P, N, D] votes; ``switch_bias`` [N]; ``pose_bias`` [N, D]; ``bound``: each
-    agreement update is ``bound * tanh(a / bound)`` (None: a itself). Couplings start uniform
-    (logits 0), so one iteration gives s_j = sum_i u_{j|i} + beta_j."""
-    batch, children, parents, _ = u_hat.shape
-    logits = u_hat.new_zeros(batch, children, parents)
-    for it in range(iterations):
-        coupling = torch.softmax(logits, dim=-1)
-        s = parents * torch.einsum("bij,bijd->bjd", coupling, u_hat) + pose_bias
-        if it == iterations - 1:
-            return Routed(s, coupling)
-        on = torch.sigmoid(switch_bias + F.softplus(s).sum(-1))  # p(z_j = 1 | v) [B, N]
-        agreement = torch.einsum("bijd,bjd->bij", u_hat, on.unsqueeze(-1) * torch.sigmoid(s))
-        logits = logits + (agreement if bound is None else bound * torch.tanh(agreement / bound))
-    raise ValueError(f"routing iterations must be >= 1, got {iterations}")
+
+def mean_field_couplings(
+    votes: torch.Tensor, prior: torch.Tensor, switch_bias: torch.Tensor, pose_bias: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """Couplings ``[B, P, N]`` after ``iterations`` mean-field passes (see the module docstring):
+    start at softmax(pi); each pass but the last routes the votes ``votes`` [B, P, N, D], takes the
+    capsules' means and re-weighs every patch's parents by agreement with them. ``prior`` [P, N],
+    ``switch_bias`` [N], ``pose_bias`` [N, D]."""
+    if iterations < 1:
+        raise ValueError(f"routing iterations must be >= 1, got {iterations}")
+    coupling = torch.softmax(prior, -1).expand(votes.shape[:3])
+    for _ in range(iterations - 1):
+        s = torch.einsum("bij,bijd->bjd", coupling, votes) + pose_bias
+        agreement = torch.einsum("bijd,bjd->bij", votes, capsule_mean(s, switch_bias))
+        coupling = torch.softmax(prior + agreement, -1)
+    return coupling
+
+
+class PartWholeRouting(nn.Module):
+    """Routing by agreement as mean-field inference of the parse (no parameters of its own: the
+    capsule RBM passes them). A module so that the capsule-health probe records its couplings
+    (``capsule_layer``) and draws the parse (:meth:`parse_image`)."""
+
+    capsule_layer = True
+
+    def __init__(self, iterations: int, grid: int, patch: int):
+        super().__init__()
+        self.iterations, self.grid, self.patch = iterations, grid, patch
+
+    def forward(self, votes, prior, switch_bias, pose_bias) -> MeanField:
+        with torch.no_grad():  # c is held fixed in the gradient (the bound's envelope)
+            coupling = mean_field_couplings(votes, prior, switch_bias, pose_bias, self.iterations)
+        s = torch.einsum("bij,bijd->bjd", coupling, votes) + pose_bias
+        return MeanField(capsule_mean(s, switch_bias), coupling, s)
+
+    def parse_image(self, x: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
+        """Which capsule each patch routes to, for images ``x`` [B, C, H, W] and their couplings
+        [B, P, N]: every patch tinted by a colour per capsule (its argmax parent), brightness the
+        pixel's ink and the coupling's weight; the images side by side, 3x enlarged
+        ``[3, 3 H, 3 B (W + 1)]``."""
+        parent = coupling.argmax(-1)  # [B, P]
+        weight = coupling.amax(-1)
+        hue = parent.float() * 0.618034 % 1.0  # golden-ratio hues: neighbouring indices look different
+        colour = torch.stack([(hue + k / 3) % 1.0 for k in range(3)], -1)
+        colour = 0.5 + 0.5 * torch.cos(2 * math.pi * colour)  # [B, P, 3]
+        tint = (colour * (0.35 + 0.65 * weight.unsqueeze(-1))).permute(0, 2, 1)
+        tint = tint.reshape(len(x), 3, self.grid, self.grid)
+        tint = tint.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+        ink = x.float().mean(1, keepdim=True).clamp(0, 1)
+        shown = tint * (0.15 + 0.85 * ink)
+        shown = F.pad(shown, (0, 1), value=1.0)
+        picture = shown.permute(1, 2, 0, 3).reshape(3, shown.shape[2], -1)
+        return picture.repeat_interleave(3, 1).repeat_interleave(3, 2).cpu()
 
 
 class CapsuleRBM(EnergyModel):
-    """See the module docstring for the energy, the conditionals, the chain and the gradient."""
+    """See the module docstring for the energy, the conditionals, inference and the gradient."""
 
     def __init__(
         self,
@@ -104,129 +161,188 @@ class CapsuleRBM(EnergyModel):
         patch: int = 4,
         hidden_caps: int = 50,
         hidden_dim: int = 10,
-        routing_iterations: int = 1,
-        agreement_bound: float | None = 0.1,
+        routing_iterations: int = 3,
         weight_std: float = 0.01,
-        mh: bool = True,
+        likelihood_samples: int = 100,
         **training,
     ):
-        """``training``: how it is trained (:class:`~capsrun.models.energy.EnergyModel`:
-        ``cd_steps``, ``persistent``, ``chains``, ``tempering``, ...)."""
+        """``routing_iterations``: mean-field passes of inference; ``likelihood_samples``: K of
+        the importance-sampled log p(v). ``training``: how it is trained
+        (:class:`~capsrun.models.energy.EnergyModel`: ``cd_steps``, ``chains``, ``tempering``, ...)."""
         super().__init__((in_channels, image_size, image_size), **training)
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be a multiple of patch {patch}")
-        if min(hidden_caps, hidden_dim, routing_iterations) < 1:
-            raise ValueError("hidden_caps, hidden_dim and routing_iterations must be >= 1")
-        if agreement_bound is not None and not agreement_bound > 0:
-            raise ValueError(f"agreement_bound must be null or > 0, got {agreement_bound}")
-        self.patch, self.iterations, self.mh, self.bound = patch, routing_iterations, mh, agreement_bound
+        sizes = {"hidden_caps": hidden_caps, "hidden_dim": hidden_dim, "routing_iterations": routing_iterations,
+                 "likelihood_samples": likelihood_samples}  # fmt: skip
+        for key, value in sizes.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        self.patch, self.iterations, self.samples = patch, routing_iterations, likelihood_samples
         self.caps, self.dim = hidden_caps, hidden_dim
-        self.in_caps, self.in_dim = (image_size // patch) ** 2, in_channels * patch * patch
+        grid = image_size // patch
+        self.in_caps, self.in_dim = grid * grid, in_channels * patch * patch
         self.weight = nn.Parameter(torch.randn(self.in_caps, self.in_dim, hidden_caps * hidden_dim) * weight_std)
         self.pose_bias = nn.Parameter(torch.zeros(hidden_caps, hidden_dim))
         # -D log 2: a capsule with no evidence (s = 0) is on with probability 1/2
         self.switch_bias = nn.Parameter(torch.full((hidden_caps,), -hidden_dim * math.log(2)))
+        self.prior = nn.Parameter(torch.zeros(self.in_caps, hidden_caps))  # pi_ij
+        self.hidden_caps = PartWholeRouting(routing_iterations, grid, patch)
+        self.register_latent((self.in_caps,))
+        # A weight W_ij (and a prior logit pi_ij) sees patch i only when the patch routes to
+        # capsule j, 1/N of the time while routing is undecided: its gradient is N times smaller
+        # than an RBM weight's, which sees every image. Scaling it by N gives the patch weights the
+        # RBM's effective learning rate (a per-parameter step size, as an adaptive optimiser would).
+        for param in (self.weight, self.prior):
+            param.register_hook(lambda grad: grad * self.caps)
 
     # --- from pixels to capsules and back ------------------------------------------------------
 
     def visible_caps(self, v: torch.Tensor) -> torch.Tensor:
-        """``v`` [B, C, H, W] -> visible capsules [B, P, C * patch^2] (row-major patches)."""
-        return F.unfold(v, kernel_size=self.patch, stride=self.patch).transpose(1, 2)
+        """``v`` [B, C, H, W] -> visible capsules [B, P, C * patch^2] (row-major patches; as
+        ``F.unfold`` with stride ``patch``, as one copy)."""
+        b, c, g, p = len(v), self.image_shape[0], self.image_shape[1] // self.patch, self.patch
+        return v.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
+
+    def image_of(self, caps: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`visible_caps`: [B, P, C * patch^2] -> ``[B, C*H*W]``."""
+        b, c, g, p = len(caps), self.image_shape[0], self.image_shape[1] // self.patch, self.patch
+        return caps.reshape(b, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, -1)
 
     def votes(self, v: torch.Tensor) -> torch.Tensor:
-        """u_{j|i} = W_ij v_i ``[B, P, N, D]``: one batched matmul over the children."""
+        """u_{j|i} = W_ij v_i ``[B, P, N, D]``: one batched matmul over the patches."""
         u = torch.bmm(self.visible_caps(v).transpose(0, 1), self.weight)  # [P, B, N*D]
         return u.view(self.in_caps, len(v), self.caps, self.dim).transpose(0, 1)
 
     def encode(self, v: torch.Tensor) -> Routed:
-        if self.iterations == 1:  # uniform couplings: s_j = sum_i W_ij v_i + beta_j, one matmul
-            s = (v.flatten(1) @ self._pixel_weight()).view(len(v), self.caps, self.dim) + self.pose_bias
-            return Routed(s, s.new_full((1, 1, 1), 1.0 / self.caps).expand(len(v), self.in_caps, self.caps))
-        return route(self.votes(v), self.iterations, self.switch_bias, self.pose_bias, self.bound)
+        """Inference: the mean-field couplings and capsules of ``v`` (``routes`` None)."""
+        u = self.votes(v)
+        out = self.hidden_caps.forward(u, self.prior, self.switch_bias, self.pose_bias)  # no hooks
+        return Routed(out.s, out.coupling, u, None)
 
-    def _pixel_weight(self) -> torch.Tensor:
-        """The votes' weights as one matrix ``[C*H*W, N*D]`` with rows in pixel order: what
-        sum_i W_ij v_i is for uniform couplings (the same sum, without cutting v into patches)."""
-        if not hasattr(self, "_pixel_rows"):
-            pixels = torch.arange(len(self.visible_bias), dtype=torch.float64).view(1, *self.image_shape)
-            order = self.visible_caps(pixels).flatten().long()  # row r of the patch weights is pixel order[r]
-            self._pixel_rows = torch.argsort(order)
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
-        if torch.is_grad_enabled() or getattr(self, "_pixel_cache", (None,))[0] != key:
-            rows = self._pixel_rows.to(self.weight.device)
-            weight = self.weight.view(-1, self.caps * self.dim).index_select(0, rows)
-            if torch.is_grad_enabled():
-                return weight  # part of the graph: never cached
-            self._pixel_cache = (key, weight)  # chains and evaluation: the same weights step after step
-        return self._pixel_cache[1]
+    def inference(self, v: torch.Tensor) -> Routed:
+        """:meth:`encode` through the routing layer's hooks (what the health probe records)."""
+        u = self.votes(v)
+        out = self.hidden_caps(u, self.prior, self.switch_bias, self.pose_bias)
+        return Routed(out.s, out.coupling, u, None)
 
-    def _top_down(self, coupling: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
-        """N sum_j c_ij W_ij^T (z_j h_j) for every pixel ``[B, V]``: what the hidden capsules say
-        to the visible ones with the couplings ``coupling`` [B, P, N]; ``pose`` [B, N, D]."""
-        if self.iterations == 1:  # uniform couplings: N * (1/N) W^T z h, one matmul
-            return pose.flatten(1) @ self._pixel_weight().T
-        weighted = self.caps * coupling.unsqueeze(-1) * pose.unsqueeze(1)  # [B, P, N, D]
-        cols = torch.bmm(weighted.flatten(2).transpose(0, 1), self.weight.transpose(1, 2))  # [P, B, C*p*p]
-        image = F.fold(cols.permute(1, 2, 0), self.image_shape[1:], kernel_size=self.patch, stride=self.patch)
-        return image.flatten(1)
+    def chain_state(self, v: torch.Tensor, latent: torch.Tensor | None = None) -> Routed:
+        """A chain's state (v, r): ``latent`` [B, P] the parent of each patch (None: uniform, the
+        routes' distribution at beta = 0). Only the routed votes are computed: s_j = beta_j +
+        sum_{i: r_i = j} W_ij v_i, from the weight blocks of the chosen parents."""
+        if latent is None:
+            latent = torch.randint(self.caps, (len(v), self.in_caps), device=v.device)
+        chosen = (self.visible_caps(v).unsqueeze(-1) * self._blocks(latent)).sum(2)  # u_{r_i|i} [B, P, D]
+        return Routed(self._route_sum(chosen, latent), None, None, latent)
+
+    def _blocks(self, routes: torch.Tensor) -> torch.Tensor:
+        """W_{i r_i} for every patch ``[B, P, C*patch^2, D]``: the weights between each patch and
+        its parent (``routes`` [B, P]); one index_select of the [P * N, C*patch^2 * D] blocks."""
+        per_parent = self.weight.view(self.in_caps, self.in_dim, self.caps, self.dim).transpose(1, 2)
+        flat = per_parent.reshape(self.in_caps * self.caps, self.in_dim * self.dim)
+        index = routes + self.caps * torch.arange(self.in_caps, device=routes.device)
+        return flat.index_select(0, index.flatten()).view(*routes.shape, self.in_dim, self.dim)
+
+    def _route_sum(self, chosen: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+        """s_j = beta_j + the sum of the vectors ``chosen`` [B, P, D] of the patches routed to j ``[B, N, D]``."""
+        s = chosen.new_zeros(len(chosen), self.caps, self.dim)
+        s = s.scatter_add(1, routes.unsqueeze(-1).expand(-1, -1, self.dim), chosen)
+        return s + self.pose_bias
+
+    def _top_down(self, routes: torch.Tensor, pose: torch.Tensor, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_j r_ij W_ij^T (z_j h_j) for every pixel ``[B, V]``: each patch drawn by its parent
+        (``routes`` [B, P]); ``pose`` [B, N, D]; ``blocks``: :meth:`_blocks` of the routes, if at hand."""
+        blocks = self._blocks(routes) if blocks is None else blocks
+        parent_pose = pose.gather(1, routes.unsqueeze(-1).expand(-1, -1, self.dim))  # [B, P, D]
+        return self.image_of((blocks * parent_pose.unsqueeze(2)).sum(-1))
 
     # --- the energy and the chain --------------------------------------------------------------
 
     def evidence(self, s: torch.Tensor, beta: Beta = 1.0) -> torch.Tensor:
-        """beta b_j + sum_d softplus(beta s_jd) ``[B, N]``: p_beta(z_j = 1 | v) = sigmoid of it
-        (``beta`` a float or one per row [B])."""
+        """beta b_j + sum_d softplus(beta s_jd) ``[B, N]``: p_beta(z_j = 1 | v, r) = sigmoid of it."""
         return per_row(beta, 2) * self.switch_bias + softplus(per_row(beta, 3) * s).sum(-1)
 
     def hidden_energy(self, enc: Routed, beta: Beta) -> torch.Tensor:
-        return softplus(self.evidence(enc.s, beta)).sum(-1)
+        """log sum_{z,h} of the joint at beta, plus the routes' prior beta sum_i pi_{i r_i} ``[B]``;
+        for soft couplings (mean field, ``routes`` None) the prior's expectation plus their
+        entropy H(c): the bound."""
+        if enc.routes is not None:
+            prior = self.prior[torch.arange(self.in_caps, device=enc.routes.device), enc.routes].sum(1)
+            return softplus(self.evidence(enc.s, beta)).sum(-1) + per_row(beta, 1) * prior
+        prior = (enc.coupling * self.prior).sum((1, 2))
+        entropy = -torch.special.xlogy(enc.coupling, enc.coupling).sum((1, 2))
+        return softplus(self.evidence(enc.s, beta)).sum(-1) + per_row(beta, 1) * prior + entropy
 
     def log_hidden_states(self) -> float:
-        return self.caps * math.log1p(2.0**self.dim)  # per capsule: off, or on with 2^D poses
+        # routes: N per patch; capsules: off, or on with 2^D poses
+        return self.in_caps * math.log(self.caps) + self.caps * math.log1p(2.0**self.dim)
 
     def firing(self, enc: Routed) -> torch.Tensor:
-        """p(z_j = 1 | v) ``[B, N]``: the probability that capsule j fires."""
+        """p(z_j = 1 | v, c) ``[B, N]``: the probability that capsule j fires."""
         return torch.sigmoid(self.evidence(enc.s))
 
     def sample_hidden(self, enc: Routed, beta: Beta = 1.0) -> torch.Tensor:
-        """z_j h_j ~ p_beta(z, h | v) ``[B, N, D]`` (zero where the switch is off)."""
-        scaled = per_row(beta, 3) * enc.s  # beta s, once for the switch and the pose
+        """z_j h_j ~ p_beta(z, h | v, r) ``[B, N, D]`` (zero where the switch is off)."""
+        scaled = per_row(beta, 3) * enc.s
         on = bernoulli(torch.sigmoid(per_row(beta, 2) * self.switch_bias + softplus(scaled).sum(-1)))
-        return bernoulli(torch.sigmoid(scaled)).mul_(on.unsqueeze(-1))  # in place on the fresh draws
+        return bernoulli(torch.sigmoid(scaled)).mul_(on.unsqueeze(-1))
+
+    def agreement(self, v: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+        """z_j h_j . u_{j|i} for every patch and parent ``[B, P, N]`` (``pose`` [B, N, D] = z h)."""
+        return torch.einsum("bijd,bjd->bij", self.votes(v), pose)
+
+    def sample_routes(self, agreement: torch.Tensor, beta: Beta = 1.0) -> torch.Tensor:
+        """r_i ~ p_beta(r_i | v, z, h) = softmax_j(beta (z_j h_j . u_{j|i} + pi_ij)) ``[B, P]`` from
+        the :meth:`agreement` [B, P, N] (by inverting each patch's cumulative distribution at one
+        uniform draw)."""
+        logits = per_row(beta, 3) * (agreement + self.prior)
+        cdf = torch.softmax(logits, -1).cumsum_(-1)
+        u = torch.rand(cdf.shape[:2], dtype=cdf.dtype, device=cdf.device).unsqueeze(-1)
+        return (cdf < u).sum(-1).clamp_(max=self.caps - 1)
 
     @torch.no_grad()
     def transition(self, v, enc: Routed, beta: Beta = 1.0, base: torch.Tensor | None = None, encode: bool = True):
-        """z, h ~ p_beta(z, h | v); v' ~ the visible conditional with the couplings frozen at c(v),
-        accepted with the MH ratio (see the module docstring). ``(v', routing of v', acceptance)``."""
+        """One sweep of block Gibbs on (v, r, z, h): z, h | v, r; r | v, z, h; v | r, z, h.
+        ``enc`` a chain's state (:meth:`chain_state`); ``(v', state of (v', r'), acceptance 1)``."""
+        if enc.routes is None:
+            raise ValueError("a chain step needs the chain's routes: start it with chain_state(v)")
         pose = self.sample_hidden(enc, beta)
-        # logits of p_beta(v | z, h; c(v)), in place on the fresh top-down pass
-        g = self.visible_input(self._top_down(enc.coupling, pose), beta, base)
-        flat = v.flatten(1)
-        proposal = bernoulli(torch.sigmoid(g))
-        new = proposal.view_as(v)
-        if not self.mh or self.iterations == 1:  # one iteration: the couplings are uniform, the ratio 1
-            return new, self.encode(new) if encode else None, torch.ones(len(v), device=v.device)
-        enc_new = self.encode(new)
-        g_new = self.visible_input(self._top_down(enc_new.coupling, pose), beta, base)
-        # log p(v', z, h) - log p(v, z, h) + log q(v | v') - log q(v' | v); p(v, z, h) ~ exp(v . g(v))
-        log_ratio = (
-            (proposal * g_new).sum(1)
-            - (flat * g).sum(1)
-            + (flat * g_new).sum(1)
-            - softplus(g_new).sum(1)
-            - (proposal * g).sum(1)
-            + softplus(g).sum(1)
-        )
-        accept = torch.rand_like(log_ratio).log() < log_ratio
-        keep = accept.view(-1, 1, 1, 1)
-        routed = Routed(
-            torch.where(keep.view(-1, 1, 1), enc_new.s, enc.s),
-            torch.where(keep.view(-1, 1, 1), enc_new.coupling, enc.coupling),
-        )
-        return torch.where(keep, new, v), routed, accept.float()
+        routes = self.sample_routes(self.agreement(v, pose), beta)
+        blocks = self._blocks(routes)
+        g = self.visible_input(self._top_down(routes, pose, blocks), beta, base)
+        new = bernoulli(torch.sigmoid(g)).view_as(v)
+        if not encode:
+            return new, Routed(None, None, None, routes), torch.ones(len(v), device=v.device)
+        chosen = (self.visible_caps(new).unsqueeze(-1) * blocks).sum(2)
+        return new, Routed(self._route_sum(chosen, routes), None, None, routes), torch.ones(len(v), device=v.device)
 
     @torch.no_grad()
     def up_down(self, v: torch.Tensor) -> torch.Tensor:
-        """One up-down pass: z, h ~ p(z, h | v), then p(v = 1 | z, h) with the couplings of v."""
-        enc = self.encode(v)
-        g = self._top_down(enc.coupling, self.sample_hidden(enc)) + self.visible_bias
+        """One up-down pass: r ~ the mean-field couplings of v, z, h ~ p(z, h | v, r), then
+        p(v = 1 | r, z, h)."""
+        c = self.encode(v).coupling
+        state = self.chain_state(v, torch.multinomial(c.flatten(0, 1), 1).view(c.shape[:2]))
+        g = self._top_down(state.routes, self.sample_hidden(state)) + self.visible_bias
         return torch.sigmoid(g).view_as(v)
+
+    # --- likelihood ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def marginal_free_energy(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-log of the importance-sampled unnormalised p(v) ``[B]`` and the spread (standard
+        deviation) of the K = ``likelihood_samples`` log weights ``[B]``: r_k ~ q = the mean-field
+        couplings, w_k = e^{-F(v, r_k)} / q(r_k); mean_k w_k is unbiased for sum_r e^{-F(v, r)}."""
+        enc = self.encode(v)
+        log_q_all = enc.coupling.clamp_min(1e-30).log()  # [B, P, N]
+        weights = []
+        rows = torch.arange(len(v), device=v.device)[:, None]
+        patches = torch.arange(self.in_caps, device=v.device)
+        for _ in range(self.samples):
+            routes = torch.multinomial(enc.coupling.flatten(0, 1), 1).view(enc.coupling.shape[:2])
+            chosen = enc.votes[rows, patches, routes]  # u_{r_i|i} [B, P, D]
+            state = Routed(self._route_sum(chosen, routes), None, None, routes)
+            log_q = log_q_all[rows, patches, routes].sum(1)
+            weights.append(-self.free_energy_at(v, state).double() - log_q.double())
+        log_w = torch.stack(weights)  # [K, B]
+        estimate = torch.logsumexp(log_w, 0) - math.log(self.samples)
+        spread = log_w.std(0) if self.samples > 1 else torch.zeros_like(estimate)
+        return -estimate, spread

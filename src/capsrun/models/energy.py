@@ -1,11 +1,12 @@
 """What the plain RBM and the capsule RBM share: chains, visible states, the output and the loss.
 
 Both are energy models over binary pixels v in {0, 1}^(C*H*W) with binary hidden units summed out
-in closed form, so that the free energy F(v) = -log sum_h exp(-E(v, h)) is exact and
-p(v) = exp(-F(v)) / Z. A subclass says how to get from v to its hidden inputs (:meth:`encode`),
-the free energy at an inverse temperature (:meth:`free_energy_at`) and one step of its Markov chain
-(:meth:`transition`): the :class:`~capsrun.mcmc.base.EnergyChain` protocol that the samplers of
-:mod:`capsrun.mcmc` run. This class keeps PCD's persistent chains (and their tempering ladder) as
+in closed form: the RBM's all of them, so that F(v) = -log sum_h exp(-E(v, h)) is exact and
+p(v) = exp(-F(v)) / Z; the capsule RBM's all but its routes, which its chains carry beside v
+(:meth:`chain_state`) and its likelihood sums by importance sampling (:meth:`marginal_free_energy`).
+A subclass says how to get from v to its hidden inputs (:meth:`encode`), the free energy at an
+inverse temperature (:meth:`free_energy_at`) and one step of its Markov chain (:meth:`transition`):
+the :class:`~capsrun.mcmc.base.EnergyChain` protocol that the samplers of :mod:`capsrun.mcmc` run. This class keeps PCD's persistent chains (and their tempering ladder) as
 checkpointed buffers, runs the negative phase with :mod:`capsrun.mcmc`, sets the visible biases
 from the data and fills :class:`RBMOutput`; :class:`RBMLoss` is the maximum-likelihood surrogate.
 
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from capsrun.mcmc.base import Beta, base_rate
+from capsrun.mcmc.base import Beta, base_rate, latent_of
 from capsrun.mcmc.chains import gibbs
 from capsrun.mcmc.tempering import RETUNE_EVERY, ladder, retune, run_ladder
 
@@ -134,7 +135,6 @@ class EnergyModel(nn.Module):
             raise ValueError(f"chain_init must be data or noise, got {chain_init!r}")
         self.image_shape = tuple(image_shape)
         self.cd_steps, self.persistent, self.chain_init = cd_steps, persistent, chain_init
-        self.mh = True
         n_visible = image_shape[0] * image_shape[1] * image_shape[2]
         self.visible_bias = nn.Parameter(torch.zeros(n_visible))
         # PCD's chains live on between steps and in checkpoints; started at the first batch
@@ -172,6 +172,31 @@ class EnergyModel(nn.Module):
         ``beta`` a float or one inverse temperature per row ``[B]`` (a whole ladder in one batch).
         ``encode=False``: the last step of a run, whose encode(v') nobody reads; it may be None."""
         raise NotImplementedError
+
+    def inference(self, v: torch.Tensor) -> Any:
+        """:meth:`encode` as evaluation reports it: where a model's inference is a capsule layer,
+        through that layer's forward, so that the capsule-health probe sees it once per image."""
+        return self.encode(v)
+
+    def chain_state(self, v: torch.Tensor, latent: torch.Tensor | None = None) -> Any:
+        """A chain's state at ``v`` [B, C, H, W]: :meth:`encode`'s output, with the model's latent
+        variables that the chain carries besides v (the capsule RBM's routes) set to ``latent``
+        [B, ...] (None: drawn as at beta = 0). A model whose hidden units are all summed out has
+        none: its state is :meth:`encode`."""
+        return self.encode(v)
+
+    def register_latent(self, shape: tuple[int, ...]) -> None:
+        """Give the persistent chains (and the ladder's) a latent state of ``shape`` per chain
+        (integers, checkpointed with them): for a model whose chains carry more than v."""
+        self.register_buffer("chain_latent", torch.zeros(len(self.chains), *shape, dtype=torch.long))
+        if self.tempering > 1:
+            k, width = self.ladder_chains.shape[:2]
+            self.register_buffer("ladder_latent", torch.zeros(k, width, *shape, dtype=torch.long))
+
+    def marginal_free_energy(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """F(v) = -log sum_h p*(v, h) ``[B]`` for the log-likelihood, and the spread of its
+        estimate ``[B]``: exact here (None); a model that estimates it overrides this."""
+        return self.free_energy(v), None
 
     def firing(self, enc: Any) -> torch.Tensor:
         """p(hidden unit / capsule on | v) ``[B, N]`` from :meth:`encode`'s output."""
@@ -262,24 +287,32 @@ class EnergyModel(nn.Module):
         gap = self.free_energy_at(flipped, self.encode(flipped)) - self.free_energy_at(v, enc)
         return flat.shape[1] * torch.nn.functional.logsigmoid(gap)
 
-    def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def model_samples(self, v_data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Any]:
         """CD-k: ``cd_steps`` steps from the data; PCD: from the persistent chains (the first
         min(B, ``chains``) of them), which keep the result; with ``tempering`` > 1, ``cd_steps`` sweeps of the
-        ladder whose top they are. Returns the samples, the chains' mean acceptance and, with
-        tempering, the lowest swap rate of the ladder (else None)."""
+        ladder whose top they are. Returns the samples, the chains' mean acceptance, with
+        tempering the lowest swap rate of the ladder (else None), and the samples' latent state
+        (:meth:`chain_state`; None for a model without one)."""
         if not self.persistent:
-            return (*gibbs(self, v_data, self.cd_steps), None)
+            v, acceptance, carried = gibbs(self, v_data, self.cd_steps)
+            return v, acceptance, None, carried
         # PCD's model term needs no more fantasy particles than a batch has images (Tieleman 2008
         # kept 100 whatever the batch): a bigger batch over the same chains runs fewer of their
         # sweeps per epoch, the cost that dominates a tempered step
         b = min(len(v_data), len(self.chains))
+        latent = getattr(self, "chain_latent", None)
         if not self.chains_started:
             self.chains.copy_(self.noise(len(self.chains)).to(self.chains))
             if self.chain_init == "data":
                 self.chains[:b] = v_data[:b]
+            if latent is not None:
+                latent.copy_(latent_of(self.chain_state(self.chains)))
             if self.tempering > 1:
                 below = self.ladder_chains
                 below.copy_(self.noise(below.shape[0] * below.shape[1]).view_as(below).to(below))
+                if latent is not None:
+                    drawn = latent_of(self.chain_state(below.flatten(0, 1)))
+                    self.ladder_latent.copy_(drawn.view_as(self.ladder_latent))
             self.chains_started.fill_(True)
         if self.tempering > 1:
             m = min(b, self.ladder_chains.shape[1])  # chains a level below the top
@@ -288,10 +321,16 @@ class EnergyModel(nn.Module):
             widths = [m] * len(below) + [b]
             first = int(self.sweeps)
             base = self.base_rate + self.ladder_shift if self.ladder_shift else self.base_rate
-            states, acceptance, rates = run_ladder(self, states, self.cd_steps, base, first, self.betas, widths)
+            carried = None if latent is None else torch.cat([self.ladder_latent[:, :m].flatten(0, 1), latent[:b]])
+            states, acceptance, rates, carried = run_ladder(
+                self, states, self.cd_steps, base, first, self.betas, widths, carried
+            )
             top = states[len(below) * m :]
             self.ladder_chains[:, :m] = states[: len(below) * m].view_as(below)
             self.chains[:b] = top
+            if latent is not None:
+                self.ladder_latent[:, :m] = carried[: len(below) * m].view(len(below), m, *latent.shape[1:])
+                latent[:b] = carried[len(below) * m :]
             self.sweeps.add_(self.cd_steps)
             # the running swap rate of each pair, of the pairs tried (one sweep tries every other)
             tried = torch.zeros_like(self.swap_rates, dtype=torch.bool)
@@ -301,10 +340,12 @@ class EnergyModel(nn.Module):
             self.swap_rates[tried] = 0.98 * self.swap_rates[tried] + 0.02 * rates[tried].double()
             if int(self.sweeps) % RETUNE_EVERY < self.cd_steps:
                 self.betas.copy_(retune(self.betas, self.swap_rates))
-            return top, acceptance, rates[tried].min()
-        v, acceptance = gibbs(self, self.chains[:b], self.cd_steps)
+            return top, acceptance, rates[tried].min(), None if latent is None else latent[:b]
+        v, acceptance, carried = gibbs(self, self.chains[:b], self.cd_steps, latent=None if latent is None else latent[:b])
         self.chains[:b] = v
-        return v, acceptance, None
+        if latent is not None:
+            latent[:b] = carried
+        return v, acceptance, None, carried
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> RBMOutput:
         """``x`` [B, C, H, W] in [0, 1]; ``labels`` are ignored (trained without labels). Training
@@ -316,16 +357,20 @@ class EnergyModel(nn.Module):
         if self.training and self.tempering > 1 and not self.chains_started:
             self.base_rate.copy_(base_rate(v))
         if self.training:
-            v_model, acceptance, swap_rate = self.model_samples(v)
-            both = torch.cat([v, v_model])  # one pass through the hidden layer for both terms
-            enc = self.encode(both)
-            f = self.free_energy_at(both, enc)
+            v_model, acceptance, swap_rate, latent = self.model_samples(v)
+            if latent is None:  # one pass through the hidden layer for both terms
+                both = torch.cat([v, v_model])
+                enc = self.encode(both)
+                f = self.free_energy_at(both, enc)
+                f_data, f_model = f[: len(v)], f[len(v) :]
+            else:  # the data through inference, the samples with the latent state their chains drew
+                enc = self.encode(v)
+                f_data = self.free_energy_at(v, enc)
+                f_model = self.free_energy_at(v_model, self.chain_state(v_model, latent))
             with torch.no_grad():
                 prob = self.firing(enc)[: len(v)]
-            return RBMOutput(
-                prob, f[: len(v)], model_free_energy=f[len(v) :], acceptance=acceptance, swap_rate=swap_rate
-            )
-        enc = self.encode(v)
+            return RBMOutput(prob, f_data, model_free_energy=f_model, acceptance=acceptance, swap_rate=swap_rate)
+        enc = self.inference(v)
         return RBMOutput(
             self.firing(enc),
             self.free_energy_at(v, enc),
