@@ -294,7 +294,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiple of patch"):
         CapsuleRBM(image_size=28, patch=5)
     for key in ("routing_iterations", "likelihood_samples"):
-        with pytest.raises(ValueError, match="must be >= 1"):
+        with pytest.raises(ValueError, match=f"{key} must be an integer >= 1, got 0"):
             CapsuleRBM(**{key: 0})
     with pytest.raises(ValueError, match="cd_steps"):
         RBM(cd_steps=0)
