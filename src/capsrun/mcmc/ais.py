@@ -9,8 +9,9 @@ is exact) through p_beta ~ exp((1 - beta) base . v - beta E(v, h)) to the model 
     log Z ~ log Z_0 + log mean exp(log w)
 
 with T_k the model's own chain at beta_k (:meth:`~capsrun.mcmc.base.EnergyChain.transition`:
-block Gibbs for the RBM, the MH-corrected block step for the capsule RBM), and p*_beta(v) with the
-hidden units summed out exactly. Test log-likelihood: mean_v -F(v) - log Z, in nats.
+block Gibbs for the RBM; for the capsule RBM block Gibbs on the image and its routes, the states x
+then being (v, r)), and p*_beta(x) with the hidden units summed out exactly. Test log-likelihood:
+mean_v log p*(v) - log Z, in nats (:mod:`capsrun.likelihood`).
 
 The spread of log w says whether to trust the estimate: log mean exp is dominated by a few runs
 when std(log w) is large (above about 5 nats a handful of runs carry the estimate; docs/capsrbm.md,
