@@ -4,8 +4,9 @@ log p(v) = -F(v) - log Z: log Z is estimated by annealed importance sampling fro
 model of the training images (:mod:`capsrun.mcmc.ais`); F(v) is exact where the hidden units are
 summed out (the RBM), estimated by importance sampling where they are not (the capsule RBM's
 routes: :meth:`~capsrun.models.capsrbm.CapsuleRBM.marginal_free_energy`), and then the figure
-comes with the number of samples and the spread of their log weights. ``capsrun train`` logs it after the last epoch (``ais.at_end``),
-``capsrun eval`` on a checkpoint; both through :func:`ais_log_likelihood`.
+comes with the number of samples and the spread of their log weights. ``capsrun train`` logs it
+after the last epoch (``ais.at_end``), ``capsrun eval`` on a checkpoint; both through
+:func:`ais_log_likelihood`.
 """
 
 from __future__ import annotations

@@ -165,14 +165,17 @@ def capsrbm_routing(folder: Path) -> str:
         ("routing.iterations", lambda r: r["routing_iterations"]),
         ("seed", lambda r: r["seed"]),
         ("training", _minutes),
-        ("test log-likelihood", lambda r: f"{r['test_log_likelihood']} nats ({r['log_likelihood_kind']}, spread {r['ll_spread']}; AIS std {r['ais_log_w_std']})"),
-        ("samples: recognised / every class within / Frechet", lambda r: f"{r['recognised']} % / {r['class_min']}-{r['class_max']} % / {r['frechet_distance']}"),
+        ("test log-likelihood", lambda r: f"{r['test_log_likelihood']} nats ({r['log_likelihood_kind']}, "
+                                          f"spread {r['ll_spread']}; AIS std {r['ais_log_w_std']})"),
+        ("samples: recognised / every class within / Frechet",
+         lambda r: f"{r['recognised']} % / {r['class_min']}-{r['class_max']} % / {r['frechet_distance']}"),
         ("coupling entropy (routing std)", lambda r: f"{r['coupling_entropy']} ({r['routing_std']})"),
     ]  # fmt: skip
     first = rows[0] if rows else {"device": "-", "torch": "-", "threads": "-", "date": "-"}
     words = (
-        f"`capsrun train -m experiment=capsrbm_mnist seed=0,1 routing.iterations=1,2,3 eval_classifier=<judge>` on "
-        f"{first['device'].removeprefix('CPU: ')}, torch {first['torch']}, {first['threads']} threads, {first['date']}. "
+        "`capsrun train -m experiment=capsrbm_mnist seed=0,1 routing.iterations=1,2,3 eval_classifier=<judge>` "
+        f"on {first['device'].removeprefix('CPU: ')}, torch {first['torch']}, "
+        f"{first['threads']} threads, {first['date']}. "
         "Log-likelihood: importance sampling over the routes (100 samples a test image; spread: the std of "
         "their log weights) and AIS log Z of the joint (50 runs x 10,000 temperatures); samples: the run's judged "
         "grid, 100 chains from noise after 1,500 sweeps; coupling entropy: `hidden_caps/coupling/entropy` of "

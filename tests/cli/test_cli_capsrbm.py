@@ -147,7 +147,11 @@ def test_eval_estimates_the_log_likelihood_by_ais(energy_run, mnist_root, work):
 def test_analyze_reports_the_capsule_rbm_s_couplings_and_draws_its_parse(energy_run, mnist_root, work):
     _, run = energy_run
     out = work / "analyze_capsrbm"
-    ok(run_capsrun("analyze", f"checkpoint={run}", "examples=64", f"hydra.run.dir={out}", cwd=work, data_root=mnist_root))
+    ok(
+        run_capsrun(
+            "analyze", f"checkpoint={run}", "examples=64", f"hydra.run.dir={out}", cwd=work, data_root=mnist_root
+        )
+    )
     report = json.loads((out / "health.json").read_text())
     health = next(iter(report["runs"].values()))["health"]
     assert 0 <= health["hidden_caps/coupling/entropy"] <= 1 and health["hidden_caps/routing/std"] >= 0
@@ -167,20 +171,6 @@ def test_routing_iterations_drive_the_capsule_rbm(mnist_root, tmp_path, iteratio
 
     model, cfg, _ = registry.from_checkpoint(run / "checkpoints" / "last.pt", torch.device("cpu"))
     assert model.hidden_caps.iterations == iterations == cfg.model.net.routing_iterations
-
-
-@pytest.mark.parametrize(
-    "args, needle",
-    [
-        (["routing.iterations=0"], "routing.iterations must be an integer >= 1, got 0"),
-        (["model.net.likelihood_samples=-1"], "likelihood_samples must be an integer >= 1, got -1"),
-    ],
-)
-def test_bad_capsule_rbm_settings_are_one_line(mnist_root, tmp_path, args, needle):
-    result = run_capsrun("train", *SMALL["capsrbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
-    assert not list(tmp_path.rglob("last.pt"))
 
 
 def test_sample_writes_grids_samples_and_their_quality(energy_run, mnist_root, work, classifier):
@@ -406,16 +396,20 @@ def test_bad_training_ais_settings_fail_before_training(mnist_root, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, needle",
+    "model, args, needle",
     [
-        (["model.net.tempering=0"], "model.net.tempering must be an integer >= 1, got 0"),
-        (["model.net.tempering=3", "model.net.persistent=false"], "tempering must be >= 1 (and 1 unless persistent)"),
+        ("rbm", ["model.net.tempering=0"], "model.net.tempering must be an integer >= 1, got 0"),
+        ("rbm", ["model.net.tempering=3", "model.net.persistent=false"],
+         "tempering must be >= 1 (and 1 unless persistent)"),
+        ("capsrbm", ["routing.iterations=0"], "routing.iterations must be an integer >= 1, got 0"),
+        ("capsrbm", ["model.net.likelihood_samples=-1"], "likelihood_samples must be an integer >= 1, got -1"),
     ],
-)
-def test_a_tempering_ladder_that_cannot_work_is_one_line(mnist_root, tmp_path, args, needle):
-    result = run_capsrun("train", *SMALL["rbm"], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
+)  # fmt: skip
+def test_energy_settings_that_cannot_work_are_one_line(mnist_root, tmp_path, model, args, needle):
+    result = run_capsrun("train", *SMALL[model], *COMMON, *args, cwd=tmp_path, data_root=mnist_root)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    assert not list(tmp_path.rglob("last.pt"))
 
 
 def test_a_training_ladder_shift_without_a_ladder_is_one_line(mnist_root, tmp_path):

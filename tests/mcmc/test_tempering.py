@@ -104,14 +104,18 @@ def test_swap_is_accepted_with_the_ratio_of_the_tempered_densities(monkeypatch):
     states = torch.stack([x.expand(n, -1, -1, -1), y.expand(n, -1, -1, -1)])
     torch.manual_seed(0)
     betas = torch.tensor([lo, hi], dtype=torch.float64)
-    states, enc, _, rates = tempered_sweep(model, states, model.chain_state(states.flatten(0, 1)), betas, BASE, parity=0)
+    states, enc, _, rates = tempered_sweep(
+        model, states, model.chain_state(states.flatten(0, 1)), betas, BASE, parity=0
+    )
     assert 0.05 < exact < 0.95  # a case where the test decides
     assert abs(float(rates[0]) - exact) < 4 * math.sqrt(exact * (1 - exact) / n), (float(rates[0]), exact)
     swapped = (states[0].flatten(1) == y.flatten()).all(1)
     assert float(swapped.double().mean()) == pytest.approx(float(rates[0]))
     assert torch.equal(states[1][swapped], x.expand(int(swapped.sum()), -1, -1, -1))
     assert torch.equal(states[1][~swapped], y.expand(int((~swapped).sum()), -1, -1, -1))
-    torch.testing.assert_close(enc, model.chain_state(states.flatten(0, 1)))  # the hidden inputs travel with their states
+    torch.testing.assert_close(
+        enc, model.chain_state(states.flatten(0, 1))
+    )  # the hidden inputs travel with their states
 
 
 def test_swap_rates_count_only_the_pairs_tried():

@@ -101,8 +101,9 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         health.scalars = {**diagnostics.gradient_norms(model), **health.scalars}  # rows in forward order
         model.zero_grad(set_to_none=True)
         pictures = []  # the mean couplings and, for the capsule RBM, the parse of the first images
+        prefix = "" if len(targets) == 1 else label.replace(" ", "_").replace("/", "-") + "_"
         for tag, image in health.images.items():
-            name = f"{'' if len(targets) == 1 else label.replace(' ', '_').replace('/', '-') + '_'}{tag.replace('/', '_')}.png"
+            name = f"{prefix}{tag.replace('/', '_')}.png"
             common.save_png(common.output_dir() / name, image)
             pictures.append(name)
         report[str(path)] = {

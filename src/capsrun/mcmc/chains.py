@@ -121,7 +121,9 @@ class _Ladder:
         """The sweeps ``done`` .. ``stop - 1``; returns the top's states and mean acceptance."""
         n = stop - done
         latent = None if self.latent is None else self.latent.flatten(0, 1)
-        self.levels, acc, rates, latent = run_ladder(self.model, self.levels, n, self.base, done, self.betas, None, latent)
+        self.levels, acc, rates, latent = run_ladder(
+            self.model, self.levels, n, self.base, done, self.betas, None, latent
+        )
         self.latent = None if latent is None else latent.view(*self.levels.shape[:2], *latent.shape[1:])
         tries = swap_tries(done, n, self.spec.tempering - 1)  # the rates are per try: count them back
         self.swaps += rates.double().cpu() * tries

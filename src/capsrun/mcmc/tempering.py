@@ -215,4 +215,9 @@ def run_ladder(
         )
         acceptance, swapped = acceptance + acc.mean(), swapped + rates
     tried = swap_tries(first_sweep, steps, levels - 1)
-    return states, acceptance / max(steps, 1), swapped / tried.clamp_min(1).to(swapped), latent_of(enc) if steps else latent
+    return (
+        states,
+        acceptance / max(steps, 1),
+        swapped / tried.clamp_min(1).to(swapped),
+        latent_of(enc) if steps else latent,
+    )

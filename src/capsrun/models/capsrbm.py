@@ -213,17 +213,16 @@ class CapsuleRBM(EnergyModel):
         u = torch.bmm(self.visible_caps(v).transpose(0, 1), self.weight)  # [P, B, N*D]
         return u.view(self.in_caps, len(v), self.caps, self.dim).transpose(0, 1)
 
-    def encode(self, v: torch.Tensor) -> Routed:
-        """Inference: the mean-field couplings and capsules of ``v`` (``routes`` None)."""
+    def encode(self, v: torch.Tensor, hooked: bool = False) -> Routed:
+        """Inference: the mean-field couplings and capsules of ``v`` (``routes`` None); ``hooked``:
+        through the routing layer's forward hooks (what the health probe records)."""
         u = self.votes(v)
-        out = self.hidden_caps.forward(u, self.prior, self.switch_bias, self.pose_bias)  # no hooks
+        route = self.hidden_caps if hooked else self.hidden_caps.forward
+        out = route(u, self.prior, self.switch_bias, self.pose_bias)
         return Routed(out.s, out.coupling, u, None)
 
     def inference(self, v: torch.Tensor) -> Routed:
-        """:meth:`encode` through the routing layer's hooks (what the health probe records)."""
-        u = self.votes(v)
-        out = self.hidden_caps(u, self.prior, self.switch_bias, self.pose_bias)
-        return Routed(out.s, out.coupling, u, None)
+        return self.encode(v, hooked=True)
 
     def chain_state(self, v: torch.Tensor, latent: torch.Tensor | None = None) -> Routed:
         """A chain's state (v, r): ``latent`` [B, P] the parent of each patch (None: uniform, the

@@ -6,9 +6,10 @@ p(v) = exp(-F(v)) / Z; the capsule RBM's all but its routes, which its chains ca
 (:meth:`chain_state`) and its likelihood sums by importance sampling (:meth:`marginal_free_energy`).
 A subclass says how to get from v to its hidden inputs (:meth:`encode`), the free energy at an
 inverse temperature (:meth:`free_energy_at`) and one step of its Markov chain (:meth:`transition`):
-the :class:`~capsrun.mcmc.base.EnergyChain` protocol that the samplers of :mod:`capsrun.mcmc` run. This class keeps PCD's persistent chains (and their tempering ladder) as
-checkpointed buffers, runs the negative phase with :mod:`capsrun.mcmc`, sets the visible biases
-from the data and fills :class:`RBMOutput`; :class:`RBMLoss` is the maximum-likelihood surrogate.
+the :class:`~capsrun.mcmc.base.EnergyChain` protocol that the samplers of :mod:`capsrun.mcmc` run.
+This class keeps PCD's persistent chains (and their tempering ladder) as checkpointed buffers, runs
+the negative phase with :mod:`capsrun.mcmc`, sets the visible biases from the data and fills
+:class:`RBMOutput`; :class:`RBMLoss` is the maximum-likelihood surrogate.
 
 Inverse temperatures beta interpolate from the base-rate model (beta = 0) to the model (beta = 1),
 as AIS does (:mod:`capsrun.mcmc.base`).
@@ -341,7 +342,9 @@ class EnergyModel(nn.Module):
             if int(self.sweeps) % RETUNE_EVERY < self.cd_steps:
                 self.betas.copy_(retune(self.betas, self.swap_rates))
             return top, acceptance, rates[tried].min(), None if latent is None else latent[:b]
-        v, acceptance, carried = gibbs(self, self.chains[:b], self.cd_steps, latent=None if latent is None else latent[:b])
+        v, acceptance, carried = gibbs(
+            self, self.chains[:b], self.cd_steps, latent=None if latent is None else latent[:b]
+        )
         self.chains[:b] = v
         if latent is not None:
             latent[:b] = carried
