@@ -253,9 +253,22 @@ def small_capsrbm(iterations: int = 2, std: float = 0.7, seed: int = 0) -> Capsu
     return model.double()
 
 
+def small_grouped_capsrbm(seed: int = 0) -> CapsuleRBM:
+    """A 4-pixel capsule RBM: one-pixel patches, 4 capsules of 2 pose units in 2 groups of 2
+    (each patch one parent per group: 256 routes), 625 hidden states."""
+    torch.manual_seed(seed)
+    model = CapsuleRBM(image_size=2, patch=1, hidden_caps=4, hidden_dim=2, groups=2, routing_iterations=3,
+                       weight_std=1.2, persistent=False)  # fmt: skip
+    with torch.no_grad():
+        model.visible_bias.copy_(torch.tensor([-0.5, 0.3, 0.1, -0.2]))
+        model.pose_bias.copy_(torch.linspace(-0.4, 0.4, 8).view(4, 2))
+        model.prior.copy_(torch.linspace(-0.6, 0.6, 16).view(4, 4))
+    return model.double()
+
+
 def all_routes(model: CapsuleRBM) -> torch.Tensor:
-    """Every assignment of the model's patches to its capsules ``[N^P, P]``."""
-    grids = torch.meshgrid(*[torch.arange(model.caps)] * model.in_caps, indexing="ij")
+    """Every assignment of the model's patches to their parents ``[K^(P G), P G]``."""
+    grids = torch.meshgrid(*[torch.arange(model.choices)] * (model.in_caps * model.groups), indexing="ij")
     return torch.stack([g.flatten() for g in grids], 1)
 
 

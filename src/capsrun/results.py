@@ -100,7 +100,11 @@ def capsnet(folder: Path) -> str:
 
 
 # the day each recipe of conf/experiment/ took its present form: the README shows its runs since
-RECIPE_SINCE = {"capsrbm_mnist": "2026-12-06", "capsrbm_gated": "2026-12-05", "rbm_mnist": "2026-12-05"}
+RECIPE_SINCE = {
+    "capsrbm_mnist": "2026-12-07",
+    "capsrbm_gated": "2026-12-05",
+    "rbm_mnist": "2026-12-05",
+}
 
 
 def _current(rows: list[Row], reproductions: tuple[str, ...]) -> list[Row]:
@@ -158,7 +162,8 @@ def capsrbm(folder: Path) -> str:
 
 def capsrbm_routing(folder: Path) -> str:
     """The capsule RBM by routing iterations (mean-field passes) and seed: training time, test
-    log-likelihood (its kind and spread), the judged samples from noise and the couplings' entropy."""
+    log-likelihood (its kind and spread), the judged samples from noise and the couplings' entropy.
+    The rows of the one-group model (``capsrbm_one_group``) stay in the CSV, not in the table."""
     rows = _current(load(folder, "capsrbm_routing.csv"), ("capsrbm_mnist",))
     rows.sort(key=lambda r: (int(r["routing_iterations"]), int(r["seed"])))
     columns = [
@@ -179,8 +184,9 @@ def capsrbm_routing(folder: Path) -> str:
         "Log-likelihood: importance sampling over the routes (100 samples a test image; spread: the std of "
         "their log weights) and AIS log Z of the joint (50 runs x 10,000 temperatures); samples: the run's judged "
         "grid, 100 chains from noise after 1,500 sweeps; coupling entropy: `hidden_caps/coupling/entropy` of "
-        "`capsrun analyze` on 256 test digits (1 = uniform), routing std how much the couplings move between "
-        "images. Data: [results/capsrbm_routing.csv](results/capsrbm_routing.csv)."
+        "`capsrun analyze` on 1,000 test digits of `best.pt` (per patch and group, 1 = uniform), routing std how "
+        "much the couplings move between images; 5 groups of 10 capsules (the one-group rows of 2026-12-06 are in "
+        "the CSV as `capsrbm_one_group`). Data: [results/capsrbm_routing.csv](results/capsrbm_routing.csv)."
     )
     return f"{table(rows, columns)}\n\n{words}"
 

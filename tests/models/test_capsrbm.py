@@ -23,6 +23,7 @@ from helpers import (
     histogram,
     sampling_floor,
     small_capsrbm,
+    small_grouped_capsrbm,
     small_rbm,
 )
 
@@ -41,8 +42,9 @@ def _hidden_configs(caps: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _log_joint(model: CapsuleRBM, v: torch.Tensor, routes: torch.Tensor, z: torch.Tensor, pose: torch.Tensor):
     """-E(v, r, z, h) ``[B]`` written out from the module docstring: a.v + sum_j z_j (b_j + beta_j.h_j)
-    + sum_ij r_ij (z_j h_j . W_ij v_i + pi_ij); ``routes`` [B, P], ``z`` [B, N], ``pose`` [B, N, D]."""
-    r = F.one_hot(routes, model.caps).double()
+    + sum_ij r_ij (z_j h_j . W_ij v_i + pi_ij); ``routes`` [B, P * G], ``z`` [B, N], ``pose`` [B, N, D];
+    r_ij = 1 where one of patch i's G parents is j."""
+    r = F.one_hot(model.parents(routes), model.caps).view(len(v), model.in_caps, model.groups, -1).sum(2).double()
     u = model.votes(v)  # [B, P, N, D]
     return (
         v.flatten(1) @ model.visible_bias
@@ -68,6 +70,79 @@ def test_the_joint_free_energy_is_the_hidden_capsules_summed_out():
             state = model.chain_state(v[i : i + 1], routes[i : i + 1])
             torch.testing.assert_close(model.free_energy_at(v[i : i + 1], state)[0], -torch.logsumexp(table, 0))
         assert len(table) == 25 and math.exp(model.log_hidden_states()) == pytest.approx(25 * 2**9)
+
+
+def test_with_groups_the_joint_free_energy_is_the_hidden_capsules_summed_out():
+    """Two groups of two capsules, each of the 4 patches one parent in each: F(v, r) against the
+    joint summed over the 625 hidden states by hand."""
+    model = small_grouped_capsrbm()
+    v, routes = all_images(4)[[3, 9, 14]], all_routes(model)[[0, 101, 255]]
+    with torch.no_grad():
+        for i in range(3):
+            table = _joint_table(model, v[i : i + 1], routes[i])
+            state = model.chain_state(v[i : i + 1], routes[i : i + 1])
+            torch.testing.assert_close(model.free_energy_at(v[i : i + 1], state)[0], -torch.logsumexp(table, 0))
+        assert len(table) == 625 and math.exp(model.log_hidden_states()) == pytest.approx(625 * 2**8)
+
+
+def test_with_groups_the_routes_are_a_softmax_within_each_group_and_a_chain_step_keeps_the_joint():
+    """p(r | v, z, h) from the joint over all 256 routes against ``sample_routes`` (each patch
+    picks one parent per group); then exact draws of (v, r) from p(v, r) (16 images x 256
+    routes), one step of the chain: the pairs still follow p(v, r)."""
+    model = small_grouped_capsrbm()
+    v_all, routes = all_images(4), all_routes(model)
+    z = torch.ones(1, 4, dtype=torch.float64)
+    pose = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]], dtype=torch.float64)
+    torch.manual_seed(0)
+    n = 40000
+    with torch.no_grad():
+        v = v_all[6:7]
+        joint = _log_joint(model, v.expand(len(routes), -1, -1, -1), routes, z.expand(len(routes), -1),
+                           pose.expand(len(routes), -1, -1))  # fmt: skip
+        p = torch.softmax(joint, 0)
+        exact = torch.stack([p @ F.one_hot(routes[:, k], 2).double() for k in range(8)])  # [P * G, K]
+        drawn = model.sample_routes(model.agreement(v, pose).expand(n, -1, -1))
+        seen = F.one_hot(drawn, 2).double().mean(0)
+        assert (seen - exact).abs().max() < 4 * math.sqrt(0.25 / n), (seen, exact)
+        assert (exact[:, 0] - 0.5).abs().max() > 0.1
+        states = (model.chain_state(v_all, r.expand(16, -1)) for r in routes)
+        log_p = torch.stack([-model.free_energy_at(v_all, state) for state in states], 1)
+        p = torch.softmax(log_p.flatten(), 0)  # [16 images x 256 routes]
+        idx = torch.multinomial(p.float(), n, replacement=True)
+        v, r = v_all[idx // 256], routes[idx % 256]
+        new, state, _ = model.transition(v, model.chain_state(v, r))
+        v_idx = (new.flatten(1) * 2 ** torch.arange(3, -1, -1, dtype=new.dtype)).sum(1).long()
+        r_idx = (state.routes * 2 ** torch.arange(7, -1, -1)).sum(1)
+        seen = torch.bincount(v_idx * 256 + r_idx, minlength=16 * 256).double() / n
+    tv = float(0.5 * (seen - p).abs().sum())
+    assert tv < 1.1 * sampling_floor(p, n), (tv, sampling_floor(p, n))
+
+
+def test_with_groups_importance_sampling_estimates_the_exact_free_energy():
+    model = small_grouped_capsrbm()
+    v = all_images(4)
+    exact = exact_free_energy_at(model, v)
+    with torch.no_grad():
+        assert bool((model.free_energy(v) >= exact - 1e-9).all())  # the mean-field bound
+        model.samples = 20000
+        torch.manual_seed(0)
+        estimate, _ = model.marginal_free_energy(v)
+    assert float((estimate - exact).abs().max()) < 0.03, (estimate, exact)
+
+
+def test_one_capsule_per_group_is_the_gated_rbm():
+    """groups = N: every patch's only choice is every capsule, s_j = beta_j + sum_i W_ij v_i, and
+    F(v) has the closed form -a.v - sum_j softplus(b_j + sum_d softplus(s_jd))."""
+    torch.manual_seed(1)
+    model = CapsuleRBM(image_size=4, patch=2, hidden_caps=3, hidden_dim=2, groups=3, weight_std=1.0).double()
+    v = torch.bernoulli(torch.full((5, 1, 4, 4), 0.5, dtype=torch.float64))
+    with torch.no_grad():
+        s = torch.einsum("bpi,pin->bn", model.visible_caps(v), model.weight).view(5, 3, 2) + model.pose_bias
+        gated = -v.flatten(1) @ model.visible_bias - F.softplus(model.switch_bias + F.softplus(s).sum(-1)).sum(-1)
+        gated = gated - model.prior.sum()
+        torch.testing.assert_close(model.free_energy(v), gated)
+        torch.testing.assert_close(model.marginal_free_energy(v)[0], gated)
+        assert bool((model.encode(v).coupling == 1).all())
 
 
 def test_the_capsule_fires_with_the_probability_of_its_routed_input():
@@ -181,6 +256,29 @@ def test_mean_field_routing_in_a_two_parent_case_by_hand():
         mean_field_couplings(votes, prior, switch, pose_bias, 0)
 
 
+def test_mean_field_with_groups_is_a_softmax_within_each_group():
+    """Two groups of two parents: every pass re-weighs each patch's parents within its group,
+    written out with two separate softmaxes; each group's couplings sum to 1."""
+    from capsrun.models.capsrbm import capsule_mean
+
+    gen = torch.Generator().manual_seed(0)
+    votes = torch.randn(3, 2, 4, 2, generator=gen, dtype=torch.float64)  # [B, P, N = 4, D]
+    prior = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    switch, pose_bias = torch.randn(4, generator=gen, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+
+    def within_groups(logits):
+        return torch.cat([torch.softmax(logits[..., :2], -1), torch.softmax(logits[..., 2:], -1)], -1)
+
+    c = within_groups(prior).expand(3, 2, 4)
+    for passes in (1, 2, 3):
+        got = mean_field_couplings(votes, prior, switch, pose_bias, passes, groups=2)
+        torch.testing.assert_close(got, c)
+        torch.testing.assert_close(got.view(3, 2, 2, 2).sum(-1), torch.ones(3, 2, 2, dtype=torch.float64))
+        mu = capsule_mean(torch.einsum("bij,bijd->bjd", c, votes) + pose_bias, switch)
+        c = within_groups(prior + torch.einsum("bijd,bjd->bij", votes, mu))
+    assert (c[0] - c[1]).abs().max() > 0.05  # routed by agreement: the images differ
+
+
 def test_inference_bounds_and_importance_sampling_estimates_the_exact_free_energy():
     """-F(v, c) + H(c) <= log sum_r e^{-F(v, r)} for every image; more mean-field passes tighten it;
     the importance-sampled estimate is within 0.03 nats of the exact value with K = 20,000
@@ -272,6 +370,13 @@ def test_routing_depends_on_the_image_only_with_two_or_more_passes():
     first, second = (model.hidden_caps.parse_image(ink, c.float()) for c in (to_first, to_second))
     assert torch.equal(first[:, :12, :12], first[:, 12:24, 12:24])  # same parent, same colour
     assert not torch.equal(first[:, :12, :12], second[:, :12, :12])  # another parent, another colour
+    grouped = CapsuleRBM(image_size=8, patch=4, hidden_caps=4, hidden_dim=2, groups=2)
+    c = F.one_hot(torch.tensor([[0, 1, 0, 0, 1, 1, 1, 0]]), 2).float()  # patch i, group g: entry 2 i + g
+    picture = grouped.hidden_caps.parse_image(ink, c)
+    assert picture.shape == (3, 3 * 17, 3 * 9)  # one row per group, a white line between
+    assert torch.equal(picture[:, 27:39, 12:24], picture[:, :12, 12:24])  # patch 1: the first capsule in both
+    assert not torch.equal(picture[:, 27:39, :12], picture[:, :12, :12])  # patch 0: the second in group 1
+    assert bool((picture[:, 24:27] == 1).all())
 
 
 def test_visible_biases_from_the_first_batch_give_each_pixel_the_data_mean():
@@ -296,9 +401,11 @@ def test_pseudo_likelihood_is_exact_for_one_pixel():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="multiple of patch"):
         CapsuleRBM(image_size=28, patch=5)
-    for key in ("routing_iterations", "likelihood_samples"):
+    for key in ("routing_iterations", "likelihood_samples", "groups"):
         with pytest.raises(ValueError, match=f"{key} must be an integer >= 1, got 0"):
             CapsuleRBM(**{key: 0})
+    with pytest.raises(ValueError, match="hidden_caps 50 must be a multiple of groups 3"):
+        CapsuleRBM(groups=3)
     with pytest.raises(ValueError, match="cd_steps"):
         RBM(cd_steps=0)
     with pytest.raises(ValueError, match="chain_init"):
