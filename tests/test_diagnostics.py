@@ -220,7 +220,7 @@ def test_hidden_layers_from_depth_width_or_an_explicit_list(overrides, expected)
 @pytest.mark.parametrize("override", ["model.depth=-1", "model.width=0", "model.capsule_layers=[32,0]"])
 def test_bad_depth_is_a_config_error(override):
     with pytest.raises(ConfigError, match="model\\."):
-        settings.hidden_caps(_compose(override))
+        registry.hidden_caps(_compose(override))
 
 
 def test_diagnostics_levels_compose():

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from capsrun import build, checkpoint, registry, rundir, settings
+from capsrun import build, checkpoint, registry, rundir
 from capsrun.datasets import cifar10
 from capsrun.errors import CheckpointError, ConfigError, DatasetError
 from capsrun.monitors import Diverged, NonFiniteWatch, finite_model, warn_if_collapsed
@@ -42,7 +42,7 @@ def test_the_registry_builds_what_instantiate_built(name):
     ds = cfg.dataset
     sizes = dict(in_channels=ds.channels, image_size=ds.image_size, num_classes=ds.num_classes)
     if name == "deep_capsnet":
-        sizes["hidden_caps"] = settings.hidden_caps(cfg)
+        sizes["hidden_caps"] = registry.hidden_caps(cfg)
     torch.manual_seed(0)
     theirs = instantiate(cfg.model.net, **sizes)
     assert type(mine) is type(theirs)

@@ -314,3 +314,62 @@ def test_best_checkpoint_rule(score, best, first, expected):
     from capsrun.train import improved
 
     assert improved(score, best, first) is expected
+
+
+def test_a_checkpoint_carries_a_digest_of_its_contents_and_load_checks_it(tmp_path, caplog):
+    state = {"model": {"w": torch.randn(300, 300), "on": torch.tensor(True)}, "config": {"a": 1}, "epoch": 3}
+    path = tmp_path / "best.pt"
+    checkpoint.save(path, state)
+    assert len(torch.load(path, weights_only=True)["digest"]) == 64
+    loaded = checkpoint.load(path)
+    assert "digest" not in loaded and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    changed = torch.load(path, weights_only=True)
+    changed["model"]["w"][150, 150] += 1e-6  # one weight, one ulp or so: a different file
+    torch.save(changed, path)
+    with pytest.raises(CheckpointError, match="is damaged: its contents no longer match the SHA-256 digest"):
+        checkpoint.load(path)
+    del changed["digest"]  # as capsrun wrote checkpoints before they carried one: loads, said once
+    torch.save(changed, path)
+    with caplog.at_level("WARNING", logger="capsrun"):
+        checkpoint.load(path)
+        checkpoint.load(path)
+    assert [r.getMessage().endswith("it loads, unverified") for r in caplog.records] == [True]
+
+
+# --- resume: the RNG state is part of where training stands -----------------------------------------
+
+
+class _NoisyToy(torch.nn.Module):
+    """The toy classifier with input noise from the global RNG in training (as dropout, the capsule
+    RBM's chains or VCaps' reparameterisation draw): what a resume must continue exactly."""
+
+    def __init__(self, toy: torch.nn.Module):
+        super().__init__()
+        self.toy = toy
+
+    def forward(self, x, y=None):
+        return self.toy(x + 0.3 * torch.randn_like(x) if self.training else x, y)
+
+
+def _noisy_fit(run_dir, **kw):
+    from capsrun.train import Loop, fit
+    from helpers import toy_run
+
+    run = toy_run()
+    run.model = _NoisyToy(run.model)
+    fit(run, Loop(epochs=2, log_every=100, progress=False), run_dir, **kw)
+    return run.model.state_dict()
+
+
+def test_a_resume_mid_epoch_continues_the_random_draws_where_they_stopped(tmp_path):
+    """Stopped after step 5 of 8 and resumed: the same weights as a run never stopped, which
+    needs the global RNG as it was at the stop (the noise of steps 6-8 is drawn from it)."""
+    from capsrun.train import Interrupted
+
+    reference = _noisy_fit(tmp_path / "reference")
+    calls = iter(range(1000))
+    with pytest.raises(Interrupted):
+        _noisy_fit(tmp_path / "run", should_stop=lambda: next(calls) == 4)
+    resumed = _noisy_fit(tmp_path / "run", resume_from=tmp_path / "run" / "checkpoints" / "last.pt")
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)

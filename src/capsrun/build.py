@@ -90,7 +90,7 @@ def shown_config(cfg: DictConfig, total_steps: int | None = None) -> dict:
         if net.get(key) == "???":
             net[key] = value
     if net.get("hidden_caps") == "???":
-        net["hidden_caps"] = settings.hidden_caps(cfg)
+        net["hidden_caps"] = registry.hidden_caps(cfg)
     if loss.get("in_channels") == "???":
         loss["in_channels"] = ds.channels
     if total_steps is not None and shown.get("scheduler", {}).get("total_steps") == "???":

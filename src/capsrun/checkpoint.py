@@ -1,9 +1,12 @@
-"""Checkpoints that carry their own config, written atomically, loaded with ``weights_only``."""
+"""Checkpoints that carry their own config and a digest of their contents, written atomically,
+loaded with ``weights_only`` and checked against the digest."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -18,6 +21,9 @@ from capsrun.errors import CheckpointError, OutputError, brief, unreadable
 
 FORMAT = "capsrun-checkpoint-v1"
 _REQUIRED = ("format", "model", "config", "epoch")
+_UNVERIFIED: set[Path] = set()  # checkpoints without a digest already named in the log
+
+log = logging.getLogger("capsrun")
 
 
 def _umask() -> int:
@@ -53,12 +59,39 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's name, dtype, shape and bytes and every
+    other value's repr, in sorted key order (the same whatever device the tensors are on)."""
+    h = hashlib.sha256()
+
+    def walk(obj: Any, name: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                walk(obj[key], f"{name}/{key}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"{name}:{type(obj).__name__}{len(obj)};".encode())
+            for i, value in enumerate(obj):
+                walk(value, f"{name}/{i}")
+        else:
+            h.update(f"{name}={obj!r};".encode())
+
+    walk(state, "")
+    return h.hexdigest()
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
-    """Save a checkpoint dict (model/optimizer/scheduler state, epoch, RNG, resolved config)."""
+    """Save a checkpoint dict (model/optimizer/scheduler state, epoch, RNG, resolved config) with
+    the :func:`digest` of its contents, which :func:`load` checks."""
+    state = {"format": FORMAT, **{k: v for k, v in state.items() if k != "digest"}}  # a re-saved file: its own
+    state["digest"] = digest(state)
     # serialised in memory first: torch's zip writer turns a failed file write (a full disk) into
     # an opaque RuntimeError, a plain write of the bytes raises the OSError that says why
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    torch.save(state, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
@@ -105,5 +138,21 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(
             f"{path} is a torch file but not a capsrun checkpoint; "
             "point to a checkpoints/last.pt or best.pt written by capsrun train"
+        )
+    epoch = state["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise CheckpointError(f"{path} says its epoch is {epoch!r}, not a count of epochs; {hint}")
+    for key in ("model", "config"):
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{path} holds a {type(state[key]).__name__} as its {key}, not a mapping; {hint}")
+    stored = state.pop("digest", None)
+    if stored is None:
+        if path.resolve() not in _UNVERIFIED:
+            _UNVERIFIED.add(path.resolve())
+            log.warning("%s was written before checkpoints carried a digest: it loads, unverified", path)
+    elif stored != digest(state):
+        raise CheckpointError(
+            f"{path} is damaged: its contents no longer match the SHA-256 digest written with it (changed "
+            "bytes, a bad copy or disk); use the run's other checkpoint (last.pt or best.pt) or train again"
         )
     return state

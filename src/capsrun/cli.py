@@ -121,7 +121,9 @@ def _check_overrides(command: str, args: list[str]):
         return None  # sweeps are checked per job; flags like --help/--cfg are Hydra's to handle
     try:
         with initialize_config_dir(config_dir=str(root), version_base="1.3", job_name=command):
-            return compose(config_name=command, overrides=kv, return_hydra_config=True)
+            composed = compose(config_name=command, overrides=kv, return_hydra_config=True)
+        _check_resolves(composed)
+        return composed
     except (HydraException, OmegaConfBaseException) as e:
         text = f"{e}\n{e.__cause__ or ''}"
         first = text.strip().splitlines()[0].rstrip(".")
@@ -177,6 +179,22 @@ def _keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
+def _check_resolves(cfg) -> None:
+    """Every interpolation of the run's settings (``${oc.env:VAR}``, ``${seed}``) resolves; a
+    missing environment variable or a loop is one line naming the key, before anything runs."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError, InterpolationToMissingValueError, MissingMandatoryValue
+
+    try:
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError):
+        return  # ??? values (the dataset's shape) are filled in later
+    except InterpolationResolutionError as e:
+        key = getattr(e, "full_key", "") or "a setting"
+        first = str(e).strip().splitlines()[0].rstrip(".")
+        fail(f"{key} cannot be resolved ({first}); give it a value, e.g. {key}=..., or set what it refers to")
+
+
 def _claim_run_dir(cfg, args: list[str]) -> None:
     """Before Hydra writes its own files (``.hydra/``, ``train.log``) into the run dir: check that
     it can be written, and, when the user named it (``hydra.run.dir=``), hold its lock
@@ -185,25 +203,42 @@ def _claim_run_dir(cfg, args: list[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from capsrun import rundir
-    from capsrun.errors import ConfigError
+    from capsrun.errors import CapsrunError
 
     try:
-        path = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).absolute()
+        named = str(OmegaConf.select(cfg, "hydra.run.dir"))
     except OmegaConfBaseException:
         return
+    if not named.strip():
+        fail("hydra.run.dir is empty: the run would write into the current directory; name a directory")
+    path = Path(named).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK) or not existing.is_dir():
         why = "permission denied" if existing.is_dir() else "not a directory"
         fail(f"cannot create the run dir {path} ({why} at {existing}); choose another hydra.run.dir")
-    if any(a.startswith("hydra.run.dir=") for a in args):
+    if any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):  # also +hydra.run.dir=, ++hydra.run.dir=
         from capsrun.resume import check_resume, resume_path
 
         try:
             rundir.lock(path)
             # a refused resume must not leave this run's config in the other run's .hydra/
             check_resume(cfg, path, resume_path(cfg.trainer.resume, path))
-        except ConfigError as e:
+        except CapsrunError as e:
             fail(str(e))
+
+
+def _claim_sweep_dir(args: list[str]) -> None:
+    """A sweep into a ``hydra.sweep.dir`` that holds another sweep is refused before Hydra
+    rewrites its jobs' ``.hydra/`` (:func:`capsrun.rundir.check_sweep`)."""
+    from capsrun import rundir
+    from capsrun.errors import ConfigError
+
+    named = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.sweep.dir=")]
+    try:
+        if named:
+            rundir.check_sweep(Path(named[-1]).absolute(), [a for a in args if "=" in a and not a.startswith("-")])
+    except ConfigError as e:
+        fail(str(e))
 
 
 def _check_plugins(args: list[str]) -> None:
@@ -353,9 +388,12 @@ def _main(argv: list[str] | None = None) -> None:
     composed = _check_overrides(command, rest)
     if command == "train" and composed is not None and int(os.environ.get("RANK", "0")) == 0:
         _claim_run_dir(composed, rest)
+    if command == "train" and any(a in ("-m", "--multirun") for a in rest):
+        _claim_sweep_dir(rest)
     rest = _distributed_overrides(command, rest)
 
     import hydra
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     from capsrun.errors import CapsrunError
     from capsrun.speed import keep_freed_memory
@@ -375,6 +413,15 @@ def _main(argv: list[str] | None = None) -> None:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             fail(str(e))
+        except (ConfigAttributeError, ConfigKeyError) as e:  # a node the command reads was removed (~model.net)
+            message = (
+                f"the config has no {e.full_key or 'such key'} ({str(e).splitlines()[0]}); an override removed it or "
+                f"a config file lacks it: check `capsrun {command} --cfg job`"
+            )
+            _to_log_files(f"capsrun: error: {message}", exc_info=sys.exc_info())
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            fail(message)
         except Exception:  # a bug: Hydra prints the traceback; the run's log keeps it too
             _to_log_files("capsrun: unexpected error", exc_info=sys.exc_info())
             raise

@@ -3,6 +3,7 @@ command leaves at once on a second Ctrl-C (:func:`abort`)."""
 
 import os
 import sys
+from pathlib import Path
 
 
 def permission_denied(e: BaseException) -> bool:
@@ -56,3 +57,13 @@ def abort(signum: int = 2) -> None:
         sys.stderr.flush()
     finally:
         os._exit(128 + signum)
+
+
+def resolved_root(root: str | Path) -> Path:
+    """The data root ``root`` absolute, its links followed; a symlink loop or a path that cannot
+    be followed is a :class:`DatasetError` naming it."""
+    try:
+        return Path(root).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # Python 3.11 reports a symlink loop as RuntimeError
+        why = brief(e)
+        raise DatasetError(f"data.root {root} cannot be followed ({why}); point data.root at a directory") from None

@@ -12,6 +12,7 @@ after the last epoch (``ais.at_end``), ``capsrun eval`` on a checkpoint; both th
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -19,6 +20,8 @@ from capsrun.batch import first_images, unpack
 from capsrun.errors import ConfigError
 from capsrun.mcmc import ais
 from capsrun.mcmc.base import base_rate
+from capsrun.mcmc.chains import step_seconds
+from capsrun.progress import Progress
 from capsrun.settings import AISSettings
 
 log = logging.getLogger("capsrun")
@@ -51,7 +54,9 @@ def ais_log_likelihood(model, loaders, settings: AISSettings, progress: bool) ->
     for name, loader in loaders.evals.items():
         with torch.random.fork_rng(devices=_cuda(model)):  # the importance samples: seeded, the global RNG untouched
             torch.manual_seed(settings.seed)
-            mean_f, spread, n = marginal_free_energy(model, _chunks(unpack(b)[0] for b in loader.epoch(0)))
+            what = f"{name} log p(v) by importance sampling" if samples else f"{name} free energy"
+            with Progress(loader.num_examples, what, "images", bar=progress) as shown:
+                mean_f, spread, n = marginal_free_energy(model, _chunks(unpack(b)[0] for b in loader.epoch(0)), shown)
         metrics.update(ais.log_likelihood_metrics(result, mean_f, prefix=name))
         if samples:  # F(v) itself estimated: by how many importance samples, and their spread
             metrics[f"{name}/log_likelihood_samples"] = samples
@@ -114,15 +119,18 @@ def kind(model) -> str:
 
 
 @torch.no_grad()
-def marginal_free_energy(model, batches) -> tuple[float, float, int]:
+def marginal_free_energy(model, batches, shown: Progress | None = None) -> tuple[float, float, int]:
     """The mean F(v) over binary images from ``batches`` (tensors [B, C, H, W] in [0, 1]), the
-    mean spread of its estimate (0 where it is exact) and how many images that was."""
+    mean spread of its estimate (0 where it is exact) and how many images that was; ``shown``
+    counts the images done."""
     total, spread, n = 0.0, 0.0, 0
     for x in batches:
         f, s = model.marginal_free_energy(model.visible_states(x))
         total += float(f.double().sum())
         spread += 0.0 if s is None else float(s.double().sum())
         n += len(f)
+        if shown is not None:
+            shown.update(len(f))
     return total / max(n, 1), spread / max(n, 1), n
 
 
@@ -131,6 +139,22 @@ class LogLikelihoodHook:
 
     def __init__(self, loaders, settings: AISSettings, progress: bool):
         self.loaders, self.settings, self.progress = loaders, settings, progress
+
+    what = "AIS"
+
+    def seconds(self, model, epochs: range) -> float:
+        """About how long the estimate after the last of ``epochs`` takes: AIS from one timed step
+        of the chain, F(v) of the evaluation images from one timed chunk."""
+        if not epochs:
+            return 0.0
+        runs = step_seconds(model, self.settings.runs) * self.settings.temperatures
+        x = model.visible_states(first_images(self.loaders.evals["test"], CHUNK))
+        with torch.random.fork_rng(devices=_cuda(model)):
+            t0 = time.perf_counter()
+            marginal_free_energy(model, [x])
+            chunk = time.perf_counter() - t0
+        images = sum(loader.num_examples for loader in self.loaders.evals.values())
+        return runs + chunk * images / len(x)
 
     def __call__(self, model, epoch: int, last: bool) -> dict:
         return ais_log_likelihood(model, self.loaders, self.settings, self.progress) if last else {}

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from capsrun import distributed
 from capsrun.errors import CapsrunError
 from capsrun.metrics import Meter
+from capsrun.progress import duration
 from capsrun.resume import TrainState
 from capsrun.run import EvalResult, Loop, Run
 from capsrun.tblog import TBLogger, loss_layout
@@ -70,18 +71,6 @@ class NoLog:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
-
-
-def duration(seconds: float) -> str:
-    """``seconds`` as people say it: ``45 s``, ``12 min``, ``3 h 20 min``, ``2.5 days``."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        hours, minutes = divmod(round(seconds / 60), 60)
-        return f"{hours} h {minutes:02d} min"
-    return f"{seconds / 86400:.1f} days"
 
 
 class RunClock:
@@ -206,11 +195,20 @@ class StepLog:
         self.clock = RunClock(loop.epochs * batches - state.step, run.train_loader.num_examples / batches, device)
         self.bar: tqdm | None = None
 
+    def _extras_line(self) -> str:
+        """``; the end-of-epoch work ... about 12 min`` from the epoch hooks' own estimates."""
+        epochs = range(self.state.epoch + 1, self.loop.epochs + 1)
+        seconds = sum(hook.seconds(self.run.model, epochs) for hook in self.run.epoch_hooks if hasattr(hook, "seconds"))
+        if seconds < 1:
+            return ""
+        names = ", ".join(hook.what for hook in self.run.epoch_hooks if hasattr(hook, "seconds"))
+        return f"; the end-of-epoch work ({names}) about {duration(seconds)} more"
+
     def __call__(self) -> bool:
         run, step = self.run, self.state.step
         said = self.clock.step()
         if said is not None and self.main:
-            log.info(said)
+            log.info(said + self._extras_line())
         at_interval = step % self.loop.log_every == 0
         if at_interval:
             lr = run.scheduler.get_last_lr()[0]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from capsrun import averaging, checkpoint, datasets
 from capsrun.errors import CheckpointError, ConfigError
-from capsrun.settings import hidden_caps
+from capsrun.settings import positive_int
 
 log = logging.getLogger("capsrun")
 
@@ -145,6 +145,19 @@ def objective(cfg: DictConfig, trusted: bool = True) -> torch.nn.Module:
     if not trusted:
         raise CheckpointError(f"model {cfg.model.name!r} is not one of capsrun's models ({', '.join(models())})")
     return instantiate_node(cfg.model.loss, "loss", **extra)
+
+
+def hidden_caps(cfg: DictConfig) -> list[int]:
+    """Intermediate capsule layer sizes of a deep CapsNet: ``model.capsule_layers`` when given,
+    else ``model.depth`` layers of ``model.width`` capsules."""
+    layers = cfg.model.get("capsule_layers")
+    if layers is not None:
+        sizes = list(layers) if OmegaConf.is_list(layers) else [layers]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ConfigError(f"model.capsule_layers must be a list of positive integers, got {layers}; e.g. [32,32]")
+        return sizes
+    depth = positive_int(cfg, "model.depth", minimum=0, example="2")
+    return [positive_int(cfg, "model.width", example="32")] * depth
 
 
 SIZE_KEYS = ("in_channels", "image_size", "num_classes", "hidden_caps")

@@ -37,6 +37,8 @@ class TrainState:
     step: int = 0  # optimizer steps so far
     best_score: float = -1.0  # the best selection score so far (higher is better: an accuracy, or minus a loss)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    extras: list[int] = field(default_factory=list)  # the epoch hooks still to run after epoch `epoch`
+    best_extras: bool = False  # best.pt is due again once they have run (the epoch was the best)
 
 
 def _rng_state() -> dict[str, Any]:

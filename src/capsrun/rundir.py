@@ -174,3 +174,29 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[tup
         for key in _differences(select(saved, root), select(current, root), root):
             found.append((key, select(saved, key), select(current, key)))
     return found
+
+
+def check_sweep(sweep_dir: Path, overrides: list[str]) -> None:
+    """A sweep into ``sweep_dir``, which may hold an earlier one (its ``multirun.yaml``), continues
+    it only with the same settings: the ``overrides`` of the keys that decide a run's result
+    (:data:`FIXED`) and ``experiment`` must be the earlier sweep's; else a :class:`ConfigError`
+    before anything is written."""
+    from omegaconf import OmegaConf
+
+    stored = sweep_dir / "multirun.yaml"
+    if not stored.is_file():
+        return
+    try:
+        before = [str(o) for o in OmegaConf.load(stored).hydra.overrides.task]
+    except Exception:  # any unreadable or foreign file: say so, run nothing
+        raise ConfigError(f"{stored} is not a sweep record capsrun can read; choose another hydra.sweep.dir") from None
+
+    def deciding(given: list[str]) -> list[str]:
+        return sorted(o for o in given if o.lstrip("+~").partition("=")[0].startswith((*FIXED, "experiment")))
+
+    if deciding(before) != deciding(overrides):
+        raise ConfigError(
+            f"{sweep_dir} holds a sweep of {' '.join(deciding(before)) or 'the defaults'}, this one is of "
+            f"{' '.join(deciding(overrides)) or 'the defaults'}; continue that sweep with its overrides, or choose "
+            "another hydra.sweep.dir (nothing was written)"
+        )

@@ -22,7 +22,7 @@ from torch import nn
 from capsrun.images import tile
 from capsrun.judge import Judge, classifier_outputs, frechet_distance
 from capsrun.losses import gaussian_kl
-from capsrun.mcmc.chains import ChainSpec, run_chains
+from capsrun.mcmc.chains import ChainSpec, run_chains, step_seconds
 
 
 def can_generate(model: nn.Module) -> bool:
@@ -167,6 +167,16 @@ class ChainSamples:
     ):
         self.spec, self.chains, self.judge, self.num_classes = spec, chains, judge, num_classes
         self.every_epochs, self.confidence, self.base = every_epochs, confidence, base
+
+    what = "the sample grid"
+
+    def seconds(self, model: nn.Module, epochs: range) -> float:
+        """About how long this hook takes after the epochs ``epochs`` (the last of them the run's
+        last), from one timed step of the model's chain."""
+        due = sum(_due(e, e == epochs[-1], self.every_epochs) for e in epochs) if epochs else 0
+        if not due:
+            return 0.0
+        return due * self.spec.steps * step_seconds(model, self.chains * max(self.spec.tempering, 1))
 
     def __call__(self, model: nn.Module, epoch: int, last: bool) -> dict:
         if not _due(epoch, last, self.every_epochs):

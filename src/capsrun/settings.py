@@ -161,19 +161,6 @@ def diagnostics(cfg: DictConfig) -> Diagnostics:
     return Diagnostics(level, every, positive_int(cfg, "diagnostics.examples", example="256"), threshold)
 
 
-def hidden_caps(cfg: DictConfig) -> list[int]:
-    """Intermediate capsule layer sizes of a deep CapsNet: ``model.capsule_layers`` when given,
-    else ``model.depth`` layers of ``model.width`` capsules."""
-    layers = cfg.model.get("capsule_layers")
-    if layers is not None:
-        sizes = list(layers) if OmegaConf.is_list(layers) else [layers]
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-            raise ConfigError(f"model.capsule_layers must be a list of positive integers, got {layers}; e.g. [32,32]")
-        return sizes
-    depth = positive_int(cfg, "model.depth", minimum=0, example="2")
-    return [positive_int(cfg, "model.width", example="32")] * depth
-
-
 def _data(cfg: DictConfig) -> None:
     """``data.*`` and the dataset's protocol integers."""
     optional_limit(cfg, "data.train_limit")
@@ -225,6 +212,11 @@ def check_model_run(cfg: DictConfig) -> None:
     positive_int(cfg, "trainer.batch_size", example="128")
     positive_int(cfg, "trainer.eval_batch_size", example="512")
     positive_int(cfg, "trainer.log_every", example="50")
+    number(OmegaConf.select(cfg, "optimizer.lr", default=1e-3), "optimizer.lr", lambda v: v > 0, "a number > 0", 1e-3)
+    integer(cfg.trainer.get("num_images", 8), "trainer.num_images", minimum=0, example=8)
+    for key in ("routing.leaky", "routing.detach_inner"):
+        if not isinstance(OmegaConf.select(cfg, key, default=False), bool):
+            raise ConfigError(f"{key} must be true or false, got {OmegaConf.select(cfg, key)!r}; e.g. {key}=false")
     average_fraction(cfg)
     precision(cfg)
     compile_mode(cfg)
@@ -377,6 +369,10 @@ def ais_settings(node: DictConfig) -> AISSettings:
 def checkpoint_given(cfg: DictConfig, command: str, what: str = "<run dir>/checkpoints/best.pt") -> None:
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError(f"no checkpoint given; use capsrun {command} checkpoint={what}")
+    given = cfg.checkpoint
+    specs = list(given) if OmegaConf.is_list(given) else [given]
+    if not specs or any(s is None or not str(s).strip() or OmegaConf.is_config(s) for s in specs):
+        raise ConfigError(f"checkpoint={given} names no checkpoint file; use capsrun {command} checkpoint={what}")
 
 
 @dataclass(frozen=True)

@@ -194,14 +194,12 @@ def _record_best(run: Run, state: TrainState, metrics: dict[str, float]) -> bool
     return better
 
 
-def _log_epoch(tb, metrics: dict, train_metrics: dict, result: EvalResult, images: dict, step: int) -> None:
+def _log_epoch(tb, metrics: dict, train_metrics: dict, result: EvalResult, step: int) -> None:
     tb.scalars({k: v for k, v in metrics.items() if not k.startswith(("train/", "epoch"))}, step)
     tb.scalars({"epoch": metrics["epoch"]}, step)
     # the epoch's training means too, so that a run shorter than log_every steps has a curve
     tb.scalars({f"train/epoch/{k[len('train/') :]}": v for k, v in train_metrics.items()}, step)
     tb.evaluation(result, step)
-    for tag, image in images.items():
-        tb.image(tag, image, step)
 
 
 def _train_epoch(run: Run, loop: Loop, state: TrainState, meters, on_step: StepLog, sync_grads, tb, ckpt_dir) -> float:
@@ -237,13 +235,20 @@ def _train_epoch(run: Run, loop: Loop, state: TrainState, meters, on_step: StepL
     return time.perf_counter() - t0
 
 
-def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Path, train_seconds: float) -> dict:
-    """After an epoch's training: evaluate, run the epoch hooks, apply the best-checkpoint rule,
-    log, and write best.pt (if due), metrics.json and last.pt, in that order; returns the metrics.
+def _averaged(run: Run):
+    """The weight average in the model, once it has begun (yields whether it is)."""
+    return run.average.applied(run.model) if run.average is not None else contextlib.nullcontext(False)
+
+
+def _end_epoch(
+    run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Path, train_seconds: float, urgent
+) -> dict:
+    """After an epoch's training: evaluate, apply the best-checkpoint rule, log, and write best.pt
+    (if due), metrics.json and last.pt, in that order; then run the epoch hooks (:func:`_extras`).
     Once the weight average has begun (``run.average``) all but last.pt see the mean weights."""
     main, epoch_meter = run.world.is_main, meters[0]
     train_metrics = epoch_meter.compute("train")
-    with run.average.applied(run.model) if run.average is not None else contextlib.nullcontext(False) as averaged:
+    with _averaged(run) as averaged:
         results, eval_seconds = _evaluate_splits(run, loop)
         metrics = {
             **train_metrics,
@@ -254,11 +259,6 @@ def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Pat
         }
         if averaged:
             metrics["average/steps"] = run.average.steps
-        hook_images: dict[str, torch.Tensor] = {}
-        for hook in run.epoch_hooks if main else ():
-            extra = hook(run.model, state.epoch + 1, state.epoch + 1 == loop.epochs)
-            hook_images.update(extra.pop("images", {}))
-            metrics.update(extra)
         state.epoch += 1
         state.batch = 0
         epoch_meter.reset()
@@ -267,11 +267,15 @@ def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Pat
         better = better or averaged
         metrics["epoch"] = state.epoch
         state.last_metrics = metrics
-        _log_epoch(tb, metrics, train_metrics, results["test"], hook_images, state.step)
+        _log_epoch(tb, metrics, train_metrics, results["test"], state.step)
         if main:
             tb.flush()
             if better:
                 checkpoint.save(run_dir / "checkpoints" / "best.pt", weights(run, state))
+    # the hooks still to run after this epoch (sample grids, AIS): last.pt keeps the list, so that
+    # a kill or a stop in them loses at most the one running, and a resume runs only what is missing
+    state.extras = list(range(len(run.epoch_hooks))) if main else []
+    state.best_extras = bool(better and state.extras)  # best.pt is written again with their figures
     if main:
         # last.pt is the record of a completed epoch, so it is written last: a kill before it
         # replays the epoch from the previous last.pt, which rewrites the same files
@@ -281,6 +285,39 @@ def _end_epoch(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Pat
     warn_if_collapsed(results["test"], metrics, split, state.epoch)
     line = summary(metrics, results, split, name)
     log.info("epoch %d/%d  %s  %.1f s (+ %.1f s eval)", state.epoch, loop.epochs, line, train_seconds, eval_seconds)
+    return _extras(run, loop, state, meters, tb, run_dir, urgent)
+
+
+def _extras(run: Run, loop: Loop, state: TrainState, meters, tb, run_dir: Path, urgent) -> dict:
+    """Run the epoch hooks still due after epoch ``state.epoch`` (``state.extras``), each with the
+    mean weights once averaging has begun; after each, log what it returned, add it to the
+    epoch's metrics and write metrics.json and last.pt (best.pt too after the last, when the epoch
+    was the best). ``urgent()``: a context in which a stop request interrupts at once (it raises
+    :class:`Interrupted`): everything before it is on disk. Returns the epoch's metrics."""
+    metrics = state.last_metrics
+    for index in list(state.extras):
+        hook = run.epoch_hooks[index]
+        try:
+            with _averaged(run), urgent():
+                extra = hook(run.model, state.epoch, state.epoch == loop.epochs)
+        except Interrupted:
+            raise Interrupted(
+                f"stopped in the end-of-epoch work after epoch {state.epoch}; "
+                f"{run_dir / 'checkpoints' / 'last.pt'} holds the epoch and the work finished after it"
+            ) from None
+        images = extra.pop("images", {})
+        metrics.update(extra)
+        tb.scalars(extra, state.step)
+        for tag, image in images.items():
+            tb.image(tag, image, state.step)
+        tb.flush()
+        state.extras.remove(index)
+        if not state.extras and state.best_extras:
+            state.best_extras = False
+            with _averaged(run):
+                checkpoint.save(run_dir / "checkpoints" / "best.pt", weights(run, state))
+        checkpoint.save_json(run_dir / "metrics.json", metrics)
+        checkpoint.save(run_dir / "checkpoints" / "last.pt", snapshot(run, state, meters))
     return metrics
 
 
@@ -321,12 +358,16 @@ def fit(
     if resume_from is None:  # a resumed run keeps the records its first start wrote
         start_records(tb, run)
     metrics: dict[str, float] = dict(state.last_metrics)
+    urgent = getattr(should_stop, "urgent", contextlib.nullcontext)
     redirect = logging_redirect_tqdm()  # log lines above the progress bar, not through it
     redirect.__enter__()
     try:
+        if state.extras and main:  # stopped in the hooks after an epoch: run those still missing
+            log.info("epoch %d was saved before its end-of-epoch work; running what is missing", state.epoch)
+            metrics = _extras(run, loop, state, meters, tb, run_dir, urgent)
         while state.epoch < loop.epochs:
             train_seconds = _train_epoch(run, loop, state, meters, on_step, sync_grads, tb, ckpt_dir)
-            metrics = _end_epoch(run, loop, state, meters, tb, run_dir, train_seconds)
+            metrics = _end_epoch(run, loop, state, meters, tb, run_dir, train_seconds, urgent)
         tb.end("success")
         if main:  # also when a resume found the run finished (a kill after its last last.pt)
             checkpoint.save_json(run_dir / "metrics.json", metrics)

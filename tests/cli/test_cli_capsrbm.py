@@ -4,6 +4,11 @@ on MNIST-format fixtures."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = {
     "rbm": ["model=rbm", "model.net.hidden=32"],
-    "capsrbm": ["model=capsrbm", "model.net.hidden_caps=8", "model.net.hidden_dim=4"],
+    "capsrbm": ["model=capsrbm", "model.net.hidden_caps=8", "model.net.groups=2", "model.net.hidden_dim=4"],
 }
 COMMON = [  # the experiments' recipe (SGD, linear decay to 0), sized for the fixtures
     "optimizer=sgd",
@@ -156,7 +161,7 @@ def test_analyze_reports_the_capsule_rbm_s_couplings_and_draws_its_parse(energy_
     health = next(iter(report["runs"].values()))["health"]
     assert 0 <= health["hidden_caps/coupling/entropy"] <= 1 and health["hidden_caps/routing/std"] >= 0
     with Image.open(out / "hidden_caps_parse.png") as picture:
-        assert picture.size == (3 * 16 * 29, 3 * 28) and picture.mode == "RGB"
+        assert picture.size == (3 * 16 * 29, 3 * (2 * 29 - 1)) and picture.mode == "RGB"  # a row per group
 
 
 @pytest.mark.parametrize("iterations", [1, 2])
@@ -403,6 +408,7 @@ def test_bad_training_ais_settings_fail_before_training(mnist_root, tmp_path):
          "tempering must be >= 1 (and 1 unless persistent)"),
         ("capsrbm", ["routing.iterations=0"], "routing.iterations must be an integer >= 1, got 0"),
         ("capsrbm", ["model.net.likelihood_samples=-1"], "likelihood_samples must be an integer >= 1, got -1"),
+        ("capsrbm", ["model.net.groups=7"], "must be a multiple of groups 7"),
     ],
 )  # fmt: skip
 def test_energy_settings_that_cannot_work_are_one_line(mnist_root, tmp_path, model, args, needle):
@@ -557,3 +563,82 @@ def test_a_ladder_run_stopped_while_it_averages_resumes_to_the_uninterrupted_res
     ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
     same = [k for k in mb if not k.startswith("time/")]
     assert same and {k: ma[k] for k in same} == {k: mb[k] for k in same}
+
+
+# --- the end of a run: its epoch saved before the sample grid and AIS ---------------------------------
+
+END_OF_RUN = [*SMALL["capsrbm"], *COMMON, "trainer.epochs=1", "sampler.steps=600", "ais.temperatures=2000"]
+
+
+def _signal_at(args, run_dir: Path, cwd: Path, data_root: Path, line: str, signum=signal.SIGKILL, after=0.0) -> dict:
+    """``capsrun train *args`` into ``run_dir``, sent ``signum`` ``after`` seconds after its log
+    prints ``line``; asserts it ended by it (killed, or exit 128 + signum) and returns the
+    ``last.pt`` it left."""
+    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "CAPSRUN_DATA": str(data_root), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for out in proc.stdout:
+        seen.append(out)
+        if line in out:
+            time.sleep(after)
+            proc.send_signal(signum)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    expected = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum  # a stop exits 128 + its signal
+    assert proc.returncode == expected, "".join(seen) + rest
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+
+
+def _events(run_dir: Path) -> dict[str, list]:
+    """Every TensorBoard scalar (but the wall-clock ``time/*``) and image of a run dir, by tag."""
+    acc = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    found = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if not t.startswith("time/")}
+    found.update({t: [(e.step, e.encoded_image_string) for e in acc.Images(t)] for t in acc.Tags()["images"]})
+    return found
+
+
+def test_kills_in_the_sample_grid_and_in_ais_resume_to_the_uninterrupted_result(mnist_root, tmp_path):
+    """The epoch's last.pt is on disk before the end-of-run work: a kill in the sample grid, then
+    one in AIS, each resumed, reach the files of a run never killed (metrics, weights, TensorBoard
+    scalars and images)."""
+    reference = tmp_path / "reference"
+    ok(run_capsrun("train", *END_OF_RUN, f"hydra.run.dir={reference}", cwd=tmp_path, data_root=mnist_root))
+    run_dir = tmp_path / "run"
+    in_grid = _signal_at(END_OF_RUN, run_dir, tmp_path, mnist_root, "epoch 1/1")
+    assert in_grid["epoch"] == 1 and in_grid["state"]["extras"] == [0, 1]
+    in_ais = _signal_at(END_OF_RUN, run_dir, tmp_path, mnist_root, "AIS: ")
+    assert in_ais["state"]["extras"] == [1] and "samples/free_energy" in in_ais["state"]["last_metrics"]
+    ok(run_capsrun("train", *END_OF_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
+    mine, theirs = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
+    assert {k: v for k, v in mine.items() if not k.startswith("time/")} == {
+        k: v for k, v in theirs.items() if not k.startswith("time/")
+    }
+    assert "test/log_likelihood" in mine and "samples/free_energy" in mine
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(d / "checkpoints" / name, weights_only=True) for d in (run_dir, reference))
+        assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items()), name
+    assert (
+        torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["metrics"]["test/log_likelihood"]
+        == (theirs["test/log_likelihood"])
+    )  # best.pt was written again with the end-of-run figures
+    assert _events(run_dir) == _events(reference)
+
+
+def test_ctrl_c_in_the_sample_grid_stops_at_once_and_a_resume_runs_what_is_missing(mnist_root, tmp_path):
+    """A grid of 200,000 sweeps would take minutes: a SIGINT in it ends the run with exit 130,
+    the epoch saved and the grid still to do; the resume (a short grid) finishes it and AIS."""
+    run_dir = tmp_path / "run"
+    grid = [*END_OF_RUN, "sampler.steps=200000"]
+    stopped = _signal_at(grid, run_dir, tmp_path, mnist_root, "epoch 1/1", signal.SIGINT, after=1.0)
+    assert stopped["epoch"] == 1 and stopped["state"]["extras"] == [0, 1]
+    log = (run_dir / "train.log").read_text()
+    assert "stopping the end-of-epoch work now" in log and "holds the epoch and the work finished after it" in log
+    saved = json.loads((run_dir / "metrics.json").read_text())  # the epoch's evaluation, not the grid
+    assert "test/log_likelihood/pseudo" in saved and "samples/free_energy" not in saved
+    ok(run_capsrun("train", *END_OF_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "samples/free_energy" in metrics and "test/log_likelihood" in metrics
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["extras"] == []
+    assert "running what is missing" in (run_dir / "train.log").read_text()

@@ -42,13 +42,19 @@ def _assert_clean_error(result, *needles: str) -> None:
         ("trainer.precision=fp16", "trainer.precision must be one of fp32, tf32, bf16, got 'fp16'"),
         ("trainer.average=1", "trainer.average must be a number in [0, 1), got 1"),
         ("trainer.average=-0.1", "trainer.average must be a number in [0, 1)"),
+        ("trainer.epochs=${oc.env:CAPSRUN_UNSET_VARIABLE}", "trainer.epochs cannot be resolved"),
+        ("seed=${seed}", "seed cannot be resolved (Recursive interpolation detected)"),
+        ("~model.net", "the config has no model.net"),
+        ("trainer.num_images=-1", "trainer.num_images must be an integer >= 0, got -1"),
+        ("routing.leaky=maybe", "routing.leaky must be true or false, got 'maybe'"),
+        ("hydra.run.dir=", "hydra.run.dir is empty"),
     ],
 )
 def test_bad_config_values(override, needle, mnist_root, tmp_path, capsrun_here):
-    result = capsrun_here(
-        "train", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, data_root=mnist_root
-    )
+    run_dir = [] if override.startswith("hydra.run.dir") else [f"hydra.run.dir={tmp_path / 'run'}"]
+    result = capsrun_here("train", *TINY, override, *run_dir, cwd=tmp_path, data_root=mnist_root)
     _assert_clean_error(result, needle)
+    assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / ".hydra").exists()
 
 
 def test_bad_value_in_a_sweep(mnist_root, tmp_path):
@@ -201,3 +207,103 @@ def test_version(tmp_path):
 
     result = run_capsrun("--version", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == f"capsrun {__version__}", result.stderr
+
+
+def test_eval_with_an_empty_checkpoint_list(tmp_path, capsrun_here):
+    result = capsrun_here("eval", "checkpoint=[]", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    _assert_clean_error(result, "checkpoint=[] names no checkpoint file")
+
+
+def test_a_data_root_in_a_symlink_loop(tmp_path, capsrun_here):
+    loop = tmp_path / "a"
+    loop.symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(loop)
+    result = capsrun_here("train", *TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, data_root=loop)
+    _assert_clean_error(result, f"data.root {loop} cannot be followed", "point data.root at a directory")
+
+
+@pytest.mark.parametrize("damage", ["a zip that is not torch's", "a truncated last.pt"])
+def test_resuming_from_a_damaged_checkpoint_is_one_line(damage, mnist_root, tmp_path):
+    """Both ways of naming what to resume: trainer.resume=PATH, and resume=auto finding a last.pt."""
+    import zipfile
+
+    run_dir = tmp_path / "run"
+    if damage == "a zip that is not torch's":
+        path = tmp_path / "other.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("notes.txt", "hello")
+        extra = [f"trainer.resume={path}"]
+    else:
+        ok = run_capsrun(
+            "train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root
+        )
+        assert ok.returncode == 0, ok.stderr
+        path = run_dir / "checkpoints" / "last.pt"
+        path.write_bytes(path.read_bytes()[:2000])
+        extra = ["trainer.epochs=2"]
+    result = run_capsrun("train", *TINY, *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root)
+    _assert_clean_error(result, str(path))
+
+
+def test_a_checkpoint_whose_epoch_is_not_a_count_is_refused(mnist_root, tmp_path):
+    from capsrun import checkpoint
+
+    run_dir = tmp_path / "run"
+    ok = run_capsrun("train", *TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root)
+    assert ok.returncode == 0, ok.stderr
+    state = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    state.pop("format")
+    crafted = tmp_path / "crafted.pt"
+    checkpoint.save(crafted, {**state, "epoch": "x"})  # with a digest that matches: only the type is wrong
+    result = run_capsrun("eval", f"checkpoint={crafted}", cwd=tmp_path, data_root=mnist_root)
+    _assert_clean_error(result, "says its epoch is 'x', not a count of epochs")
+
+
+# --- capsrun report: every file it reads is hostile input --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "the following arguments are required: dir"),
+        (["a-dir", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_report_usage_errors_are_one_line(argv, needle, tmp_path):
+    result = run_capsrun("report", *argv, cwd=tmp_path)
+    _assert_clean_error(result, needle, "usage: capsrun report DIR")
+
+
+def _fake_run(root: Path, name: str, metrics, overrides, config=None) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.json").write_text(metrics if isinstance(metrics, str) else __import__("json").dumps(metrics))
+    (run / ".hydra" / "overrides.yaml").write_text(overrides)
+    if config is not None:
+        (run / ".hydra" / "config.yaml").write_text(config)
+    return run
+
+
+def test_report_skips_runs_whose_files_have_the_wrong_shape(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep, "0", {"epoch": 2, "test/accuracy": 91.0}, "- seed=0\n- routing.iterations=1\n")
+    _fake_run(sweep, "1", {"epoch": 2, "test/accuracy": 93.0}, "- seed=0\n- routing.iterations=3\n")
+    _fake_run(sweep, "2", {"epoch": 2, "test/accuracy": {"nested": 1}}, "- seed=1\n- routing.iterations=3\n")
+    _fake_run(sweep, "3", {"epoch": 2, "test/accuracy": 90.0}, "- seed=2\n- routing.iterations=3\n", "trainer: 5\n")
+    _fake_run(sweep, "4", [1, 2], "- seed=3\n")
+    _fake_run(sweep, "5", {"epoch": 2}, "{a: 1}\n")
+    result = run_capsrun("report", str(sweep), "--metrics", "test/accuracy", cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "skipped" in result.stderr and (sweep / "report.csv").is_file()
+    rows = (sweep / "report.csv").read_text().splitlines()
+    assert rows[1].startswith("1,1,91.0") and rows[2].startswith("3,3,91.5"), rows  # run 2's nested figure left out
+
+
+def test_report_into_a_folder_it_cannot_write_is_one_line(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep, "0", {"epoch": 2, "test/accuracy": 91.0}, "- routing.iterations=1\n")
+    _fake_run(sweep, "1", {"epoch": 2, "test/accuracy": 93.0}, "- routing.iterations=3\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_capsrun("report", str(sweep), "--out", str(blocker / "out"), cwd=tmp_path)
+    _assert_clean_error(result, "cannot write the report into", "choose another --out")

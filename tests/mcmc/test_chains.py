@@ -198,3 +198,18 @@ def test_a_tuned_model_ladder_is_what_a_ladder_from_0_runs():
     model.betas.copy_(torch.tensor([0.0, 0.2, 0.7, 1.0], dtype=torch.float64))
     run = run_chains(model, _noise(10), ChainSpec(3, tempering=4), BASE)
     assert run.betas == [0.0, 0.2, 0.7, 1.0]
+
+
+def test_the_sample_grid_says_how_long_it_will_take(monkeypatch):
+    """A grid's expected time: one timed step of the model's chain on all its states (chains x
+    levels) times the sweeps, once per epoch it is due in (every ``every_epochs``, and the last)."""
+    from capsrun import sampling
+
+    sizes = []
+    monkeypatch.setattr(sampling, "step_seconds", lambda model, n: sizes.append(n) or 0.002)
+    grid = sampling.ChainSamples(ChainSpec(500, tempering=4), chains=30, every_epochs=0)
+    assert grid.seconds(None, range(1, 11)) == pytest.approx(500 * 0.002)  # the last epoch only
+    assert sizes == [120]
+    every = sampling.ChainSamples(ChainSpec(500, tempering=4), chains=30, every_epochs=3)
+    assert every.seconds(None, range(5, 11)) == pytest.approx(3 * 500 * 0.002)  # epochs 6, 9 and 10
+    assert every.seconds(None, range(11, 11)) == 0

@@ -171,10 +171,9 @@ def test_zero_image_gives_finite_grads():
         model.primary_caps.conv.bias.zero_()
     out = model(torch.zeros(1, 1, 28, 28), torch.tensor([0]))
     assert torch.all(out.digit_caps == 0)
-    out.lengths.sum().backward()
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            assert torch.isfinite(p.grad).all(), name
+    (out.lengths.sum() + out.reconstruction.sum()).backward()
+    for name, p in model.named_parameters():  # every parameter, the decoder's too
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
 def test_routed_caps_votes_match_einsum():

@@ -33,12 +33,15 @@ def _finished(run_dir: Path, metrics_path: Path) -> tuple[dict | None, str]:
         return None, f"its metrics.json is not readable JSON ({type(e).__name__})"
     if not isinstance(metrics, dict) or not isinstance(metrics.get("epoch"), int):
         return None, "its metrics.json is not one capsrun train writes (no epoch count)"
+    # the figures: numbers (or null, a non-finite one) under string tags; anything else is foreign
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     config_path = run_dir / ".hydra" / "config.yaml"
     try:
         config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None, "its .hydra/config.yaml is not readable"
-    epochs = (config or {}).get("trainer", {}).get("epochs") if isinstance(config, dict) else None
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
     if isinstance(epochs, int) and metrics["epoch"] < epochs:
         return None, f"unfinished (epoch {metrics['epoch']} of {epochs})"
     return metrics, ""
@@ -184,8 +187,18 @@ def plot(keys: list[str], rows: list[dict], x_key: str, metric: str, path: Path,
     plt.close(fig)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with capsrun's one-line errors (exit 2) in place of its usage block."""
+
+    def error(self, message: str):
+        print(f"capsrun: error: capsrun report: {message}; usage: capsrun report DIR [--metrics a,b] "
+              "[--x KEY] [--out DIR] (capsrun report --help)", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="capsrun report", description=__doc__.split("\n\n")[0])
+    """``capsrun report``'s exit status: 0, or 2 after one line that says what is wrong."""
+    parser = _Parser(prog="capsrun report", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a multirun dir (or any directory of runs)")
     parser.add_argument("--metrics", help="comma-separated metric tags (default: the usual accuracies and epoch time)")
     parser.add_argument("--x", help="the swept parameter on the plot's x axis (default: the first swept one)")
@@ -220,15 +233,18 @@ def main(argv: list[str]) -> int:
     if plot_metric is not None and plot_metric not in available:
         return fail(f"no run has the metric {plot_metric!r}; available: {', '.join(available)}")
     out = args.out or args.dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(table(keys, rows, metrics, markdown=True))
+        (out / "report.csv").write_text(to_csv(keys, rows, metrics))
+        written = ["report.md", "report.csv"]
+        x_key = args.x or (keys[0] if keys else None)
+        if x_key is not None and plot_metric is not None:
+            plot(keys, rows, x_key, plot_metric, out / "report.png", sweep=str(args.dir))
+            written.append("report.png")
+    except OSError as e:
+        return fail(f"cannot write the report into {out} ({e.strerror or type(e).__name__}); choose another --out")
     print(table(keys, rows, metrics))
-    (out / "report.md").write_text(table(keys, rows, metrics, markdown=True))
-    (out / "report.csv").write_text(to_csv(keys, rows, metrics))
-    written = ["report.md", "report.csv"]
-    x_key = args.x or (keys[0] if keys else None)
-    if x_key is not None and plot_metric is not None:
-        plot(keys, rows, x_key, plot_metric, out / "report.png", sweep=str(args.dir))
-        written.append("report.png")
     left = f" ({len(skipped)} skipped: unfinished or unreadable)" if skipped else ""
     print(f"{len(runs)} finished runs in {len(rows)} groups{left}; wrote {', '.join(written)} in {out}")
     return 0

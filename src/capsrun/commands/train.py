@@ -6,9 +6,11 @@ The settings are checked by :mod:`capsrun.settings`, the run's objects come from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,35 @@ log = logging.getLogger("capsrun")
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM ask training to stop after the current step (and save); a second one aborts."""
+    """SIGINT/SIGTERM ask training to stop after the current step (and save); a second one aborts.
+    Within :meth:`urgent` (the end-of-epoch work, whose epoch is already saved) the first one
+    stops at once."""
 
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._urgent = False
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             abort(signum)
         self.signum = signum
+        if self._urgent:
+            log.warning("%s: stopping the end-of-epoch work now (the epoch is saved)", signal.Signals(signum).name)
+            raise Interrupted("stopped")
         log.warning("%s: saving a checkpoint after this step (send it again to abort)", signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def urgent(self) -> Iterator[None]:
+        """A block in which a stop request raises :class:`~capsrun.train.Interrupted` at once (and
+        on entry, if one came before)."""
+        if self.signum is not None:
+            raise Interrupted("stopped")
+        self._urgent = True
+        try:
+            yield
+        finally:
+            self._urgent = False
 
     def __enter__(self) -> StopOnSignal:
         for s in (signal.SIGINT, signal.SIGTERM):

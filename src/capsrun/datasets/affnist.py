@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsrun.errors import DatasetError, brief, unreadable
+from capsrun.errors import DatasetError, brief, resolved_root, unreadable
 
 URL = "https://www.cs.toronto.edu/~tijmen/affNIST/32x/transformed/test.mat.zip"
 FOLDER = "affNIST"
@@ -160,7 +160,7 @@ def load_affnist_test(
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    folder = Path(root).expanduser().resolve() / FOLDER
+    folder = resolved_root(root) / FOLDER
     single = next((folder / n for n in ("test.mat", "test.mat.zip") if (folder / n).is_file()), None)
     batches = _batches(folder)
     if single is not None:

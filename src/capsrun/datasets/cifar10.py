@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsrun.errors import DatasetError, brief, unreadable
+from capsrun.errors import DatasetError, brief, resolved_root, unreadable
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -179,7 +179,7 @@ def load_cifar10_split(
     downloaded (``url``, MD5-checked against ``md5``) when ``download`` is true; otherwise, and
     when the download fails, a :class:`DatasetError` says where the files must go.
     """
-    root = Path(root).expanduser().resolve()
+    root = resolved_root(root)
     folder = root / FOLDER
     names = TRAIN_BATCHES if train else TEST_BATCHES
     missing = [n for n in names if not (folder / n).is_file()]

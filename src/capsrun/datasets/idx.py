@@ -7,6 +7,7 @@ sizes, then the data in C order. Files may be gzip-compressed (``.gz``).
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -25,33 +26,51 @@ _TYPES = {
 }
 
 
-def read_idx(path: str | Path) -> torch.Tensor:
+def read_idx(path: str | Path, limit: int | None = None) -> torch.Tensor:
     """Read an IDX (or gzipped IDX) file into a tensor of the shape its header gives.
 
-    Raises :class:`DatasetError` naming the file when it is truncated or not IDX.
+    The data is read (and decompressed) only as far as the header declares, and a header that
+    declares more than ``limit`` bytes of data (the published file's size) is refused before any
+    of it is read: a small ``.gz`` that would expand to gigabytes costs nothing. Raises
+    :class:`DatasetError` naming the file when it is truncated, too long, empty or not IDX.
     """
     path = Path(path)
+    fix = "delete it and download it again"
     try:
-        data = path.read_bytes()
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _TYPES:
+                raise DatasetError(f"{path} is not an IDX file (bad magic number); {fix}")
+            dtype, ndim = _TYPES[head[2]], head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DatasetError(f"{path} is truncated (incomplete header); {fix}")
+            shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4", count=ndim))
+            expected = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
+            if limit is not None and expected > limit:
+                raise DatasetError(
+                    f"{path} declares {shape}: {expected:,} bytes of data, more than the published file's "
+                    f"{limit:,}; {fix}"
+                )
+            chunks, got = [], 0
+            while got <= expected:  # in pieces: a header may promise more than memory holds
+                piece = f.read(min(1 << 24, expected + 1 - got))
+                if not piece:
+                    break
+                chunks.append(piece)
+                got += len(piece)
+            body = b"".join(chunks)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a bad header, a cut stream, a corrupt block
+        raise DatasetError(f"{path} is not a readable gzip file ({brief(e)}); {fix}") from None
     except OSError as e:  # the file itself cannot be read: its permissions, not its content
         raise DatasetError(unreadable(path, e, "check the file and the disk")) from None
-    try:
-        raw = gzip.decompress(data) if path.suffix == ".gz" else data
-    except (OSError, EOFError, zlib.error) as e:  # a bad header, a cut stream, a corrupt deflate block
-        why = f"{path} is not a readable gzip file ({brief(e)})"
-        raise DatasetError(f"{why}; delete it and download it again") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
-        raise DatasetError(f"{path} is not an IDX file (bad magic number); delete it and download it again")
-    dtype, ndim = _TYPES[raw[2]], raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path} is truncated (incomplete header); delete it and download it again")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
+    if len(body) != expected:
+        held = len(body) if len(body) <= expected else "more"
         raise DatasetError(
-            f"{path} is truncated or corrupt: its header promises {expected} bytes of data "
-            f"{shape}, it holds {len(raw) - header}; delete it and download it again"
+            f"{path} is truncated or corrupt: its header promises {expected} bytes of data {shape}, "
+            f"it holds {held}; {fix}"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    if not shape or shape[0] == 0:
+        raise DatasetError(f"{path} holds no examples (its header says {shape}); {fix}")
+    data = np.frombuffer(body, dtype=dtype).reshape(shape)
     return torch.from_numpy(data.astype(dtype.newbyteorder("="), copy=True))

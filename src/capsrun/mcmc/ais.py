@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from capsrun.mcmc.base import EnergyChain
+from capsrun.progress import Progress
 
 log = logging.getLogger("capsrun")
 
@@ -58,7 +58,7 @@ def schedule(temperatures: int) -> torch.Tensor:
         raise ValueError(f"AIS needs at least 2 temperatures (0 and 1), got {temperatures}")
     n1 = max(1, round(temperatures * 500 / 14500))
     n2 = max(1, round(temperatures * 4000 / 14500))
-    n3 = max(temperatures - n1 - n2, 1)
+    n3 = max(temperatures - n1 - n2, 2)  # the last piece holds 0.9 and 1 at least
     pieces = [
         torch.linspace(0, 0.5, n1 + 1, dtype=torch.float64)[:-1],
         torch.linspace(0.5, 0.9, n2 + 1, dtype=torch.float64)[:-1],
@@ -129,8 +129,8 @@ def anneal(
             start = start.to(device)
             v, enc, _ = model.transition(start, model.chain_state(start), 0.0, base)
         log_w = torch.zeros(len(v), dtype=torch.float64, device=device)
-        steps = tqdm(range(1, len(betas)), desc="AIS", disable=None if progress else True, leave=False)
-        for k in steps:
+        steps = Progress(len(betas) - 1, "AIS", "temperatures", bar=progress)
+        for k in range(1, len(betas)):
             prev, beta = betas[k - 1], betas[k]
             gain = model.free_energy_at(v, enc, prev, base) - model.free_energy_at(v, enc, beta, base)
             log_w += gain.double()
@@ -139,6 +139,8 @@ def anneal(
             while pending and beta >= pending[0]:
                 kept.append(v.clone())
                 pending.pop(0)
+            steps.update()
+        steps.close()
     if pending:  # above the last temperature below 1: the final states
         kept += [v.clone() for _ in pending]
     return Annealed(v, log_w, torch.stack(kept) if kept else None)

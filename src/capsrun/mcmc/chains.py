@@ -9,6 +9,7 @@ so neither snapshots nor observers change a draw.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -17,6 +18,7 @@ import torch
 
 from capsrun.mcmc.base import EnergyChain, latent_of
 from capsrun.mcmc.tempering import own_ladder, retune, run_ladder, sampling_ladder, swap_tries
+from capsrun.progress import Progress
 
 SEGMENT = 10  # chain steps between two looks at the chains (progress, snapshots, observe)
 TUNE_EVERY = 50  # sweeps between two re-spacings of a sampling ladder while it tunes
@@ -158,8 +160,6 @@ def run_chains(
     With ``spec.tempering`` > 1 each step is a sweep of a ladder above the base-rate model
     ``base`` [C*H*W] whose top starts at ``start`` and whose lower levels start at ``below``
     (:class:`_Ladder`). The model is in eval mode while they run; the global RNG is left as it was."""
-    from tqdm import tqdm
-
     if spec.tempering > 1 and (base is None or spec.temperature != 1):
         raise ValueError("tempering needs the base-rate model (base) and temperature 1")
     if watch.every < 0 or spec.tune < 0:
@@ -170,8 +170,7 @@ def run_chains(
     taken, acceptance, v, latent = [], 0.0, start, None
     was_training = model.training
     model.eval()
-    bar = tqdm(total=spec.steps, desc="sweeps" if ladder else "steps", unit="", leave=False,
-               disable=None if watch.progress else True)  # fmt: skip
+    bar = Progress(spec.steps, "chains", "sweeps" if ladder else "steps", bar=watch.progress)
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(spec.seed)
@@ -202,3 +201,30 @@ def run_chains(
         taken = [*taken[: watch.snapshots - 1], v.clone()]
     swap_rates, betas = ladder.ended() if ladder is not None else ([], [])
     return Chains(v, taken, acceptance / max(spec.steps, 1), swap_rates, betas)
+
+
+@torch.no_grad()
+def step_seconds(model, n: int, repeats: int = 2) -> float:
+    """Seconds of one step of the model's chain on ``n`` states from noise (the best of
+    ``repeats`` after one untimed): what a sample grid or an AIS run costs a step. The global RNG
+    and the model's mode are left as they were."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            v = model.noise(n).to(device)
+            enc = model.chain_state(v)
+            v, enc, _ = model.transition(v, enc)
+            best = float("inf")
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                v, enc, _ = model.transition(v, enc)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return best
