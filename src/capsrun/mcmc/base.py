@@ -69,5 +69,5 @@ def take(enc: Any, rows: torch.Tensor) -> Any:
 
 def latent_of(enc: Any) -> torch.Tensor | None:
     """The latent part of a chain's state (``enc.latent``: e.g. the capsule RBM's routes
-    [B, P]); None for a model whose chain state is v alone."""
+    [B, P * G]); None for a model whose chain state is v alone."""
     return getattr(enc, "latent", None)
