@@ -137,12 +137,17 @@ def run_capsrun(*args: str, cwd: Path, data_root: Path | None = None, timeout: f
     )
 
 
-def train_until(args: list[str], run_dir: Path, cwd: Path, data_root: Path, line: str) -> dict:
-    """``capsrun train *args`` into ``run_dir``, stopped by SIGINT as soon as its log prints a line
-    holding ``line``: asserts the run stopped as a SIGINT stops it (exit 130) and returns the
-    ``last.pt`` it saved."""
+def train_until(
+    args: list[str], run_dir: Path, cwd: Path, data_root: Path, line: str, signum: int | None = None, after: float = 0.0
+) -> dict:
+    """``capsrun train *args`` into ``run_dir``, sent ``signum`` (SIGINT by default) ``after``
+    seconds after its log prints a line holding ``line``: asserts the run ended as that signal ends
+    it (SIGKILL: killed; any other: exit 128 + the signal, as a stop) and returns the ``last.pt`` it
+    left."""
     import signal
+    import time
 
+    signum = signal.SIGINT if signum is None else signum
     cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "CAPSRUN_DATA": str(data_root), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -150,10 +155,12 @@ def train_until(args: list[str], run_dir: Path, cwd: Path, data_root: Path, line
     for out in proc.stdout:
         seen.append(out)
         if line in out:
-            proc.send_signal(signal.SIGINT)
+            time.sleep(after)
+            proc.send_signal(signum)
             break
     rest, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT, "".join(seen) + rest
+    expected = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum
+    assert proc.returncode == expected, "".join(seen) + rest
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
 
 

@@ -4,11 +4,7 @@ on MNIST-format fixtures."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -570,26 +566,6 @@ def test_a_ladder_run_stopped_while_it_averages_resumes_to_the_uninterrupted_res
 END_OF_RUN = [*SMALL["capsrbm"], *COMMON, "trainer.epochs=1", "sampler.steps=600", "ais.temperatures=2000"]
 
 
-def _signal_at(args, run_dir: Path, cwd: Path, data_root: Path, line: str, signum=signal.SIGKILL, after=0.0) -> dict:
-    """``capsrun train *args`` into ``run_dir``, sent ``signum`` ``after`` seconds after its log
-    prints ``line``; asserts it ended by it (killed, or exit 128 + signum) and returns the
-    ``last.pt`` it left."""
-    cmd = [sys.executable, "-m", "capsrun", "train", *args, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "CAPSRUN_DATA": str(data_root), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for out in proc.stdout:
-        seen.append(out)
-        if line in out:
-            time.sleep(after)
-            proc.send_signal(signum)
-            break
-    rest, _ = proc.communicate(timeout=120)
-    expected = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum  # a stop exits 128 + its signal
-    assert proc.returncode == expected, "".join(seen) + rest
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-
-
 def _events(run_dir: Path) -> dict[str, list]:
     """Every TensorBoard scalar (but the wall-clock ``time/*``) and image of a run dir, by tag."""
     acc = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
@@ -606,9 +582,9 @@ def test_kills_in_the_sample_grid_and_in_ais_resume_to_the_uninterrupted_result(
     reference = tmp_path / "reference"
     ok(run_capsrun("train", *END_OF_RUN, f"hydra.run.dir={reference}", cwd=tmp_path, data_root=mnist_root))
     run_dir = tmp_path / "run"
-    in_grid = _signal_at(END_OF_RUN, run_dir, tmp_path, mnist_root, "epoch 1/1")
+    in_grid = train_until(END_OF_RUN, run_dir, tmp_path, mnist_root, "epoch 1/1", signal.SIGKILL)
     assert in_grid["epoch"] == 1 and in_grid["state"]["extras"] == [0, 1]
-    in_ais = _signal_at(END_OF_RUN, run_dir, tmp_path, mnist_root, "AIS: ")
+    in_ais = train_until(END_OF_RUN, run_dir, tmp_path, mnist_root, "AIS: ", signal.SIGKILL)
     assert in_ais["state"]["extras"] == [1] and "samples/free_energy" in in_ais["state"]["last_metrics"]
     ok(run_capsrun("train", *END_OF_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, data_root=mnist_root))
     mine, theirs = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, reference))
@@ -631,7 +607,7 @@ def test_ctrl_c_in_the_sample_grid_stops_at_once_and_a_resume_runs_what_is_missi
     the epoch saved and the grid still to do; the resume (a short grid) finishes it and AIS."""
     run_dir = tmp_path / "run"
     grid = [*END_OF_RUN, "sampler.steps=200000"]
-    stopped = _signal_at(grid, run_dir, tmp_path, mnist_root, "epoch 1/1", signal.SIGINT, after=1.0)
+    stopped = train_until(grid, run_dir, tmp_path, mnist_root, "epoch 1/1", after=1.0)
     assert stopped["epoch"] == 1 and stopped["state"]["extras"] == [0, 1]
     log = (run_dir / "train.log").read_text()
     assert "stopping the end-of-epoch work now" in log and "holds the epoch and the work finished after it" in log
