@@ -6,7 +6,7 @@ ARGS   ?=
 # pytest-xdist workers for `make test` (one per core; each test file runs on one worker): 0 runs in one process
 WORKERS ?= auto
 
-.PHONY: install train test test-fast bench results tensorboard clean
+.PHONY: help install train test test-fast bench results tensorboard clean
 
 $(BIN)/capsrun: pyproject.toml constraints/local.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,5 +34,8 @@ results: install  ## render the README's and docs/performance.md's tables from r
 tensorboard: install  ## browse every run under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-clean:
+clean:  ## remove .venv and pytest's cache (runs in outputs/ and data/ stay)
 	rm -rf $(VENV) .pytest_cache
+
+help:  ## list these targets with what each does
+	@awk 'BEGIN {FS = ":[^#]*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)

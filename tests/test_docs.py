@@ -101,3 +101,13 @@ def test_a_new_row_changes_the_table(tmp_path):
     (tmp_path / "capsnet.csv").write_text("\n".join([*rows[:3], moved, *rows[4:]]) + "\n")
     text = README.read_text()
     assert "99.71 %" in results.render(text, tmp_path) and "99.71 %" not in text
+
+
+def test_make_help_lists_every_target_with_its_comment():
+    import subprocess
+
+    documented = re.findall(r"^([a-z-]+):.*?## (.+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    shown = subprocess.run(["make", "-s", "-C", str(ROOT), "help"], capture_output=True, text=True, check=True).stdout
+    lines = [line.split(None, 2) for line in shown.splitlines()]
+    assert [(name, text) for _, name, text in lines] == documented
+    assert {"train", "test", "help"} <= {name for name, _ in documented}

@@ -99,6 +99,22 @@ def test_report_groups_seeds_and_gives_mean_and_spread(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_report_csv_leaves_the_spread_of_a_one_run_group_empty(tmp_path, capsys):
+    _fake_run(tmp_path, "0", ["routing.iterations=1", "seed=0"], {"test/accuracy": 97.0})
+    _fake_run(tmp_path, "1", ["routing.iterations=1", "seed=1"], {"test/accuracy": 99.0})
+    _fake_run(tmp_path, "2", ["routing.iterations=3", "seed=0"], {"test/accuracy": 98.0})
+    assert report.main([str(tmp_path), "--metrics", "test/accuracy"]) == 0
+    rows = (tmp_path / "report.csv").read_text().splitlines()
+    assert rows[1:] == [f"1,2,98.0,{2**0.5}", "3,1,98.0,"]  # one run: no spread, not 0.0
+
+
+def test_report_help_reads_as_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    text = capsys.readouterr().out
+    assert "capsrun report DIR" in text and "``" not in text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

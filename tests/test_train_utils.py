@@ -287,15 +287,27 @@ def test_duration_reads_as_people_say_it(seconds, said):
 def test_run_clock_speaks_once_after_the_timed_steps(monkeypatch):
     import capsrun.monitors as monitors
 
-    now = iter([10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0])  # perf_counter: 0.5 s a step
+    now = iter([10.0, 11.0, 11.5])  # perf_counter: the clock starts, then 3 steps in 1.5 s
     monkeypatch.setattr(monitors.time, "perf_counter", lambda: next(now))
     clock = monitors.RunClock(
-        remaining_steps=1002, batch_size=100, device=torch.device("cpu"), skip=2, max_steps=2, min_seconds=99
+        remaining_steps=1005, batch_size=100, device=torch.device("cpu"), skip=2, max_steps=4, min_seconds=99
     )
-    said = [clock.step() for _ in range(6)]
-    assert said[:3] == [None, None, None]  # warm-up, then the clock starts, then one step timed
-    assert said[3].startswith("timed 2 steps: ") and said[4:] == [None, None]
-    assert "200 images/s" in said[3] and "the remaining 998 steps take about 8 min" in said[3]
+    said = [clock.step() for _ in range(8)]
+    assert said[:5] == [None] * 5  # warm-up, then the clock starts, then three steps timed
+    assert said[5].startswith("timed 4 steps: ") and said[6:] == [None, None]
+    assert "267 images/s" in said[5] and "the remaining 999 steps take about 6 min" in said[5]
+
+
+def test_run_clock_times_a_few_steps_however_slow_one_is(monkeypatch):
+    import capsrun.monitors as monitors
+
+    now = iter([0.0, 40.0, 60.0])  # a first timed step of 20 s, far past min_seconds
+    monkeypatch.setattr(monitors.time, "perf_counter", lambda: next(now))
+    clock = monitors.RunClock(remaining_steps=100, batch_size=10, device=torch.device("cpu"), skip=2, min_seconds=5)
+    said = [clock.step() for _ in range(5)]
+    assert said[:4] == [None] * 4
+    assert said[4].startswith("timed 3 steps: 20 s a step")
+    assert monitors.RunClock(4, 10, torch.device("cpu"), skip=2).said  # too short to time 3 steps: silent
 
 
 @pytest.mark.parametrize(
@@ -373,3 +385,11 @@ def test_a_resume_mid_epoch_continues_the_random_draws_where_they_stopped(tmp_pa
     resumed = _noisy_fit(tmp_path / "run", resume_from=tmp_path / "run" / "checkpoints" / "last.pt")
     for key, value in reference.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+
+
+def test_the_epoch_line_of_a_model_without_labels_fills_its_test_slot():
+    from capsrun.monitors import summary
+
+    metrics = {"train/loss/total": 0.5, "test/log_likelihood/pseudo": -93.25, "best/test/log_likelihood/pseudo": -93.25}
+    line = summary(metrics, {"test": None}, "test", "log_likelihood/pseudo")
+    assert "test log_likelihood pseudo -93.25 (best test log_likelihood/pseudo -93.25)" in line

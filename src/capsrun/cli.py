@@ -19,7 +19,7 @@ commands:
   eval     recompute the test metrics of a checkpoint: capsrun eval checkpoint=PATH
   sample   sample grids (PNG + TensorBoard) from a checkpoint (VCaps, CapsNet, capsule RBM chains)
   analyze  capsule health of a checkpoint, a run dir or a multirun dir: capsrun analyze checkpoint=PATH
-  report   swept values against final metrics of a multirun: capsrun report DIR [--help]
+  report   a sweep's metrics by swept value and its learning curves: capsrun report DIR [--help]
   bench    train/eval images/s and peak memory per model, precision and compile setting
 
 examples:
@@ -356,6 +356,13 @@ def main(argv: list[str] | None = None) -> None:
         abort(signal.SIGINT)
 
 
+def _ensemble(arg: str) -> str:
+    """``checkpoint=a.pt,b.pt`` of ``capsrun eval`` is an ensemble, not a sweep: a list for Hydra."""
+    if arg.startswith("checkpoint=") and "," in arg and not arg.startswith("checkpoint=["):
+        return f"checkpoint=[{arg.split('=', 1)[1]}]"
+    return arg
+
+
 def _main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["--version"], ["-V"]):
@@ -377,19 +384,18 @@ def _main(argv: list[str] | None = None) -> None:
 
         sys.exit(report.main(rest))
     _check_plugins(rest)
+    from capsrun import rundir  # registers ${capsrun.job_dir:...}, which names sweep job dirs
+
+    rest = rundir.quote_paths(rest)  # paths into sweep job dirs hold "="
     if command == "eval" and not any(a in ("-m", "--multirun") for a in rest):
-        # checkpoint=a.pt,b.pt means an ensemble here, not a sweep: pass it to Hydra as a list
-        rest = [
-            f"checkpoint=[{a.split('=', 1)[1]}]"
-            if a.startswith("checkpoint=") and "," in a and not a.startswith("checkpoint=[")
-            else a
-            for a in rest
-        ]
+        rest = [_ensemble(a) for a in rest]
     composed = _check_overrides(command, rest)
     if command == "train" and composed is not None and int(os.environ.get("RANK", "0")) == 0:
         _claim_run_dir(composed, rest)
-    if command == "train" and any(a in ("-m", "--multirun") for a in rest):
-        _claim_sweep_dir(rest)
+    if any(a in ("-m", "--multirun") for a in rest):
+        if command == "train":
+            _claim_sweep_dir(rest)
+        rest = rundir.sweep_overrides(rest)
     rest = _distributed_overrides(command, rest)
 
     import hydra
@@ -412,6 +418,8 @@ def _main(argv: list[str] | None = None) -> None:
             _to_log_files(f"capsrun: error: {e}")
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
+            if not any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in rest):
+                rundir.discard_refused(Path.cwd())  # a Hydra-named run dir that holds only Hydra's records
             fail(str(e))
         except (ConfigAttributeError, ConfigKeyError) as e:  # a node the command reads was removed (~model.net)
             message = (

@@ -70,3 +70,67 @@ def correct(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return (predictions(scores) == labels).sum()
     top = predictions(scores, labels.shape[1]).sort(dim=-1).values
     return (top == labels.sort(dim=-1).values).all(dim=-1).sum()
+
+
+class Confusion:
+    """Per-class results of a classifier over an evaluation pass, counted on the device without a
+    sync per batch.
+
+    One label an image (``labels`` [B]): the confusion matrix ``counts[true, predicted]`` [K, K];
+    a class's accuracy is its diagonal over its row. Two labels an image (MultiMNIST, ``labels``
+    [B, 2], two different digits): per unordered pair of classes, how many images hold it and on
+    how many both are the top two scores (:func:`correct`'s rule), and per class, on how many of
+    the images holding it the class is among the top two."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        k = num_classes
+        self.k = k
+        self.counts = torch.zeros(k * k, dtype=torch.int64, device=device)  # [true * K + predicted], or pairs
+        self.pair_right = torch.zeros(k * k, dtype=torch.int64, device=device)
+        self.class_total = torch.zeros(k, dtype=torch.int64, device=device)
+        self.class_right = torch.zeros(k, dtype=torch.int64, device=device)
+        self.two = False
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """``scores`` [B, K]; ``labels`` [B] or [B, 2]."""
+        labels = labels.to(self.counts.device)
+        if labels.dim() == 1:
+            predicted = predictions(scores).to(labels.device)
+            self.counts.index_add_(0, labels * self.k + predicted, torch.ones_like(labels))
+            right = (predicted == labels).long()
+            self.class_total.index_add_(0, labels, torch.ones_like(labels))
+            self.class_right.index_add_(0, labels, right)
+            return
+        self.two = True
+        top = predictions(scores, labels.shape[1]).to(labels.device)  # [B, 2]
+        lo, hi = labels.min(dim=1).values, labels.max(dim=1).values
+        both = (top.sort(dim=-1).values == labels.sort(dim=-1).values).all(dim=-1).long()
+        self.counts.index_add_(0, lo * self.k + hi, torch.ones_like(lo))
+        self.pair_right.index_add_(0, lo * self.k + hi, both)
+        found = (top[:, :, None] == labels[:, None, :]).any(dim=1).long()  # [B, 2]: each label in the top two
+        flat = labels.flatten()
+        self.class_total.index_add_(0, flat, torch.ones_like(flat))
+        self.class_right.index_add_(0, flat, found.flatten())
+
+    def compute(self, prefix: str) -> dict[str, list]:
+        """``{prefix}/class_accuracy`` [K] (%, None for a class with no image) and, for one label,
+        ``{prefix}/confusion`` [K][K] (counts, rows the true class, columns the predicted one);
+        for two, ``{prefix}/pair_accuracy`` [K][K] (%, at [a][b] and [b][a]; None for a pair
+        with no image). Summed over ranks."""
+        k = self.k
+        summed = distributed.all_reduce_sum(
+            torch.cat([self.counts, self.pair_right, self.class_total, self.class_right])
+        )
+        counts, pair_right, total, right = summed.cpu().split([k * k, k * k, k, k])
+
+        def percent(num: torch.Tensor, den: torch.Tensor) -> list:
+            return [None if int(d) == 0 else 100.0 * int(n) / int(d) for n, d in zip(num.tolist(), den.tolist())]
+
+        out: dict[str, list] = {f"{prefix}/class_accuracy": percent(right, total)}
+        if not self.two:
+            out[f"{prefix}/confusion"] = counts.view(k, k).tolist()
+            return out
+        pairs = counts.view(k, k) + counts.view(k, k).T  # each pair is counted at [low, high]
+        hits = pair_right.view(k, k) + pair_right.view(k, k).T
+        out[f"{prefix}/pair_accuracy"] = [percent(h, p) for h, p in zip(hits, pairs)]
+        return out

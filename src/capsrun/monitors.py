@@ -76,7 +76,9 @@ class NoLog:
 class RunClock:
     """Says once how long the rest of the run will take, from the first timed steps: the first
     ``skip`` steps (warm-up, compilation) are not timed, then steps are timed until
-    ``min_seconds`` have passed or ``max_steps`` were made. One device sync, at that point."""
+    ``min_seconds`` have passed or ``max_steps`` were made, and never fewer than ``min_steps``
+    (one slow step is no estimate). A run too short for that says nothing. One device sync, at
+    that point."""
 
     def __init__(
         self,
@@ -86,10 +88,11 @@ class RunClock:
         skip: int = 2,
         min_seconds: float = 5.0,
         max_steps: int = 50,
+        min_steps: int = 3,
     ):
         self.remaining, self.batch_size, self.device = remaining_steps, batch_size, device
-        self.skip, self.min_seconds, self.max_steps = skip, min_seconds, max_steps
-        self.steps, self.t0, self.said = 0, 0.0, remaining_steps <= skip
+        self.skip, self.min_seconds, self.max_steps, self.min_steps = skip, min_seconds, max_steps, min_steps
+        self.steps, self.t0, self.said = 0, 0.0, remaining_steps < skip + min_steps
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -105,7 +108,7 @@ class RunClock:
             self.t0 = self._now()
             return None
         timed = self.steps - self.skip
-        if timed <= 0 or (timed < self.max_steps and time.perf_counter() - self.t0 < self.min_seconds):
+        if timed < self.min_steps or (timed < self.max_steps and time.perf_counter() - self.t0 < self.min_seconds):
             return None
         per_step = (self._now() - self.t0) / timed
         self.said = True
@@ -140,8 +143,8 @@ def summary(metrics: dict[str, float], results: dict, split: str, name: str) -> 
             text += f" loss {metrics[f'{prefix}/loss/total']:.4f}"
         if f"{prefix}/accuracy" in metrics:
             text += f" acc {metrics[f'{prefix}/accuracy']:.2f}%"
-        if text == prefix and name.startswith("loss/"):
-            text += f" {name[5:]} {metrics.get(f'{prefix}/{name}', math.nan):.4g}"
+        if text == prefix and f"{prefix}/{name}" in metrics:  # a model without labels: its selection metric
+            text += f" {name.removeprefix('loss/').replace('/', ' ')} {metrics[f'{prefix}/{name}']:.4g}"
         return text
 
     best = f"(best {split} {name} {metrics[f'best/{split}/{name}']:.4g})"

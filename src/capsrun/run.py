@@ -5,7 +5,7 @@ returns. Data only: the loop, its monitors and its checkpoints all read these.""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ class EvalResult:
     scores: torch.Tensor | None  # [N, classes]: capsule lengths for capsule models; None without labels
     coupling: torch.Tensor | None  # couplings of the first batch's first examples [n, in_caps, classes]
     labels: torch.Tensor | None = None  # the first test labels [n] ([n, 2] for two objects)
+    per_class: dict[str, list] = field(default_factory=dict)  # capsrun.metrics.Confusion's lists
 
 
 @dataclass

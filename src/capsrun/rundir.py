@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,110 @@ def check_sweep(sweep_dir: Path, overrides: list[str]) -> None:
             f"{' '.join(deciding(overrides)) or 'the defaults'}; continue that sweep with its overrides, or choose "
             "another hydra.sweep.dir (nothing was written)"
         )
+
+
+# --- a sweep's job dirs, named by what their jobs change ---------------------------------------
+
+# characters a job dir keeps: a name that is one path component, safe in a shell and in
+# TensorBoard's run selector; anything else (/, spaces, quotes, brackets) becomes "_"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+JOB_DIR_MAX = 200  # characters of a job dir name (255 at most): a longer one is cut and ends in its job number
+EXCLUDE = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def job_dir_name(overrides: list[str], constant: list[str], num: int) -> str:
+    """A sweep job's dir: its ``overrides`` (``hydra.overrides.task``) but the ``constant`` keys
+    (the same for every job) and :data:`NOT_SETTINGS`, sorted by key, as ``key=value`` joined by
+    ``+``: ``routing.iterations=3+seed=1``. Hydra's ``override_dirname`` with two changes: ``+``
+    joins the items (``,`` would make a path given back as an override a sweep list), and
+    characters outside ``[A-Za-z0-9._=+-]`` become ``_``. A job that changes nothing is ``num``."""
+    items = sorted(
+        f"{key}={_UNSAFE.sub('_', text)}"
+        for key, text in run_overrides([str(o) for o in overrides])
+        if key not in {str(k) for k in constant}
+    )
+    name = "+".join(items)
+    if len(name) > JOB_DIR_MAX:
+        name = f"{name[: JOB_DIR_MAX - 8]}~{num}"
+    return name or str(num)
+
+
+def register_resolvers() -> None:
+    """``${capsrun.job_dir:...}``, which ``conf/hydra/capsrun.yaml`` names sweep job dirs by."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("capsrun.job_dir"):
+        OmegaConf.register_new_resolver("capsrun.job_dir", lambda o, c, n: job_dir_name(list(o), list(c), int(n)))
+
+
+def sweep_overrides(args: list[str]) -> list[str]:
+    """A sweep's command line with ``hydra.job.config.override_dirname.exclude_keys`` set to the
+    keys given one value (they tell no job apart), unless the user set it; the swept keys (a
+    list of values, ``range(...)``, a sweeper's search space) stay in the job dir names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.lstrip("+").startswith(EXCLUDE + "=") for a in args):
+        return args
+    given = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(given)
+    except Exception:  # Hydra reports a bad override itself
+        return args
+    constant = sorted({o.key_or_group for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()})
+    return [*args, f"{EXCLUDE}=[{','.join(constant)}]"]
+
+
+register_resolvers()  # wherever a job is resolved: this process, or a launcher's worker importing capsrun
+
+
+def quote_paths(args: list[str]) -> list[str]:
+    """``key=value`` arguments whose value holds ``=`` (a path into a sweep's job dir,
+    ``checkpoint=outputs/.../routing.iterations=3/checkpoints/best.pt``) with the value quoted
+    for Hydra's override parser, which reads an unquoted ``=`` as a syntax error; each item of
+    ``a,b`` separately (an ensemble, or a sweep over paths). Already quoted or bracketed values,
+    and flags, pass unchanged."""
+
+    def quoted(text: str) -> str:
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'" if "=" in text else text
+
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if arg.startswith("-") or not sep or "=" not in value or value[:1] in ("'", '"', "["):
+            out.append(arg)
+        else:
+            out.append(f"{key}=" + ",".join(quoted(part) for part in value.split(",")))
+    return out
+
+
+def discard_refused(keep_below: Path, run_dir: Path | None = None) -> bool:
+    """Remove the dir of a run refused before it did anything (a bad setting; default: this
+    Hydra job's, its log file closed first): one that holds
+    nothing but Hydra's records (``.hydra/``, the command's ``.log``), then each parent up to
+    ``keep_below`` (not included) left empty, or holding only a sweep's ``multirun.yaml``. A dir
+    holding anything else (a lock, checkpoints, events: another run's) is kept. Returns whether
+    ``run_dir`` was removed."""
+    import shutil
+
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            handler.close()
+            root.removeHandler(handler)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir, keep_below = run_dir.absolute(), keep_below.absolute()
+    if not run_dir.is_dir() or keep_below not in run_dir.parents:
+        return False
+    if any(not (e.name == ".hydra" or (e.suffix == ".log" and e.is_file())) for e in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.parents:
+        if parent == keep_below or keep_below not in parent.parents:
+            break
+        left = list(parent.iterdir())
+        if any(e.name != "multirun.yaml" for e in left):
+            break
+        shutil.rmtree(parent, ignore_errors=True)
+    return True

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from capsrun.images import tile
+from capsrun.images import readable_grid, tile
 from capsrun.judge import Judge, classifier_outputs, frechet_distance
 from capsrun.losses import gaussian_kl
 from capsrun.mcmc.chains import ChainSpec, run_chains, step_seconds
@@ -83,6 +83,26 @@ def grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
     return tile(images.float().cpu().clamp(0, 1), nrow)
 
 
+def captions(judge, images: torch.Tensor, confidence: float = 0.9) -> tuple[list[str], list[bool]]:
+    """What goes under each of ``images`` [N, C, H, W]: ``"7 0.98"``, the judge's class and
+    confidence (:func:`~capsrun.judge.class_posterior` of its capsule lengths: a
+    :class:`~capsrun.judge.Judge` at its calibrated temperature, a bare CapsNet at 1), and whether it
+    recognises the image (confidence > ``confidence``)."""
+    if isinstance(judge, Judge):
+        return judge.captions(images, confidence)
+    preds, _, conf = classifier_outputs(judge, images)
+    return [f"{int(p)} {float(c):.2f}" for p, c in zip(preds, conf)], [float(c) > confidence for c in conf]
+
+
+def judged_grid(images: torch.Tensor, nrow: int, judge=None, confidence: float = 0.9) -> torch.Tensor:
+    """Samples ``[N, C, H, W]`` as a grid drawn large enough to read
+    (:func:`~capsrun.images.readable_grid`); with a ``judge`` its :func:`captions` under each
+    sample, white when it recognises the sample, orange when not."""
+    if judge is None:
+        return readable_grid(images, nrow)
+    return readable_grid(images, nrow, *captions(judge, images, confidence))
+
+
 class SampleQuality:
     """An epoch hook (see :func:`capsrun.train.fit`) that measures class-conditional samples.
 
@@ -127,7 +147,8 @@ class SampleQuality:
         was_training = model.training
         gen = torch.Generator().manual_seed(self.seed + 1)
         images, _ = class_conditional(model, self.num_classes, self.grid_per_class, gen)
-        result: dict = {"images": {"samples/class_conditional": grid(images, self.grid_per_class)}}
+        shown = judged_grid(images, self.grid_per_class, self.classifier)
+        result: dict = {"images": {"samples/class_conditional": shown}}
         if self.classifier is not None and _due(epoch, last, self.every_epochs):
             result.update(self.measure(model))
         model.train(was_training)
@@ -191,7 +212,10 @@ class ChainSamples:
             result: dict = {
                 "samples/acceptance": run.acceptance,
                 "samples/free_energy": model.free_energy(v).mean().item(),
-                "images": {"samples/gibbs": grid(v, nrow), "samples/gibbs_mean": grid(model.up_down(v), nrow)},
+                "images": {
+                    "samples/gibbs": judged_grid(v, nrow, self.judge, self.confidence),
+                    "samples/gibbs_mean": judged_grid(model.up_down(v), nrow),
+                },
             }
         if run.swap_rates:
             result["samples/swap_rate"] = min(run.swap_rates)

@@ -125,14 +125,30 @@ def captioned(grid: torch.Tensor, true: list[int], predicted: list[int], cell: i
     return torch.cat([grid.float(), text], dim=1)
 
 
+# counters and settings a run logs to be read, not compared (where the run stands, the schedule's
+# lr, how many steps the weight average holds): TensorBoard orders tag groups by name, so under
+# a group that sorts after every result group (best, health, routing, samples, test, time, train,
+# val). metrics.json keeps their plain names.
+BOOKKEEPING_GROUP = "zz_bookkeeping"
+BOOKKEEPING = {"epoch": "epoch", "lr": "lr", "average/steps": "average_steps"}
+
+
+def tb_tag(key: str) -> str:
+    """The TensorBoard tag of a metric: itself, or ``zz_bookkeeping/<name>`` (:data:`BOOKKEEPING`)."""
+    return f"{BOOKKEEPING_GROUP}/{BOOKKEEPING[key]}" if key in BOOKKEEPING else key
+
+
 class TBLogger:
     def __init__(self, log_dir: Path, purge_step: int | None = None):
         # purge_step drops events a killed run wrote after its last checkpoint
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
-    def scalars(self, metrics: dict[str, float], step: int) -> None:
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+    def scalars(self, metrics: dict[str, Any], step: int) -> None:
+        """Each number of ``metrics`` under its tag (:func:`tb_tag`); lists (a confusion
+        matrix in metrics.json) are not scalars and are left to :meth:`image`."""
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(tb_tag(key), value, step)
 
     def config(self, config: dict[str, Any]) -> None:
         """The run's config, as YAML, in the Text tab."""
@@ -153,9 +169,24 @@ class TBLogger:
                 predicted = result.scores[: len(result.labels)].argmax(-1)
                 grid = captioned(grid, result.labels.tolist(), predicted.tolist(), images.shape[-1] + 2)
             self.writer.add_image("test/reconstructions", grid, step)
+        self.per_class(result.per_class, "test", step)
         if result.coupling is not None:  # a capsule model: scores are capsule lengths (-KL for vcaps)
             self.writer.add_histogram("test/digit_caps/length", result.scores, step)
             self.writer.add_histogram("routing/digit_caps/coupling", result.coupling, step)
+
+    def per_class(self, per_class: dict[str, list], prefix: str, step: int) -> None:
+        """A classifier's per-class results (:class:`capsrun.metrics.Confusion`): each class's
+        accuracy as ``<prefix>_per_class/accuracy/<k>`` (a group after ``<prefix>``'s own, whose
+        charts come first) and the picture of the matrix as
+        ``<prefix>/confusion`` (:func:`capsrun.plots.per_class_image`)."""
+        from capsrun.plots import per_class_image
+
+        for k, value in enumerate(per_class.get(f"{prefix}/class_accuracy") or []):
+            if value is not None:
+                self.writer.add_scalar(f"{prefix}_per_class/accuracy/{k}", value, step)
+        image = per_class_image(per_class, prefix, f"step {step}")
+        if image is not None:
+            self.image(f"{prefix}/confusion", image, step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """One image ``[C, H, W]`` in [0, 1], e.g. a grid of samples."""

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from capsrun import checkpoint, speed
 from capsrun.batch import aligned_top, unpack
-from capsrun.metrics import Meter, correct
+from capsrun.metrics import Confusion, Meter, correct
 from capsrun.monitors import (
     Diverged,
     NoLog,
@@ -108,9 +108,10 @@ def evaluate(
     precision: str = "fp32",
 ) -> EvalResult:
     """Metrics ``<prefix>/...`` with the decoder masked to the predicted classes, as at test time
-    in the paper. ``model`` may be a :class:`capsrun.speed.Compiled` wrapper."""
+    in the paper, and for a classifier its per-class results (:class:`~capsrun.metrics.Confusion`,
+    ``EvalResult.per_class``). ``model`` may be a :class:`capsrun.speed.Compiled` wrapper."""
     model.eval()
-    meter, scores, first = Meter(), [], None
+    meter, scores, first, confusion = Meter(), [], None, None
     batches = tqdm(loader.epoch(0), total=len(loader), desc=prefix, disable=None if progress else True, leave=False)
     for batch in batches:
         x, y, target = unpack(batch)
@@ -126,6 +127,8 @@ def evaluate(
         meter.update(losses, None if batch_scores is None else correct(batch_scores, y), len(y))
         if batch_scores is not None:
             scores.append(batch_scores)
+            confusion = confusion or Confusion(batch_scores.shape[-1], batch_scores.device)
+            confusion.update(batch_scores, y)
         if first is None:
             reconstruction = getattr(out, "reconstruction", None)
             coupling = getattr(out, "coupling", None)
@@ -146,6 +149,7 @@ def evaluate(
         torch.cat(scores).float().cpu() if scores else None,
         coupling,
         labels,
+        {} if confusion is None else confusion.compute(prefix),
     )
 
 
@@ -253,6 +257,7 @@ def _end_epoch(
         metrics = {
             **train_metrics,
             **{k: v for r in results.values() for k, v in r.metrics.items()},
+            **{k: v for r in results.values() for k, v in r.per_class.items()},
             "time/epoch_seconds": train_seconds,
             "time/train_images_per_second": run.train_loader.num_examples / train_seconds,
             "time/eval_seconds": eval_seconds,

@@ -57,6 +57,22 @@ def test_bad_config_values(override, needle, mnist_root, tmp_path, capsrun_here)
     assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / ".hydra").exists()
 
 
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_run_refused_for_a_bad_setting_leaves_no_dir_in_outputs(sweep, mnist_root, tmp_path, capsrun_here):
+    """In Hydra's own (dated) run dir, refused after Hydra wrote its records: they go, and so do
+    the date and sweep dirs left empty; a run of the user's own hydra.run.dir is left as it is."""
+    (tmp_path / "outputs" / "2026-12-01" / "earlier").mkdir(parents=True)
+    args = ["-m", *TINY, "optimizer.lr=-1,-2"] if sweep else [*TINY, "optimizer.lr=-1"]
+    _assert_clean_error(capsrun_here("train", *args, cwd=tmp_path, data_root=mnist_root), "optimizer.lr")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "outputs").rglob("*")) == [
+        "outputs/2026-12-01",
+        "outputs/2026-12-01/earlier",
+    ]
+    mine = tmp_path / "mine"
+    capsrun_here("train", *TINY, "optimizer.lr=-1", f"hydra.run.dir={mine}", cwd=tmp_path, data_root=mnist_root)
+    assert (mine / ".hydra").is_dir()
+
+
 def test_bad_value_in_a_sweep(mnist_root, tmp_path):
     result = run_capsrun(
         "train",

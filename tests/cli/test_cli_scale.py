@@ -94,7 +94,9 @@ def test_optuna_search_runs_two_trials_on_the_validation_metric(mnist_root, tmp_
         )
     )
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    trials = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert len(jobs) == 2 and all("optimizer.lr=" in p.name for p in jobs)  # named by the sampled values
+    trials = [json.loads((job / "metrics.json").read_text()) for job in jobs]
     assert result["best_value"] == max(t["best/val/accuracy"] for t in trials)
     assert all("val/accuracy" in t and "test/accuracy" in t for t in trials)
     assert set(result["best_params"]) == {
@@ -122,7 +124,9 @@ def test_submitit_local_launcher_and_report_on_a_finished_sweep(mnist_root, tmp_
         )
     )
     accs = {}
-    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert [p.name for p in jobs] == [f"routing.iterations={i}+seed={s}" for i in (1, 3) for s in (0, 1)]
+    for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         it = next(int(o.split("=")[1]) for o in overrides if o.startswith("routing.iterations="))
         accs.setdefault(it, []).append(json.loads((job / "metrics.json").read_text())["test/accuracy"])

@@ -112,9 +112,10 @@ def test_sample_writes_grids_and_quality(runs, tmp_path):
             data_root=runs["data"],
         )
     )
-    # make_grid: 2 px padding around 28 px images -> 2 + n * 30 px
-    assert Image.open(out / "class_conditional.png").size == (2 + 3 * 30, 2 + 10 * 30)  # 3 per class, 10 rows
-    assert Image.open(out / "variations.png").size == (2 + 5 * 30, 2 + 2 * 30)  # input + mean + 3 samples
+    # samples drawn 3x (84 px) with 2 px padding -> 2 + n * 86 px; under each judged one a 16 px caption
+    assert Image.open(out / "class_conditional.png").size == (2 + 3 * 86, 2 + 10 * 102)  # 3 per class, 10 rows
+    assert Image.open(out / "variations.png").size == (2 + 5 * 86, 2 + 2 * 86)  # input + mean + 3 samples
+    # make_grid's layout for Fig. 4: 2 px padding around 28 px images -> 2 + n * 30 px
     # Fig. 4: 8 capsule dimensions x 11 perturbations (-0.25..0.25 by 0.05)
     assert Image.open(out / "perturbations_0.png").size == (2 + 11 * 30, 2 + 8 * 30)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -83,9 +83,9 @@ def test_the_epoch_grid_draws_what_run_chains_draws():
     got = hook(model, 1, False)["images"]["samples/gibbs"]
     start = model.noise(20, torch.Generator().manual_seed(2))
     run = run_chains(model, start, replace(spec, seed=3), BASE)
-    assert torch.equal(got, sampling.grid(run.v, 4))
+    assert torch.equal(got, sampling.judged_grid(run.v, 4))
     other = run_chains(model, start, replace(spec, seed=3, ladder_from=0.0), BASE)  # the even ladder from 0
-    assert not torch.equal(got, sampling.grid(other.v, 4))
+    assert not torch.equal(got, sampling.judged_grid(other.v, 4))
     assert sampling.ChainSamples(spec, 20, every_epochs=2, base=BASE)(model, 1, False) == {}  # not due
 
 

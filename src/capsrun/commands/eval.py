@@ -13,6 +13,7 @@ from capsrun.commands import common
 from capsrun.errors import ConfigError
 from capsrun.likelihood import ais_log_likelihood
 from capsrun.likelihood import kind as likelihood_kind
+from capsrun.plots import per_class_image
 from capsrun.registry import ENERGY_MODELS
 from capsrun.train import evaluate, evaluate_ensemble
 
@@ -68,17 +69,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         objective = registry.objective(c, trusted=False)
         for name, loader in loaders.evals.items():
             result = evaluate(model, objective, loader, progress=cfg.trainer.progress, prefix=name)
-            metrics.update({member + k: v for k, v in result.metrics.items()})
-            shown = f"{name}/accuracy" if f"{name}/accuracy" in result.metrics else f"{name}/log_likelihood/pseudo"
-            log.info(
-                "%s (epoch %d): %s %s %.2f on %d images",
-                path,
-                ckpt["epoch"],
-                name,
-                shown.split("/", 1)[1],
-                result.metrics[shown],
-                loader.num_examples,
+            metrics.update({member + k: v for k, v in {**result.metrics, **result.per_class}.items()})
+            picture = per_class_image(result.per_class, name, f"{path} (epoch {ckpt['epoch']})")
+            if picture is not None:
+                common.save_png(common.output_dir() / f"{member.replace('/', '_')}{name}_confusion.png", picture)
+            accuracy = result.metrics.get(f"{name}/accuracy")
+            shown = (
+                f"accuracy {accuracy:.2f}%"
+                if accuracy is not None
+                else f"pseudo-log-likelihood {result.metrics[f'{name}/log_likelihood/pseudo']:.2f} nats"
             )
+            log.info("%s (epoch %d): %s %s on %d images", path, ckpt["epoch"], name, shown, loader.num_examples)
         if energy:
             metrics.update(ais_log_likelihood(model, loaders, ais, cfg.trainer.progress))
             metrics["log_likelihood_kind"] = likelihood_kind(model)
@@ -91,5 +92,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
                 name,
                 metrics[f"{name}/accuracy"],
             )
-    checkpoint.save_json(common.output_dir() / "metrics.json", {**metrics, "checkpoints": [str(p) for p in paths]})
+    out = common.output_dir() / "metrics.json"
+    checkpoint.save_json(out, {**metrics, "checkpoints": [str(p) for p in paths]})
+    pictures = sorted(p.name for p in out.parent.glob("*_confusion.png"))
+    log.info("metrics in %s%s", out, f" (per-class: {', '.join(pictures)})" if pictures else "")
     return metrics

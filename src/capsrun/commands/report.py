@@ -1,10 +1,13 @@
-"""``capsrun report DIR``: the swept values of a multirun against its final metrics.
+"""``capsrun report DIR``: the swept values of a multirun against its final metrics, and its
+learning curves.
 
 Reads every run below DIR (a run is a directory with ``metrics.json`` and ``.hydra/overrides.yaml``),
 groups runs that differ only in ``seed``, and writes one row per group: the swept values, the
-number of seeds, and mean +- standard deviation of each metric. Printed to the terminal and
-written as ``report.md``, ``report.csv`` and, for one metric against one swept parameter,
-``report.png`` (mean with the spread as error bars) in DIR (or ``--out``).
+number of seeds, and mean +- standard deviation of each metric (empty for a group of one run).
+Printed to the terminal and written as ``report.md``, ``report.csv``, ``report.png`` (each plotted
+metric against the first swept parameter, the spread as error bars) and ``curves.png`` (each
+plotted metric per epoch from the runs' TensorBoard events: a line per group, the mean over its
+seeds with a band of one sample standard deviation) in DIR (or ``--out``).
 """
 
 from __future__ import annotations
@@ -17,59 +20,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
-
-from capsrun import rundir
+from capsrun.api import load_runs
 
 DEFAULT_METRICS = ("test/accuracy", "best/test/accuracy", "best/val/accuracy", "time/epoch_seconds")
-
-
-def _finished(run_dir: Path, metrics_path: Path) -> tuple[dict | None, str]:
-    """A finished run's ``(metrics, "")``, or ``(None, why it is skipped)``: a half-written or
-    foreign ``metrics.json``, unreadable overrides, or a run still short of its epochs."""
-    try:
-        metrics = json.loads(metrics_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"its metrics.json is not readable JSON ({type(e).__name__})"
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("epoch"), int):
-        return None, "its metrics.json is not one capsrun train writes (no epoch count)"
-    # the figures: numbers (or null, a non-finite one) under string tags; anything else is foreign
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    config_path = run_dir / ".hydra" / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None, "its .hydra/config.yaml is not readable"
-    trainer = config.get("trainer") if isinstance(config, dict) else None
-    epochs = trainer.get("epochs") if isinstance(trainer, dict) else None
-    if isinstance(epochs, int) and metrics["epoch"] < epochs:
-        return None, f"unfinished (epoch {metrics['epoch']} of {epochs})"
-    return metrics, ""
-
-
-def load_runs(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[dict]:
-    """``[{"params": {key: value}, "metrics": {...}, "dir": Path}]`` of every finished run below
-    ``root``; the others are appended to ``skipped`` as ``(run dir, why)``."""
-    runs = []
-    for metrics_path in sorted(root.rglob("metrics.json")):
-        run_dir = metrics_path.parent
-        overrides_path = run_dir / ".hydra" / "overrides.yaml"
-        if not overrides_path.is_file():
-            continue
-        metrics, why = _finished(run_dir, metrics_path)
-        try:
-            overrides = yaml.safe_load(overrides_path.read_text()) or []
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            metrics, why = None, "its .hydra/overrides.yaml is not readable"
-        if metrics is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
-            metrics, why = None, "its .hydra/overrides.yaml is not a list of overrides"
-        if metrics is None:
-            if skipped is not None:
-                skipped.append((run_dir, why))
-            continue
-        params = {key: rundir.yaml_value(text) for key, text in rundir.run_overrides(overrides)}
-        runs.append({"params": params, "metrics": metrics, "dir": run_dir})
-    return runs
 
 
 def swept_keys(runs: list[dict]) -> list[str]:
@@ -128,19 +81,14 @@ def to_csv(keys: list[str], rows: list[dict], metrics: list[str]) -> str:
     writer.writerow([*keys, "runs", *(f"{m}{s}" for m in metrics for s in ("", " sample std"))])
     for r in rows:
         stats = [r["metrics"].get(m) for m in metrics]
-        cells = [x for s in stats for x in (("", "") if s is None else (s[0], s[1]))]
+        # a group of one run has no spread: empty, not 0.0
+        cells = [x for s in stats for x in (("", "") if s is None else (s[0], s[1] if s[2] > 1 else ""))]
         writer.writerow([*(r["params"][k] for k in keys), r["seeds"], *cells])
     return out.getvalue()
 
 
-def figure(keys: list[str], rows: list[dict], x_key: str, metric: str, sweep: str):
-    """``metric`` (mean, sample standard deviation as error bars) against ``x_key``; one line per
-    value of the other swept parameters; a title naming the metric and the sweep; integer
-    settings get integer ticks, at the values that were run when they are few."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _draw(ax, keys: list[str], rows: list[dict], x_key: str, metric: str, sweep: str) -> None:
+    """``metric`` (mean, sample standard deviation as error bars) against ``x_key`` on ``ax``."""
     from matplotlib.ticker import MaxNLocator
 
     others = [k for k in keys if k != x_key]
@@ -150,7 +98,6 @@ def figure(keys: list[str], rows: list[dict], x_key: str, metric: str, sweep: st
             continue
         label = " ".join(f"{k}={r['params'][k]}" for k in others) or metric
         lines.setdefault(label, []).append((r["params"][x_key], *r["metrics"][metric][:2]))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     numeric = all(isinstance(p[0], (int, float)) for pts in lines.values() for p in pts)
     for label, pts in lines.items():
         pts.sort(key=lambda p: p[0] if numeric else str(p[0]))
@@ -173,18 +120,102 @@ def figure(keys: list[str], rows: list[dict], x_key: str, metric: str, sweep: st
     if len(lines) > 1:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+
+
+def _axes(n: int):
+    """A figure with ``n`` plots side by side (up to three a row) and their axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), dpi=120, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def figure(keys: list[str], rows: list[dict], x_key: str, metric: str | list[str], sweep: str):
+    """Each of ``metric`` (one tag or several: a plot each) against ``x_key``: mean with the
+    sample standard deviation as error bars, one line per value of the other swept parameters, a
+    title naming the metric and the sweep; integer settings get integer ticks, at the values that
+    were run when they are few."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    fig, axes = _axes(len(metrics))
+    for ax, m in zip(axes, metrics):
+        _draw(ax, keys, rows, x_key, m, sweep)
     fig.tight_layout()
     return fig
 
 
-def plot(keys: list[str], rows: list[dict], x_key: str, metric: str, path: Path, sweep: str = "") -> None:
-    """:func:`figure`, saved as ``path``."""
+def curves(root: Path, runs: list[dict], keys: list[str], metrics: list[str]):
+    """The learning curves of ``runs`` (below ``root``) as a long ``pandas.DataFrame``: ``group``
+    (the swept values but ``seed``), ``run``, ``metric``, ``epoch``, ``value``; read from each
+    run's TensorBoard events (:func:`capsrun.api.scalars`), the epoch from the bookkeeping tag
+    logged at the same step."""
+    import pandas as pd
+
+    from capsrun import api
+    from capsrun.tblog import tb_tag
+
+    epoch_tags = [tb_tag("epoch"), "epoch"]  # "epoch": runs written before the bookkeeping group
+    frame = api.scalars(root, [*metrics, *epoch_tags])
+    if frame.empty:
+        return pd.DataFrame(columns=["group", "run", "metric", "epoch", "value"])
+    epochs = frame[frame.tag.isin(epoch_tags)].drop_duplicates(["run", "step"]).set_index(["run", "step"]).value
+    points = frame[frame.tag.isin(metrics)].rename(columns={"tag": "metric"})
+    points = points.assign(epoch=[epochs.get((r, s)) for r, s in zip(points.run, points.step)]).dropna(subset="epoch")
+    label = {
+        api._name(r["dir"], root): " ".join(f"{k}={r['params'].get(k)}" for k in keys if k != "seed") or "all runs"
+        for r in runs
+    }
+    points = points[points.run.isin(label)].assign(
+        group=lambda f: f.run.map(label), epoch=lambda f: f.epoch.astype(int)
+    )
+    return points[["group", "run", "metric", "epoch", "value"]].reset_index(drop=True)
+
+
+def curves_figure(points, metrics: list[str], sweep: str):
+    """A plot per metric: per group, the mean over its runs at each epoch, with a band of one
+    sample standard deviation where the group has several runs."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = _axes(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        mine = points[points.metric == metric]
+        for group, data in mine.groupby("group", sort=True):
+            stats = data.groupby("epoch").value.agg(["mean", "std", "count"])
+            n = data.run.nunique()
+            (line,) = ax.plot(stats.index, stats["mean"], marker="o", markersize=3, label=f"{group} ({n} runs)")
+            if n > 1:
+                band = stats["std"].fillna(0)
+                ax.fill_between(
+                    stats.index, stats["mean"] - band, stats["mean"] + band, alpha=0.2, color=line.get_color()
+                )
+        ax.set_title(f"{metric} per epoch\n{sweep}: mean ± sample std over seeds", fontsize="medium")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if len(mine):
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig = figure(keys, rows, x_key, metric, sweep or path.parent.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot(keys: list[str], rows: list[dict], x_key: str, metric: str | list[str], path: Path, sweep: str = "") -> None:
+    """:func:`figure`, saved as ``path``."""
+    save(figure(keys, rows, x_key, metric, sweep or path.parent.name), path)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,11 +229,15 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str]) -> int:
     """``capsrun report``'s exit status: 0, or 2 after one line that says what is wrong."""
-    parser = _Parser(prog="capsrun report", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="capsrun report", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("dir", type=Path, help="a multirun dir (or any directory of runs)")
-    parser.add_argument("--metrics", help="comma-separated metric tags (default: the usual accuracies and epoch time)")
+    parser.add_argument(
+        "--metrics", help="comma-separated metric tags for the table and the plots (default: the usual accuracies)"
+    )
     parser.add_argument("--x", help="the swept parameter on the plot's x axis (default: the first swept one)")
-    parser.add_argument("--plot-metric", default=None, help="the metric on the plot (default: the first metric)")
+    parser.add_argument(
+        "--plot-metric", default=None, help="the one metric to plot (default: each of --metrics, else the first)"
+    )
     parser.add_argument("--out", type=Path, help="where to write report.{md,csv,png} (default: DIR)")
     args = parser.parse_args(argv)
 
@@ -229,9 +264,10 @@ def main(argv: list[str]) -> int:
     keys, rows = summarise(runs, metrics)
     if args.x and args.x not in keys:
         return fail(f"--x {args.x} was not swept here; swept: {', '.join(keys) or 'nothing but seed'}")
-    plot_metric = args.plot_metric or (metrics[0] if metrics else None)
-    if plot_metric is not None and plot_metric not in available:
-        return fail(f"no run has the metric {plot_metric!r}; available: {', '.join(available)}")
+    plotted = [args.plot_metric] if args.plot_metric else metrics if args.metrics else metrics[:1]
+    for m in plotted:
+        if m not in available:
+            return fail(f"no run has the metric {m!r}; available: {', '.join(available)}")
     out = args.out or args.dir
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -239,9 +275,13 @@ def main(argv: list[str]) -> int:
         (out / "report.csv").write_text(to_csv(keys, rows, metrics))
         written = ["report.md", "report.csv"]
         x_key = args.x or (keys[0] if keys else None)
-        if x_key is not None and plot_metric is not None:
-            plot(keys, rows, x_key, plot_metric, out / "report.png", sweep=str(args.dir))
+        if x_key is not None and plotted:
+            plot(keys, rows, x_key, plotted, out / "report.png", sweep=str(args.dir))
             written.append("report.png")
+        points = curves(args.dir, runs, keys, plotted) if plotted else None
+        if points is not None and len(points):
+            save(curves_figure(points, plotted, str(args.dir)), out / "curves.png")
+            written.append("curves.png")
     except OSError as e:
         return fail(f"cannot write the report into {out} ({e.strerror or type(e).__name__}); choose another --out")
     print(table(keys, rows, metrics))

@@ -52,11 +52,11 @@ def sample(cfg: DictConfig) -> dict[str, float]:
         if sampling.can_generate(model):
             gen = torch.Generator().manual_seed(cfg.seed)
             images, _ = sampling.class_conditional(model, classes, cfg.samples_per_class, gen)
-            emit("class_conditional", sampling.grid(images, cfg.samples_per_class))
+            classifier = common.load_classifier(cfg, dev, run_cfg.dataset)
+            emit("class_conditional", sampling.judged_grid(images, cfg.samples_per_class, classifier))
             var = sampling.posterior_variations(model, x, cfg.variations, cfg.variation_scale)
             rows = torch.cat([x.unsqueeze(1).to(var.dtype), var], dim=1)  # the input first
-            emit("variations", sampling.grid(rows.flatten(0, 1), cfg.variations + 1))
-            classifier = common.load_classifier(cfg, dev, run_cfg.dataset)
+            emit("variations", sampling.judged_grid(rows.flatten(0, 1), cfg.variations + 1))
             if classifier is None:
                 log.info(
                     "sample quality skipped: set eval_classifier=<best.pt of a capsnet trained on %s>",

@@ -116,7 +116,7 @@ def sample_chains(
     extra: dict[str, Any] = {"by_step": by_step} if by_step else {}
     if run.betas and (spec.ladder_from > 0 or spec.tune):
         extra["ladder"] = run.betas
-    _write(cfg, model, run, start, metrics, by_step, {**metrics, **extra, "checkpoint": str(path)})
+    _write(cfg, model, run, start, metrics, by_step, {**metrics, **extra, "checkpoint": str(path)}, judge)
     quality = "" if judge is None else "; " + quality_line(metrics, classes, confidence, len(run.v))
     log.info(
         "acceptance %.3f, free energy of samples %.2f vs test data %.2f%s; gibbs.png, gibbs_mean.png, chain.png, "
@@ -159,10 +159,11 @@ def _measure(model, run: Chains, test, judge: Judge | None, classes: int, confid
     return metrics
 
 
-def _write(cfg: DictConfig, model, run: Chains, start, metrics: dict, by_step: list, saved: dict) -> None:
-    """gibbs.png (the final states), gibbs_mean.png (p(v = 1 | h) of one more up-down pass),
-    chain.png (row i: chain i from its start through the snapshots), TensorBoard's images and
-    scalars, samples.pt (the final states, float [N, C, H, W] in [0, 1]) and metrics.json."""
+def _write(cfg: DictConfig, model, run: Chains, start, metrics: dict, by_step: list, saved: dict, judge=None) -> None:
+    """gibbs.png (the final states; with a ``judge``, its class and confidence under each),
+    gibbs_mean.png (p(v = 1 | h) of one more up-down pass), chain.png (row i: chain i from its
+    start through the snapshots), drawn large enough to read; TensorBoard's images and scalars,
+    samples.pt (the final states, float [N, C, H, W] in [0, 1]) and metrics.json."""
     from capsrun.tblog import TBLogger
 
     v, snaps, dev = run.v, run.snapshots, run.v.device
@@ -177,7 +178,9 @@ def _write(cfg: DictConfig, model, run: Chains, start, metrics: dict, by_step: l
             tb.scalars({k: x for k, x in earlier.items() if k != "step"}, earlier["step"])
         grids = (("gibbs", v, nrow), ("gibbs_mean", mean, nrow), ("chain", chain, len(snaps) + 1))
         for name, images, per_row in grids:
-            image = sampling.grid(images, per_row)
+            image = sampling.judged_grid(
+                images, per_row, judge if name == "gibbs" else None, cfg.sample_quality.confidence
+            )
             common.save_png(out_dir / f"{name}.png", image)
             tb.image(f"samples/{name}", image, 0)
         tb.scalars(metrics, cfg.sampler.steps)  # at the step count: the end of judge_every's curve

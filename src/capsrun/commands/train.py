@@ -113,8 +113,10 @@ def _trial(cfg: DictConfig, run_dir: Path, config: dict[str, Any]) -> Trial:
     }
     # the values that tell the runs apart, short: TensorBoard's Trial ID column shows ~18 characters
     shown = " ".join(f"{k.rsplit('.', 1)[-1]}={overridden[k]}" for k in swept) or "defaults"
+    # a sweep's job dir is named by its values (conf/hydra/capsrun.yaml): the sweep's dir tells sweeps apart
+    where = run_dir.parent.name if sweep is not None else f"{run_dir.parent.name}/{run_dir.name}"
     return Trial(
-        name=f"{shown} ({run_dir.parent.name}/{run_dir.name})",
+        name=f"{shown} ({where})",
         hparams={**overridden, **{k: v for k, v in always.items() if k not in overridden}},
         swept=tuple(swept),
         config=config,
