@@ -145,11 +145,11 @@ def runs(directory: str | Path):
         raise ConfigError(f"{root}: no such directory; give a sweep dir such as outputs/multirun/<date>/<time>")
     rows = []
     for r in load_runs(root):
-        rows.append({"run": _name(r["dir"], root), **r["params"], **r["metrics"]})
+        rows.append({"run": run_name(r["dir"], root), **r["params"], **r["metrics"]})
     return pd.DataFrame(rows)
 
 
-def _name(run_dir: Path, root: Path) -> str:
+def run_name(run_dir: Path, root: Path) -> str:
     """A run's name as TensorBoard shows it under ``--logdir root``: its dir relative to ``root``."""
     return run_dir.relative_to(root).as_posix() if run_dir != root else "."
 
@@ -174,6 +174,6 @@ def scalars(directory: str | Path, tags: str | list[str] | None = None):
         available = events.Tags().get("scalars", [])
         for tag in available if wanted is None else [t for t in wanted if t in available]:
             for point in events.Scalars(tag):
-                rows.append((_name(run_dir, root), tag, point.step, point.value, point.wall_time))
+                rows.append((run_name(run_dir, root), tag, point.step, point.value, point.wall_time))
     frame = pd.DataFrame(rows, columns=["run", "tag", "step", "value", "wall_time"])
     return frame.sort_values(["run", "tag", "step"], kind="stable").reset_index(drop=True)

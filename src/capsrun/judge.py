@@ -158,12 +158,6 @@ class Judge:
             metrics["samples/recognised_uncalibrated"] = 100.0 * (raw > confidence).float().mean().item()
         return metrics
 
-    def captions(self, samples: torch.Tensor, confidence: float = 0.9) -> tuple[list[str], list[bool]]:
-        """Under each of ``samples`` [N, C, H, W]: ``"7 0.98"`` (the judge's class and its
-        confidence at this judge's temperature), and whether it is recognised (> ``confidence``)."""
-        preds, _, conf = classifier_outputs(self.classifier, samples, temperature=self.temperature)
-        return [f"{int(p)} {float(c):.2f}" for p, c in zip(preds, conf)], [float(c) > confidence for c in conf]
-
     def weighted_classes(
         self, samples: torch.Tensor, weights: torch.Tensor, num_classes: int, confidence: float = 0.9
     ) -> dict[str, float]:

@@ -88,9 +88,9 @@ def captions(judge, images: torch.Tensor, confidence: float = 0.9) -> tuple[list
     confidence (:func:`~capsrun.judge.class_posterior` of its capsule lengths: a
     :class:`~capsrun.judge.Judge` at its calibrated temperature, a bare CapsNet at 1), and whether it
     recognises the image (confidence > ``confidence``)."""
-    if isinstance(judge, Judge):
-        return judge.captions(images, confidence)
-    preds, _, conf = classifier_outputs(judge, images)
+    calibrated = isinstance(judge, Judge)
+    classifier, temperature = (judge.classifier, judge.temperature) if calibrated else (judge, 1.0)
+    preds, _, conf = classifier_outputs(classifier, images, temperature=temperature)
     return [f"{int(p)} {float(c):.2f}" for p, c in zip(preds, conf)], [float(c) > confidence for c in conf]
 
 

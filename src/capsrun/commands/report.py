@@ -168,7 +168,7 @@ def curves(root: Path, runs: list[dict], keys: list[str], metrics: list[str]):
     points = frame[frame.tag.isin(metrics)].rename(columns={"tag": "metric"})
     points = points.assign(epoch=[epochs.get((r, s)) for r, s in zip(points.run, points.step)]).dropna(subset="epoch")
     label = {
-        api._name(r["dir"], root): " ".join(f"{k}={r['params'].get(k)}" for k in keys if k != "seed") or "all runs"
+        api.run_name(r["dir"], root): " ".join(f"{k}={r['params'].get(k)}" for k in keys if k != "seed") or "all runs"
         for r in runs
     }
     points = points[points.run.isin(label)].assign(
