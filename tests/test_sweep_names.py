@@ -78,7 +78,13 @@ def test_a_refused_run_s_dir_goes_with_its_empty_parents(tmp_path: Path):
     assert not (outputs / "2026-12-07").exists() and kept.is_dir()  # the other run and outputs/ stay
     busy = outputs / "2026-12-06" / "09-00-00"
     (busy / ".hydra").mkdir()
-    assert not rundir.discard_refused(tmp_path, busy)  # it holds checkpoints/: another run's
+    (kept / "last.pt").write_bytes(b"")
+    assert not rundir.discard_refused(tmp_path, busy)  # it holds a checkpoint: a run's
+    (kept / "last.pt").unlink()
+    (busy / rundir.LOCK).write_text("1\n")
+    assert not rundir.discard_refused(tmp_path, busy)  # a lock this process does not hold: another run's
+    rundir.lock(busy)  # refused after this process took the lock (a missing dataset, a removed node)
+    assert rundir.discard_refused(tmp_path, busy) and not busy.exists() and busy not in rundir._held
     sweep = tmp_path / "multirun" / "S"
     (sweep / "routing.iterations=1" / ".hydra").mkdir(parents=True)
     (sweep / "multirun.yaml").write_text("hydra: {}\n")

@@ -407,6 +407,16 @@ def _main(argv: list[str] | None = None) -> None:
     keep_freed_memory()  # a process setting: fewer page faults a step (capsrun.speed)
     task = _task(command)
 
+    def refuse(message: str, exc_info=None) -> None:
+        """One line and exit 2 (the traceback with HYDRA_FULL_ERROR=1); the run's log keeps it, and
+        a Hydra-named run dir holding only Hydra's records goes (:func:`capsrun.rundir.discard_refused`)."""
+        _to_log_files(f"capsrun: error: {message}", exc_info=exc_info)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # the exception being handled
+        if not any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in rest):
+            rundir.discard_refused(Path.cwd())
+        fail(message)
+
     def run(cfg):
         try:
             from capsrun.settings import seed
@@ -415,21 +425,13 @@ def _main(argv: list[str] | None = None) -> None:
             result = task(cfg)
             return _optimized(cfg, result)
         except CapsrunError as e:
-            _to_log_files(f"capsrun: error: {e}")
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            if not any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in rest):
-                rundir.discard_refused(Path.cwd())  # a Hydra-named run dir that holds only Hydra's records
-            fail(str(e))
+            refuse(str(e))
         except (ConfigAttributeError, ConfigKeyError) as e:  # a node the command reads was removed (~model.net)
-            message = (
+            refuse(
                 f"the config has no {e.full_key or 'such key'} ({str(e).splitlines()[0]}); an override removed it or "
-                f"a config file lacks it: check `capsrun {command} --cfg job`"
+                f"a config file lacks it: check `capsrun {command} --cfg job`",
+                exc_info=sys.exc_info(),
             )
-            _to_log_files(f"capsrun: error: {message}", exc_info=sys.exc_info())
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            fail(message)
         except Exception:  # a bug: Hydra prints the traceback; the run's log keeps it too
             _to_log_files("capsrun: unexpected error", exc_info=sys.exc_info())
             raise

@@ -279,11 +279,11 @@ def quote_paths(args: list[str]) -> list[str]:
 
 def discard_refused(keep_below: Path, run_dir: Path | None = None) -> bool:
     """Remove the dir of a run refused before it did anything (a bad setting; default: this
-    Hydra job's, its log file closed first): one that holds
-    nothing but Hydra's records (``.hydra/``, the command's ``.log``), then each parent up to
-    ``keep_below`` (not included) left empty, or holding only a sweep's ``multirun.yaml``. A dir
-    holding anything else (a lock, checkpoints, events: another run's) is kept. Returns whether
-    ``run_dir`` was removed."""
+    Hydra job's, its log file closed first): one that holds nothing but Hydra's records
+    (``.hydra/``, the command's ``.log``) and, when this process holds it, its lock and an empty
+    ``checkpoints/``; then each parent up to ``keep_below`` (not included) left empty, or holding
+    only a sweep's ``multirun.yaml``. A dir holding anything else (another process's lock, a
+    checkpoint, events) is kept. Returns whether ``run_dir`` was removed."""
     import shutil
 
     if run_dir is None:
@@ -297,8 +297,17 @@ def discard_refused(keep_below: Path, run_dir: Path | None = None) -> bool:
     run_dir, keep_below = run_dir.absolute(), keep_below.absolute()
     if not run_dir.is_dir() or keep_below not in run_dir.parents:
         return False
-    if any(not (e.name == ".hydra" or (e.suffix == ".log" and e.is_file())) for e in run_dir.iterdir()):
+    mine = run_dir.resolve() in _held
+
+    def records(e: Path) -> bool:
+        if e.name == ".hydra" or (e.suffix == ".log" and e.is_file()):
+            return True
+        return mine and (e.name == LOCK or (e.name == "checkpoints" and e.is_dir() and not any(e.iterdir())))
+
+    if not all(records(e) for e in run_dir.iterdir()):
         return False
+    if mine:
+        os.close(_held.pop(run_dir.resolve()))
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in run_dir.parents:
         if parent == keep_below or keep_below not in parent.parents:

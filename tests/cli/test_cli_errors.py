@@ -57,13 +57,18 @@ def test_bad_config_values(override, needle, mnist_root, tmp_path, capsrun_here)
     assert not list(tmp_path.rglob("*.pt")) and not (tmp_path / ".hydra").exists()
 
 
-@pytest.mark.parametrize("sweep", [False, True])
-def test_a_run_refused_for_a_bad_setting_leaves_no_dir_in_outputs(sweep, mnist_root, tmp_path, capsrun_here):
+@pytest.mark.parametrize(
+    "sweep, bad, needle",
+    [(False, "optimizer.lr=-1", "optimizer.lr"), (True, "optimizer.lr=-1,-2", "optimizer.lr"),
+     (False, "~model.net", "the config has no model.net")],
+)  # fmt: skip
+def test_a_run_refused_for_a_bad_setting_leaves_no_dir_in_outputs(sweep, bad, needle, mnist_root, tmp_path,
+                                                                 capsrun_here):  # fmt: skip
     """In Hydra's own (dated) run dir, refused after Hydra wrote its records: they go, and so do
     the date and sweep dirs left empty; a run of the user's own hydra.run.dir is left as it is."""
     (tmp_path / "outputs" / "2026-12-01" / "earlier").mkdir(parents=True)
-    args = ["-m", *TINY, "optimizer.lr=-1,-2"] if sweep else [*TINY, "optimizer.lr=-1"]
-    _assert_clean_error(capsrun_here("train", *args, cwd=tmp_path, data_root=mnist_root), "optimizer.lr")
+    args = ["-m", *TINY, bad] if sweep else [*TINY, bad]
+    _assert_clean_error(capsrun_here("train", *args, cwd=tmp_path, data_root=mnist_root), needle)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "outputs").rglob("*")) == [
         "outputs/2026-12-01",
         "outputs/2026-12-01/earlier",
