@@ -61,28 +61,25 @@ def _joint_table(model: CapsuleRBM, v: torch.Tensor, routes: torch.Tensor) -> to
     return _log_joint(model, v.expand(len(z), -1, -1, -1), routes.expand(len(z), -1), z, pose)
 
 
-def test_the_joint_free_energy_is_the_hidden_capsules_summed_out():
-    model = small_capsrbm()
-    v, routes = all_images()[[5, 200, 417]], all_routes(model)[[0, 77, 300]]
+@pytest.mark.parametrize(
+    "make, pixels, images, routes, hidden",
+    [  # one group: 25 capsule states x 2^9 hidden units; two groups of two, one parent in each: 625 x 2^8
+        (small_capsrbm, 9, [5, 200, 417], [0, 77, 300], (25, 9)),
+        (small_grouped_capsrbm, 4, [3, 9, 14], [0, 101, 255], (625, 8)),
+    ],
+    ids=["one-group", "two-groups"],
+)
+def test_the_joint_free_energy_is_the_hidden_capsules_summed_out(make, pixels, images, routes, hidden):
+    """F(v, r) against the joint summed over every hidden state by hand."""
+    model = make()
+    v, r = all_images(pixels)[images], all_routes(model)[routes]
     with torch.no_grad():
         for i in range(3):
-            table = _joint_table(model, v[i : i + 1], routes[i])
-            state = model.chain_state(v[i : i + 1], routes[i : i + 1])
+            table = _joint_table(model, v[i : i + 1], r[i])
+            state = model.chain_state(v[i : i + 1], r[i : i + 1])
             torch.testing.assert_close(model.free_energy_at(v[i : i + 1], state)[0], -torch.logsumexp(table, 0))
-        assert len(table) == 25 and math.exp(model.log_hidden_states()) == pytest.approx(25 * 2**9)
-
-
-def test_with_groups_the_joint_free_energy_is_the_hidden_capsules_summed_out():
-    """Two groups of two capsules, each of the 4 patches one parent in each: F(v, r) against the
-    joint summed over the 625 hidden states by hand."""
-    model = small_grouped_capsrbm()
-    v, routes = all_images(4)[[3, 9, 14]], all_routes(model)[[0, 101, 255]]
-    with torch.no_grad():
-        for i in range(3):
-            table = _joint_table(model, v[i : i + 1], routes[i])
-            state = model.chain_state(v[i : i + 1], routes[i : i + 1])
-            torch.testing.assert_close(model.free_energy_at(v[i : i + 1], state)[0], -torch.logsumexp(table, 0))
-        assert len(table) == 625 and math.exp(model.log_hidden_states()) == pytest.approx(625 * 2**8)
+    states, bits = hidden
+    assert len(table) == states and math.exp(model.log_hidden_states()) == pytest.approx(states * 2**bits)
 
 
 def _assert_one_step_keeps_the_joint(model, v_all: torch.Tensor, routes: torch.Tensor, n: int) -> None:
