@@ -57,6 +57,11 @@ def test_the_per_class_picture_is_drawn_for_both_kinds():
     one.update(_scores(list(range(10)), 10), torch.arange(10))
     image = plots.per_class_image(one.compute("test"), "test", "epoch 1")
     assert image.shape[0] == 3 and image.shape[1] > 300 and 0 <= image.min() and image.max() <= 1
+    wrong = Confusion(10, torch.device("cpu"))
+    wrong.update(_scores([1, *range(1, 10)], 10), torch.arange(10))  # a 0 taken for a 1
+    moved = plots.per_class_image(wrong.compute("test"), "test", "epoch 1")
+    assert torch.equal(image, plots.per_class_image(one.compute("test"), "test", "epoch 1"))  # the counts decide it
+    assert moved.shape == image.shape and (moved != image).any()
     two = Confusion(10, torch.device("cpu"))
     two.update(torch.rand(8, 10), torch.tensor([[0, 1], [2, 3]] * 4))
     assert plots.per_class_image(two.compute("test"), "test") is not None
