@@ -168,6 +168,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 run_dir,
             )
             sys.exit(128 + (stop.signum or signal.SIGINT))
+    del run  # its DistributedDataParallel model holds the process group: freed before the teardown
     distributed.shutdown()
     best = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("best/"))
     if "test/accuracy" in metrics:
